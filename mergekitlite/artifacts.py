@@ -1,0 +1,304 @@
+"""Everything in the output besides the weights: config, tokenizer, chat template, generation
+config, custom code, model card, provenance, and the input hashes they record.
+
+Which model each file comes from is explicit: config.json and modelling code from the *config
+donor* (``base_model``, else the first model, as in mergekit); tokenizer files, chat template and
+generation_config.json from the *tokenizer donor* (``tokenizer_source``). In a chat-vector merge
+the chat model must be the tokenizer donor: the pretrained base has no chat template and stops on
+a different token, which is how merged chat models end up never stopping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import threading
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergekitlite import __version__
+from mergekitlite.errors import RecipeError
+from mergekitlite.plan import Plan
+from mergekitlite.sources import ModelSource
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+TOKENIZER_GLOBS = ("*.tiktoken", "tokenization_*.py")
+GENERATION_CONFIG = "generation_config.json"
+_HASHED_SUFFIXES = (".json", ".model", ".tiktoken", ".txt", ".py", ".jinja", ".safetensors")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+# ---------------------------------------------------------------- hashing
+def default_cache_dir() -> Path:
+    env = os.environ.get("MERGEKITLITE_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergekitlite"
+
+
+def files_to_hash(src: ModelSource) -> list[Path]:
+    files = set(src.weight_files)
+    files.update(p for p in src.side_files() if p.suffix in _HASHED_SUFFIXES)
+    return sorted(files)
+
+
+def sha256_file(path: Path, cache: dict[str, str] | None = None) -> str:
+    """sha256 of ``path``. Hub-cache files are symlinks to blobs named by their sha256 (for LFS
+    files), so those cost nothing; other results are cached by (path, size, mtime)."""
+    real = Path(os.path.realpath(path))
+    if _SHA256_RE.match(real.name) and real.parent.name == "blobs":
+        return real.name
+    st = real.stat()
+    key = f"{real}:{st.st_size}:{st.st_mtime_ns}"
+    if cache is not None and key in cache:
+        return cache[key]
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        while block := f.read(8 * 1024 * 1024):
+            h.update(block)
+    digest = h.hexdigest()
+    if cache is not None:
+        cache[key] = digest
+    return digest
+
+
+@dataclass
+class InputHasher:
+    """Hashes every input file in a background thread while the merge runs."""
+
+    sources: Mapping[str, ModelSource]
+    cache_file: Path | None
+    result: dict[str, dict[str, str]] = field(default_factory=dict)
+    error: BaseException | None = None
+    _thread: threading.Thread | None = None
+
+    def start(self) -> InputHasher:
+        self._thread = threading.Thread(target=self._run, name="mkl-hash", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            cache: dict[str, str] = {}
+            if self.cache_file and self.cache_file.is_file():
+                try:
+                    cache = json.loads(self.cache_file.read_text())
+                except (json.JSONDecodeError, OSError):
+                    cache = {}
+            for ref, src in self.sources.items():
+                self.result[ref] = {str(p.relative_to(src.path)): sha256_file(p, cache) for p in files_to_hash(src)}
+            if self.cache_file:
+                self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.cache_file.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps(cache))
+                os.replace(tmp, self.cache_file)
+        except BaseException as exc:  # reported by wait()
+            self.error = exc
+
+    def wait(self) -> dict[str, dict[str, str]]:
+        if self._thread is not None:
+            self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+# ---------------------------------------------------------------- side files
+def _copy(src: Path, dst_dir: Path) -> None:
+    shutil.copyfile(src, dst_dir / src.name)
+
+
+def builtin_chat_template(name: str) -> str | None:
+    path = resources.files("mergekitlite") / "templates" / f"{name}.jinja"
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def chat_template_of(folder: Path) -> str | None:
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    tmpl = (_read_json(folder / "chat_template.json") or {}).get("chat_template")
+    if tmpl is None:
+        tmpl = (_read_json(folder / "tokenizer_config.json") or {}).get("chat_template")
+    if isinstance(tmpl, list):  # named templates: take the default one
+        tmpl = next((t.get("template") for t in tmpl if t.get("name") == "default"), None)
+    return tmpl if isinstance(tmpl, str) else None
+
+
+def _resolve_chat_template(plan: Plan) -> str | None:
+    wanted = plan.recipe.chat_template
+    if wanted is None:
+        return None
+    if wanted == "auto":
+        found = [t.strip() for src in plan.sources.values() if (t := chat_template_of(src.path))]
+        return Counter(found).most_common(1)[0][0] if found else None
+    builtin = builtin_chat_template(wanted)
+    if builtin is not None:
+        return builtin
+    if "{" not in wanted:
+        raise RecipeError([f"chat_template: {wanted!r} is neither a built-in template name nor a Jinja template"])
+    return wanted
+
+
+def write_side_files(plan: Plan, out: Path) -> list[str]:
+    """Write config.json, tokenizer files, chat template, generation config and code; return notes."""
+    notes: list[str] = []
+    cfg_src = plan.sources[plan.config_donor]
+    tok_src = plan.sources[plan.tokenizer_donor]
+
+    out_cfg = dict(plan.out_config)
+    # Custom modelling code (trust_remote_code models such as Qwen-14B) goes with the config.
+    for p in sorted(cfg_src.path.glob("*.py")):
+        if not p.name.startswith("tokenization_"):
+            _copy(p, out)
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (tok_src.path / name).is_file():
+            _copy(tok_src.path / name, out)
+            copied.append(name)
+    for pattern in TOKENIZER_GLOBS:
+        for p in sorted(tok_src.path.glob(pattern)):
+            _copy(p, out)
+            copied.append(p.name)
+    if not copied:
+        notes.append(f"{tok_src.ref!r} has no tokenizer files: the output has no tokenizer")
+
+    gen_src = tok_src if (tok_src.path / GENERATION_CONFIG).is_file() else cfg_src
+    gen = _read_json(gen_src.path / GENERATION_CONFIG)
+    if gen is not None:
+        # Keep config.json's end-of-sequence ids in step with the generation config that ships.
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            if key in gen and gen[key] is not None:
+                out_cfg[key] = gen[key]
+        (out / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+
+    template = _resolve_chat_template(plan)
+    if template is not None:
+        _set_chat_template(out, template)
+    (out / "config.json").write_text(json.dumps(out_cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    if len(plan.shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for t in plan.tasks)},
+            "weight_map": {t.name: plan.shard_of[t.name] for t in plan.tasks},
+        }
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return notes
+
+
+def _set_chat_template(out: Path, template: str) -> None:
+    jinja = out / "chat_template.jinja"
+    tok_cfg_path = out / "tokenizer_config.json"
+    tok_cfg = _read_json(tok_cfg_path)
+    if tok_cfg is not None and "chat_template" in tok_cfg and not jinja.exists():
+        tok_cfg["chat_template"] = template
+        tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return
+    (out / "chat_template.json").unlink(missing_ok=True)
+    jinja.write_text(template, encoding="utf-8")
+    if tok_cfg is not None and "chat_template" in tok_cfg:
+        del tok_cfg["chat_template"]
+        tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------- card and provenance
+def provenance(plan: Plan, hashes: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
+    import torch
+
+    return {
+        "mergekitlite": __version__,
+        "torch": torch.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "merge_method": plan.recipe.merge_method,
+        "compute_dtype": plan.compute_dtype,
+        "recipe_sha256": hashlib.sha256(plan.loaded.text.encode()).hexdigest(),
+        "plan_fingerprint": plan.fingerprint(),
+        "config_donor": plan.config_donor,
+        "tokenizer_donor": plan.tokenizer_donor,
+        "inputs": {
+            ref: {"path": str(src.path), "from_hub": src.from_hub, "files": dict(hashes.get(ref, {}))}
+            for ref, src in plan.sources.items()
+        },
+    }
+
+
+def _card(plan: Plan, prov: Mapping[str, Any], name: str) -> str:
+    recipe = plan.recipe
+    bases = [ref for ref, src in plan.sources.items() if src.from_hub]
+    front: dict[str, Any] = {"library_name": "transformers", "tags": ["merge", "mergekit", "mergekitlite"]}
+    if bases:
+        front["base_model"] = bases
+    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", ""]
+    lines += [f"# {recipe.name or name}", ""]
+    lines += [
+        f"This model was made with [mergekitlite](https://github.com/) {__version__} by merging with "
+        f"**{recipe.merge_method}**, computed in {plan.compute_dtype}.",
+        "",
+        "## Inputs",
+        "",
+        "| model | role | files (sha256) |",
+        "|---|---|---|",
+    ]
+    for ref, entry in prov["inputs"].items():
+        roles = []
+        if ref == recipe.base_model:
+            roles.append("base")
+        if ref == plan.config_donor:
+            roles.append("config")
+        if ref == plan.tokenizer_donor:
+            roles.append("tokenizer, chat template, generation config")
+        files = "<br>".join(f"`{f}` {h[:16]}…" for f, h in entry["files"].items()) or "(not hashed)"
+        lines.append(f"| `{ref}` | {', '.join(roles) or 'merged'} | {files} |")
+    lines += [
+        "",
+        "Full sha256 digests are in `mergekitlite.json`.",
+        "",
+        "## Recipe",
+        "",
+        "Reproduce with `merge mergekit_config.yml` (mergekitlite) or `mergekit-yaml mergekit_config.yml OUT` (mergekit).",
+        "",
+        "```yaml",
+        plan.loaded.text.rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_card(plan: Plan, out: Path, hashes: Mapping[str, Mapping[str, str]], name: str) -> None:
+    prov = provenance(plan, hashes)
+    (out / "mergekitlite.json").write_text(json.dumps(prov, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "mergekit_config.yml").write_text(plan.loaded.text, encoding="utf-8")
+    (out / "README.md").write_text(_card(plan, prov, name), encoding="utf-8")
+

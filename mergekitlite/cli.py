@@ -1,0 +1,321 @@
+"""Command line: ``merge RECIPE [OUT]`` and ``mergekitlite {merge,plan,validate,schema,methods}``.
+
+Exit codes: 0 success, 2 a problem with the recipe, models or output that the message explains,
+130 interrupted (the partial output is kept for ``--resume``), 1 anything unexpected (a bug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from mergekitlite.errors import MergekitliteError
+
+SCHEMA_PATH = Path("schemas/recipe.schema.json")
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MiB', '2e9'... → bytes. mergekit's '5B' (5 billion) is accepted too."""
+    try:
+        return int(float(text))
+    except ValueError:
+        pass
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (expected e.g. 5GB, 500MB, 2GiB)")
+    value, unit = float(m[1]), (m[2] or "").lower()
+    if unit == "b":  # mergekit: "5B" = five billion bytes
+        return int(value * 10**9)
+    binary = "i" in unit
+    prefix = unit[:1] if unit[:1] in "kmgt" else ""
+    scale = 1024 ** " kmgt".index(prefix) if binary and prefix else _UNITS[prefix]
+    return int(value * scale)
+
+
+class RichProgress:
+    """Renders executor progress as one rich bar with bytes/s and ETA."""
+
+    def __init__(self, console: Console):
+        self.bar = Progress(
+            TextColumn("[bold]merging"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[tensor]}", style="dim"),
+            console=console,
+            transient=True,
+        )
+        self.task = None
+
+    def start(self, total_bytes: int, total_tensors: int) -> None:
+        self.bar.start()
+        self.task = self.bar.add_task("merge", total=total_bytes, tensor="")
+
+    def advance(self, nbytes: int) -> None:
+        if self.task is not None:
+            self.bar.advance(self.task, nbytes)
+
+    def tensor_done(self, name: str) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, tensor=name)
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _add_merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", type=Path, help="recipe YAML (mergekit format)")
+    p.add_argument("out", nargs="?", type=Path, help="output folder (default: recipe 'output', else merged/<recipe name>)")
+    p.add_argument("--dry-run", action="store_true", help="validate and plan, print the plan, write nothing")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted merge from OUT.partial")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (after the new merge is complete)")
+    p.add_argument("--device", default="cpu", help="where to compute: cpu (default), cuda, cuda:1, mps")
+    p.add_argument("--shard-size", type=parse_size, default="5GB", help="maximum output shard size (default 5GB)")
+    p.add_argument("--compute-dtype", choices=["float32", "float64", "bfloat16", "float16"], help="override the recipe's compute_dtype (default float32)")
+    p.add_argument("-j", "--threads", type=int, help="CPU threads for the arithmetic (default: torch's choice)")
+    p.add_argument("--no-hash", action="store_true", help="do not record sha256 of the inputs in the model card")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+
+
+def _options(args: argparse.Namespace):  # -> MergeOptions (import deferred: torch is slow to import)
+    from mergekitlite.api import MergeOptions
+
+    return MergeOptions(
+        device=args.device,
+        shard_size=args.shard_size if isinstance(args.shard_size, int) else parse_size(args.shard_size),
+        compute_dtype=args.compute_dtype,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        threads=args.threads,
+        hash_inputs=not args.no_hash,
+    )
+
+
+def _print_warnings(console: Console, warnings: Sequence[str]) -> None:
+    for w in warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
+def _plan_table(plan, console: Console, show_tensors: bool) -> None:  # noqa: ANN001 - Plan
+    summary = Table(title=f"plan: {plan.recipe.merge_method}", show_header=False)
+    summary.add_row("models", ", ".join(plan.sources))
+    summary.add_row("tensors", str(len(plan.tasks)))
+    summary.add_row("read", _human(plan.bytes_read))
+    summary.add_row("written", f"{_human(plan.bytes_written)} in {len(plan.shards)} shard(s)")
+    summary.add_row("compute dtype", plan.compute_dtype)
+    summary.add_row("estimated peak (merge working set)", _human(plan.estimated_peak()))
+    summary.add_row("config from", plan.config_donor)
+    summary.add_row("tokenizer, chat template, generation config from", plan.tokenizer_donor)
+    console.print(summary)
+    if show_tensors:
+        t = Table(title="tensors")
+        for col in ("tensor", "method", "inputs", "params", "dtype", "shard"):
+            t.add_column(col)
+        for task in plan.tasks:
+            params = ", ".join(f"{k}={_fmt_param(v)}" for k, v in task.params)
+            t.add_row(task.name, task.why or task.method, ", ".join(i.model for i in task.inputs), params,
+                      task.out_dtype, plan.shard_of[task.name])
+        console.print(t)
+
+
+def _fmt_param(v: object) -> str:
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_fmt_param(x) for x in v) + "]"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def cmd_merge(args: argparse.Namespace, console: Console) -> int:
+    from mergekitlite.api import default_output, plan_merge, run_merge
+    from mergekitlite.recipe import load_recipe
+
+    loaded = load_recipe(args.recipe)
+    options = _options(args)
+    plan = plan_merge(loaded, options)
+    if not args.quiet:
+        _print_warnings(console, plan.warnings)
+    if args.dry_run:
+        _plan_table(plan, console, show_tensors=False)
+        console.print("[dim]dry run: nothing written[/]")
+        return 0
+    out = args.out or default_output(loaded)
+    progress = RichProgress(console) if not args.quiet else None
+    try:
+        result = run_merge(loaded, out, options, progress=progress, plan=plan)
+    except KeyboardInterrupt:
+        if progress:
+            progress.stop()
+        console.print(f"[red]interrupted[/]: continue with: merge {args.recipe} {out} --resume")
+        return 130
+    finally:
+        if progress:
+            progress.stop()
+    if not args.quiet:
+        _print_warnings(console, result.notes)
+        table = Table(show_header=False, title="merged")
+        table.add_row("output", str(result.output))
+        table.add_row("tensors", f"{result.tensors_merged}" + (f" (+{result.tensors_resumed} resumed)" if result.tensors_resumed else ""))
+        table.add_row("written", _human(plan.bytes_written))
+        table.add_row("time", f"{result.seconds:.1f} s")
+        table.add_row("peak memory (RSS)", _human(result.peak_rss_bytes))
+        console.print(table)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace, console: Console) -> int:
+    from mergekitlite.api import MergeOptions, plan_merge
+
+    plan = plan_merge(args.recipe, MergeOptions(shard_size=args.shard_size, device=args.device))
+    _print_warnings(console, plan.warnings)
+    if args.json:
+        data = {
+            "tensors": [
+                {"name": t.name, "method": t.method, "inputs": [i.model for i in t.inputs],
+                 "params": {k: list(v) if isinstance(v, tuple) else v for k, v in t.params},
+                 "dtype": t.out_dtype, "shape": list(t.shape), "shard": plan.shard_of[t.name],
+                 "working_set": plan.task_working_set(t)}
+                for t in plan.tasks
+            ],
+            "bytes_read": plan.bytes_read,
+            "bytes_written": plan.bytes_written,
+            "estimated_peak": plan.estimated_peak(),
+            "shards": [s.filename for s in plan.shards],
+        }
+        print(json.dumps(data, indent=2))
+        return 0
+    _plan_table(plan, console, show_tensors=args.tensors)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace, console: Console) -> int:
+    from mergekitlite.recipe import load_recipe
+
+    failed = 0
+    for path in args.recipes:
+        try:
+            loaded = load_recipe(path)
+        except MergekitliteError as exc:
+            failed += 1
+            console.print(str(exc), style="red", highlight=False, markup=False)
+            continue
+        _print_warnings(console, loaded.warnings)
+        console.print(f"{path}: ok", highlight=False)
+    return 2 if failed else 0
+
+
+def cmd_schema(args: argparse.Namespace, console: Console) -> int:
+    from mergekitlite.recipe import recipe_json_schema
+
+    text = json.dumps(recipe_json_schema(), indent=2, ensure_ascii=False) + "\n"
+    target: Path = args.output
+    if args.check:
+        current = target.read_text(encoding="utf-8") if target.exists() else ""
+        if current != text:
+            console.print(f"{target} is stale: run `mergekitlite schema` to regenerate it", style="red")
+            return 1
+        console.print(f"{target} is up to date")
+        return 0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    console.print(f"wrote {target}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace, console: Console) -> int:
+    from mergekitlite.methods import REGISTRY
+
+    table = Table(title="merge methods")
+    for col in ("method", "base", "parameters (per model*)", "what it does"):
+        table.add_column(col)
+    for name in sorted(REGISTRY.methods):
+        spec = REGISTRY.methods[name]
+        params = ", ".join(
+            f"{p.name}{'*' if p.per_model else ''}" + ("" if p.required else f"={p.default}") for p in spec.params
+        )
+        table.add_row(name + (f" ({', '.join(spec.aliases)})" if spec.aliases else ""), spec.base, params, spec.summary)
+    console.print(table)
+    return 0
+
+
+def _run(handler, args: argparse.Namespace) -> int:  # noqa: ANN001
+    console = Console(stderr=False, quiet=getattr(args, "quiet", False))
+    errors = Console(stderr=True)
+    try:
+        return handler(args, console)
+    except MergekitliteError as exc:
+        errors.print(f"error: {exc}", style="red", highlight=False, markup=False)
+        return 2
+    except KeyboardInterrupt:
+        errors.print("interrupted", style="red")
+        return 130
+
+
+def merge_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="merge", description="Merge models as a recipe says (mergekit YAML format).")
+    _add_merge_args(parser)
+    args = parser.parse_args(argv)
+    return _run(cmd_merge, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mergekitlite", description="YAML-recipe driven model merging.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("merge", help="run a recipe (same as the `merge` command)")
+    _add_merge_args(p)
+    p.set_defaults(handler=cmd_merge)
+
+    p = sub.add_parser("plan", help="validate a recipe and show what the merge will do, from headers only")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("--tensors", action="store_true", help="list every output tensor")
+    p.add_argument("--json", action="store_true", help="machine-readable plan on stdout")
+    p.add_argument("--shard-size", type=parse_size, default=parse_size("5GB"))
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(handler=cmd_plan)
+
+    p = sub.add_parser("validate", help="check recipe files without opening any model")
+    p.add_argument("recipes", nargs="+", type=Path)
+    p.set_defaults(handler=cmd_validate)
+
+    p = sub.add_parser("schema", help="write the recipe JSON schema (for editors and CI)")
+    p.add_argument("--output", type=Path, default=SCHEMA_PATH)
+    p.add_argument("--check", action="store_true", help="exit 1 if the file is stale")
+    p.set_defaults(handler=cmd_schema)
+
+    p = sub.add_parser("methods", help="list merge methods and their parameters")
+    p.set_defaults(handler=cmd_methods)
+
+    args = parser.parse_args(argv)
+    return _run(args.handler, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""Merge methods: pure tensor functions behind one registry.
+
+Importing this package registers every built-in method; ``get_method(name)`` looks one up.
+"""
+
+from mergekitlite.methods import arithmetic as _arithmetic  # noqa: F401  (registers methods)
+from mergekitlite.methods.registry import REGISTRY, REQUIRED, MethodSpec, Param, Registry, merge_method
+
+
+def get_method(name: str) -> MethodSpec:
+    return REGISTRY.get(name)
+
+
+__all__ = ["REGISTRY", "REQUIRED", "MethodSpec", "Param", "Registry", "get_method", "merge_method"]

@@ -1,0 +1,518 @@
+"""The recipe: mergekit's YAML format (plus a few additive keys), validated by Pydantic.
+
+Loading collects *every* problem — schema errors from Pydantic and consistency checks that need
+no model files — and raises one ``RecipeError`` whose lines read
+``recipes/x.yaml:7:5: models[1].paramters: unknown key (did you mean 'parameters'?)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    Tag,
+    ValidationError,
+    field_validator,
+)
+
+from mergekitlite.errors import RecipeError, UnknownMethodError
+from mergekitlite.methods import REGISTRY
+from mergekitlite.yamlpos import Mark, PositionedYaml, YamlSyntaxError, load_positioned
+
+SCHEMA_URL_COMMENT = "# yaml-language-server: $schema=../schemas/recipe.schema.json"
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "float": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "fp64": "float64",
+    "double": "float64",
+}
+
+
+def normalize_dtype(value: str) -> str:
+    name = value.removeprefix("torch.")
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {value!r}; expected one of {', '.join(DTYPES)}")
+    return name
+
+
+DType = Annotated[str, Field(json_schema_extra={"enum": [*DTYPES, *_DTYPE_ALIASES]})]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- parameter settings
+Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
+Gradient = Annotated[list[Union[StrictInt, StrictFloat]], Field(min_length=1)]
+
+
+class ConditionalParameter(Strict):
+    """One rule of a filtered parameter: applies to tensors whose name matches ``filter``."""
+
+    filter: str | None = Field(
+        None,
+        description="Which tensors this value is for. A plain string matches as a substring of the "
+        "tensor name (mergekit's rule), a pattern with * ? [ ] as a glob over the whole name, "
+        "'re:...' as a regular expression (searched). Omitted or '*': every tensor.",
+    )
+    value: Union[Scalar, Gradient]
+
+
+def _setting_kind(value: Any) -> str | None:
+    if isinstance(value, (bool, int, float, str)):
+        return "scalar"
+    if isinstance(value, dict):
+        return "rule"
+    if isinstance(value, list) and value:
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return "gradient"
+        if all(isinstance(v, dict) for v in value):
+            return "rules"
+    return None
+
+
+ParameterSetting = Annotated[
+    Union[
+        Annotated[Scalar, Tag("scalar")],
+        Annotated[Gradient, Tag("gradient")],
+        Annotated[ConditionalParameter, Tag("rule")],
+        Annotated[list[ConditionalParameter], Tag("rules")],
+    ],
+    Discriminator(
+        _setting_kind,
+        custom_error_type="parameter_setting",
+        custom_error_message="expected a number, a list of numbers (a gradient over the layers), "
+        "or a list of {filter, value} rules",
+        custom_error_context={"discriminator": "kind"},
+    ),
+]
+_SETTING_TAGS = {"scalar", "gradient", "rule", "rules"}
+
+Parameters = dict[str, ParameterSetting]
+
+
+# ---------------------------------------------------------------- model references
+def _check_model_ref(value: str) -> str:
+    if not value.strip():
+        raise ValueError("empty model reference")
+    if "+" in value and not Path(value).exists():
+        raise ValueError(
+            f"{value!r}: 'model+lora' references are not supported; merge the LoRA into its base "
+            "first (e.g. with peft's merge_and_unload) and reference that folder"
+        )
+    return value
+
+
+ModelName = Annotated[str, Field(description="Local folder or Hugging Face hub id (optionally id@revision).")]
+
+
+class InputModel(Strict):
+    model: ModelName
+    parameters: Parameters | None = None
+
+    _v = field_validator("model")(_check_model_ref)
+
+
+class InputSlice(Strict):
+    model: ModelName
+    layer_range: tuple[int, int] = Field(description="[start, end): layers taken from this model")
+    parameters: Parameters | None = None
+
+    _v = field_validator("model")(_check_model_ref)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"expected [start, end) with 0 <= start < end, got {list(v)}")
+        return v
+
+
+class OutputSlice(Strict):
+    sources: list[InputSlice] = Field(min_length=1)
+    base_model: ModelName | None = None
+    residual_weight: float | None = None
+    parameters: Parameters | None = None
+
+
+class TokenSource(Strict):
+    kind: Literal["zero", "model_token"] = "model_token"
+    model: ModelName | None = None
+    token: str | None = None
+    token_id: int | None = None
+
+
+class TokenSpec(Strict):
+    source: Union[ModelName, TokenSource] | None = None
+    force: bool = False
+
+
+class TokenizerConfig(Strict):
+    source: ModelName = Field(description="'base', 'union', or a model whose tokenizer the output gets")
+    tokens: dict[str, TokenSpec] | None = None
+    pad_to_multiple_of: int | None = None
+
+
+class Rule(Strict):
+    """A mergekitlite extension: override how the tensors matching ``match`` are merged."""
+
+    match: str = Field(
+        description="Tensor names, matched like parameter filters: substring, glob (e.g. '*embed_tokens*'), or 're:<regex>'."
+    )
+    take: ModelName | None = Field(None, description="Copy these tensors unchanged from this model.")
+    method: str | None = Field(None, description="Merge these tensors with another method.")
+    parameters: Parameters | None = Field(None, description="Parameters for these tensors (over the global ones).")
+
+
+ComputeDType = Literal["float32", "float64", "bfloat16", "float16"]
+
+
+class Recipe(Strict):
+    """A merge recipe. Every mergekit ``mergekit_config.yml`` key is accepted; keys marked
+    'mergekitlite' are our additions."""
+
+    merge_method: str = Field(description="Merge method name, e.g. task_arithmetic, linear, ties, slerp.")
+    base_model: ModelName | None = None
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: Parameters | None = None
+    dtype: DType | None = Field(None, description="Dtype of the output unless out_dtype is set (mergekit: also the compute dtype).")
+    out_dtype: DType | None = None
+    tokenizer_source: ModelName | None = Field(
+        None, description="Model whose tokenizer, chat template and generation config the output gets: 'base', a model, or 'union'."
+    )
+    tokenizer: TokenizerConfig | None = None
+    chat_template: str | None = Field(None, description="'auto', a built-in template name (chatml), or a Jinja template.")
+    # -- mergekitlite additions (all optional) --
+    name: str | None = Field(None, description="mergekitlite: model name for the model card.")
+    output: str | None = Field(None, description="mergekitlite: default output folder (relative to the working directory).")
+    compute_dtype: ComputeDType = Field("float32", description="mergekitlite: dtype the arithmetic runs in; inputs are upcast, the result cast once.")
+    random_seed: int | None = Field(None, description="mergekitlite: seed for random methods (DARE).")
+    trust_remote_code: bool = Field(False, description="mergekitlite: only used by eval; merging never runs model code.")
+    rules: list[Rule] | None = Field(None, description="mergekitlite: per-tensor overrides, first match wins.")
+
+    _vb = field_validator("base_model")(lambda v: v if v is None else _check_model_ref(v))
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        return None if v is None else normalize_dtype(v)
+
+    @property
+    def out_dtype_name(self) -> str | None:
+        return self.out_dtype or self.dtype
+
+    def referenced_models(self) -> list[str]:
+        """Every model the recipe names, base first, each once, in order of appearance."""
+        seen: dict[str, None] = {}
+        if self.base_model:
+            seen[self.base_model] = None
+        for m in self.models or ():
+            seen[m.model] = None
+        for s in self.slices or ():
+            if s.base_model:
+                seen[s.base_model] = None
+            for src in s.sources:
+                seen[src.model] = None
+        for r in self.rules or ():
+            if r.take:
+                seen[r.take] = None
+        return list(seen)
+
+
+# ---------------------------------------------------------------- loading
+class LoadedRecipe(BaseModel):
+    """A validated recipe together with the text and file it came from (the model card quotes it)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+    recipe: Recipe
+    text: str
+    path: Path | None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent if self.path else Path.cwd()
+
+
+def _fmt_path(path: Iterable[str | int]) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+class _Problems:
+    """Collects (path, message) pairs and renders them as file:line:col lines."""
+
+    def __init__(self, source: str, pos: PositionedYaml):
+        self.source = source
+        self.pos = pos
+        self.items: list[tuple[Mark | None, str]] = []
+
+    def add(self, path: tuple[str | int, ...], message: str, *, key: bool = False) -> None:
+        mark = self.pos.locate(path, prefer_key=key)
+        self.items.append((mark, f"{_fmt_path(path)}: {message}"))
+
+    def lines(self) -> list[str]:
+        def sort_key(item: tuple[Mark | None, str]) -> tuple[int, int]:
+            m = item[0]
+            return (m.line, m.column) if m else (0, 0)
+
+        out = []
+        for mark, msg in sorted(self.items, key=sort_key):
+            where = f"{self.source}:{mark.line}:{mark.column}" if mark else self.source
+            out.append(f"{where}: {msg}")
+        return out
+
+
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _model_for_path(path: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """Which Pydantic model a mapping at ``path`` is validated against (for 'did you mean')."""
+    names = [p for p in path if isinstance(p, str) and p not in _SETTING_TAGS]
+    if not names:
+        return Recipe
+    last = names[-1]
+    table: dict[str, type[BaseModel]] = {
+        "models": InputModel,
+        "slices": OutputSlice,
+        "sources": InputSlice,
+        "tokenizer": TokenizerConfig,
+        "rules": Rule,
+    }
+    if len(names) >= 2 and names[-2] == "parameters":
+        return ConditionalParameter
+    return table.get(last)
+
+
+def _pydantic_problems(exc: ValidationError, problems: _Problems) -> None:
+    for err in exc.errors(include_url=False):
+        # Discriminator tags ('rules', 'gradient') are not part of the user's file: drop them.
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _SETTING_TAGS))
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            key = loc[-1]
+            model = _model_for_path(loc[:-1])
+            hint = ""
+            if model is not None:
+                close = difflib.get_close_matches(str(key), _known_keys(model), n=1)
+                if close:
+                    hint = f" (did you mean {close[0]!r}?)"
+                else:
+                    hint = f"; expected one of: {', '.join(_known_keys(model))}"
+            problems.add(loc, f"unknown key{hint}", key=True)
+        elif kind == "missing":
+            problems.add(loc, "required key is missing")
+        elif kind == "parameter_setting":
+            problems.add(loc, f"{err['msg']}; got {err['input']!r}")
+        else:
+            got = err.get("input")
+            msg = err["msg"].removeprefix("Value error, ")
+            shown = f"; got {got!r}" if not isinstance(got, (dict, list)) and repr(got) not in msg else ""
+            problems.add(loc, f"{msg[0].lower()}{msg[1:]}{shown}")
+
+
+def _raw_param_locations(data: dict[str, Any]) -> Iterable[tuple[tuple[str | int, ...], dict[str, Any]]]:
+    """Every ``parameters`` mapping in the raw data, so that name checks run even when other
+    parts of the recipe failed validation."""
+
+    def params_at(node: Any, where: tuple[str | int, ...]) -> Iterable[tuple[tuple[str | int, ...], dict[str, Any]]]:
+        if isinstance(node, dict) and isinstance(node.get("parameters"), dict):
+            yield (*where, "parameters"), node["parameters"]
+
+    yield from params_at(data, ())
+    for key in ("models", "rules"):
+        for i, m in enumerate(data.get(key) or () if isinstance(data.get(key), list) else ()):
+            yield from params_at(m, (key, i))
+    slices = data.get("slices")
+    for i, s in enumerate(slices if isinstance(slices, list) else ()):
+        yield from params_at(s, ("slices", i))
+        sources = s.get("sources") if isinstance(s, dict) else None
+        for j, src in enumerate(sources if isinstance(sources, list) else ()):
+            yield from params_at(src, ("slices", i, "sources", j))
+
+
+def _check_filters(setting: Any, where: tuple[str | int, ...], problems: _Problems) -> None:
+    rules = [setting] if isinstance(setting, dict) else setting if isinstance(setting, list) else []
+    for k, rule in enumerate(rules):
+        f = rule.get("filter") if isinstance(rule, dict) else None
+        if isinstance(f, str) and f.startswith("re:"):
+            try:
+                re.compile(f[3:])
+            except re.error as exc:
+                path = (*where, "filter") if isinstance(setting, dict) else (*where, k, "filter")
+                problems.add(path, f"invalid regular expression: {exc}")
+
+
+def _raw_checks(data: dict[str, Any], problems: _Problems, warnings: list[str]) -> None:
+    """Method name and parameter names, checked on the raw mapping."""
+    method = data.get("merge_method")
+    if not isinstance(method, str):
+        return
+    try:
+        spec = REGISTRY.get(method)
+    except UnknownMethodError as exc:
+        problems.add(("merge_method",), exc.problems[0])
+        return
+    # Typos are errors; names that belong to another method are warnings (published configs
+    # often carry e.g. int8_mask or density whatever the method).
+    known_everywhere = REGISTRY.all_param_names()
+    rule_methods = {
+        i: r.get("method") for i, r in enumerate(data.get("rules") or ()) if isinstance(r, dict)
+    } if isinstance(data.get("rules"), list) else {}
+    for where, params in _raw_param_locations(data):
+        mine_spec = spec
+        if where[:1] == ("rules",) and isinstance(rule_methods.get(where[1]), str):
+            try:
+                mine_spec = REGISTRY.get(rule_methods[where[1]])
+            except UnknownMethodError:
+                continue
+        mine = {p.name for p in mine_spec.params}
+        for name, setting in params.items():
+            _check_filters(setting, (*where, name), problems)
+            if name in mine:
+                continue
+            if name in known_everywhere:
+                warnings.append(f"{_fmt_path((*where, name))}: {mine_spec.name} does not use '{name}'; ignored")
+                continue
+            close = difflib.get_close_matches(str(name), sorted(known_everywhere), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            expected = ", ".join(sorted(mine)) or "none"
+            problems.add((*where, name), f"unknown parameter for {mine_spec.name}{hint}; it takes: {expected}", key=True)
+
+
+def _semantic_checks(recipe: Recipe, problems: _Problems) -> None:
+    """Consistency checks on a schema-valid recipe that need the registry but no model files."""
+    try:
+        spec = REGISTRY.get(recipe.merge_method)
+    except UnknownMethodError:
+        return  # reported by _raw_checks
+
+    if recipe.models is not None and recipe.slices is not None:
+        problems.add(("slices",), "give either 'models' or 'slices', not both")
+    elif recipe.models is None and recipe.slices is None:
+        problems.add(("merge_method",), "the recipe needs a 'models' list (or 'slices') naming what to merge")
+    if recipe.models is not None and not recipe.models:
+        problems.add(("models",), "empty list: name at least one model")
+    if recipe.tokenizer is not None and recipe.tokenizer_source is not None:
+        problems.add(("tokenizer",), "give either 'tokenizer' or 'tokenizer_source', not both")
+
+    if spec.base == "required" and not recipe.base_model and not any(s.base_model for s in recipe.slices or ()):
+        problems.add(
+            ("merge_method",),
+            f"{spec.name} needs 'base_model' (the model the differences are taken from, e.g. the pretrained parent)",
+        )
+
+    # Required per-model parameters (e.g. weight) must be given for each non-base model, either
+    # on the model or globally.
+    global_names = set(recipe.parameters or {})
+    for p in spec.model_params:
+        if not p.required or p.name in global_names:
+            continue
+        for i, m in enumerate(recipe.models or ()):
+            if spec.base != "unused" and m.model == recipe.base_model:
+                continue
+            if p.name not in (m.parameters or {}):
+                problems.add(("models", i, "model"), f"{spec.name} needs parameters.{p.name} for this model")
+
+    count = len([m for m in recipe.models or () if not (spec.base != "unused" and m.model == recipe.base_model)])
+    if recipe.models:
+        if count < spec.min_models:
+            problems.add(("models",), f"{spec.name} needs at least {spec.min_models} model(s) besides the base, got {count}")
+        if spec.max_models is not None and count > spec.max_models:
+            problems.add(("models",), f"{spec.name} takes at most {spec.max_models} model(s), got {count}")
+
+    for i, r in enumerate(recipe.rules or ()):
+        if (r.take is None) == (r.method is None):
+            problems.add(("rules", i), "a rule needs exactly one of 'take' (a model) or 'method'")
+        if r.method is not None:
+            try:
+                REGISTRY.get(r.method)
+            except UnknownMethodError as exc:
+                problems.add(("rules", i, "method"), exc.problems[0])
+        if r.match.startswith("re:"):
+            try:
+                re.compile(r.match[3:])
+            except re.error as exc:
+                problems.add(("rules", i, "match"), f"invalid regular expression: {exc}")
+
+    if recipe.tokenizer_source == "union" or (recipe.tokenizer and recipe.tokenizer.source == "union"):
+        problems.add(
+            ("tokenizer_source",) if recipe.tokenizer_source else ("tokenizer", "source"),
+            "'union' tokenizers are not supported yet; name the model whose tokenizer the output should use",
+        )
+    if recipe.tokenizer and recipe.tokenizer.tokens:
+        problems.add(("tokenizer", "tokens"), "per-token embedding sources are not supported yet")
+
+
+def parse_recipe(text: str, source: str = "<recipe>", path: Path | None = None) -> LoadedRecipe:
+    """Validate recipe ``text``; ``source`` is how error lines name it."""
+    try:
+        pos = load_positioned(text)
+    except YamlSyntaxError as exc:
+        where = f"{source}:{exc.mark.line}:{exc.mark.column}" if exc.mark else source
+        raise RecipeError([f"{where}: {exc}"]) from None
+    problems = _Problems(source, pos)
+    for dup_path, _mark in pos.duplicates:
+        problems.add(dup_path, "duplicate key (the later value would silently win)", key=True)
+    if not isinstance(pos.data, dict):
+        kind = "empty" if pos.data is None else type(pos.data).__name__
+        raise RecipeError([f"{source}: expected a mapping with merge_method, models, ...; the file is {kind}"])
+
+    warnings: list[str] = []
+    recipe: Recipe | None = None
+    try:
+        recipe = Recipe.model_validate(pos.data)
+    except ValidationError as exc:
+        _pydantic_problems(exc, problems)
+    _raw_checks(pos.data, problems, warnings)
+    if recipe is not None:
+        _semantic_checks(recipe, problems)
+    if problems.items:
+        raise RecipeError(problems.lines())
+    assert recipe is not None
+    return LoadedRecipe(recipe=recipe, text=text, path=path, warnings=tuple(f"{source}: {w}" for w in warnings))
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    """Read and validate a recipe file. Raises ``RecipeError`` listing every problem."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError([f"{p}: no such recipe file"]) from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError([f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
+    return parse_recipe(text, source=str(path), path=p.resolve())
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "mergekitlite recipe"
+    return schema
