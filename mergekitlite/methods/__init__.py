@@ -4,11 +4,20 @@ Importing this package registers every built-in method; ``get_method(name)`` loo
 """
 
 from mergekitlite.methods import arithmetic as _arithmetic  # noqa: F401  (registers methods)
-from mergekitlite.methods.registry import REGISTRY, REQUIRED, MethodSpec, Param, Registry, merge_method
+from mergekitlite.methods.registry import (
+    REGISTRY,
+    REQUIRED,
+    ChunkInfo,
+    MethodSpec,
+    Param,
+    Registry,
+    Statistic,
+    merge_method,
+)
 
 
 def get_method(name: str) -> MethodSpec:
     return REGISTRY.get(name)
 
 
-__all__ = ["REGISTRY", "REQUIRED", "MethodSpec", "Param", "Registry", "get_method", "merge_method"]
+__all__ = ["REGISTRY", "REQUIRED", "ChunkInfo", "MethodSpec", "Statistic", "Param", "Registry", "get_method", "merge_method"]

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from torch import Tensor
 
@@ -23,6 +24,61 @@ from mergekitlite.errors import UnknownMethodError
 REQUIRED: Any = inspect.Parameter.empty
 
 BaseUse = Literal["required", "optional", "unused"]
+
+# Keyword-only arguments that the executor supplies; they are not recipe parameters.
+EXECUTOR_ARGS = frozenset({"chunk", "stats"})
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """Where the rows a method is given lie in the whole tensor.
+
+    Methods that draw random numbers derive them from ``seed`` and each element's flat index
+    (``flat_start`` + position), never from a stateful generator, so the result does not depend on
+    how the executor cuts the tensor or on the device.
+    """
+
+    row_start: int
+    row_end: int
+    shape: tuple[int, ...]  # of the whole tensor
+    seed: int  # per tensor: derived from the recipe's random_seed and the tensor name
+
+    @property
+    def row_elements(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+    @property
+    def flat_start(self) -> int:
+        return self.row_start * self.row_elements
+
+
+class Statistic(Protocol):
+    """Whole-tensor statistics for methods that are not elementwise (top-k thresholds, norms...).
+
+    The executor makes ``passes`` passes over the tensor's row chunks before the merge pass,
+    calling ``update`` for every chunk and ``finish_pass`` after each pass; ``result`` is then given
+    to the method as ``stats=``. Chunks always hold whole rows and arrive in row order. For the
+    result to be identical however the tensor is cut, ``update`` must only record per-row or
+    integer (count/histogram) quantities, and combine them in ``finish_pass``/``result``.
+    """
+
+    passes: int
+
+    def begin(self, shape: tuple[int, ...], n_models: int, params: Mapping[str, Any]) -> Any: ...
+
+    def update(
+        self,
+        state: Any,
+        pass_index: int,
+        base: Tensor | None,
+        models: list[Tensor],
+        params: Mapping[str, Any],
+        chunk: ChunkInfo,
+    ) -> None: ...
+
+    def finish_pass(self, state: Any, pass_index: int) -> None: ...
+
+    def result(self, state: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -47,12 +103,15 @@ class MethodSpec:
     base: BaseUse
     min_models: int
     max_models: int | None
-    # True when output rows depend only on the same rows of the inputs, so the executor may
-    # merge a tensor in row slices; False for methods with whole-tensor statistics.
+    # True when output elements depend only on the same elements of the inputs, so the executor
+    # may merge a tensor in any row slices; otherwise ``statistic`` supplies what needs the whole tensor.
     elementwise: bool
     summary: str
     reference: str | None = None
     aliases: tuple[str, ...] = field(default=())
+    statistic: Callable[[], Statistic] | None = None  # factory: one fresh object per tensor
+    wants_chunk: bool = False  # the function takes ``chunk=ChunkInfo`` (e.g. for seeded randomness)
+    random: bool = False  # uses ``chunk.seed``: recipes get a recorded seed
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -65,9 +124,21 @@ class MethodSpec:
     def model_params(self) -> tuple[Param, ...]:
         return tuple(p for p in self.params if p.per_model)
 
-    def __call__(self, base: Tensor | None, models: list[Tensor], params: Mapping[str, Any]) -> Tensor:
+    def __call__(
+        self,
+        base: Tensor | None,
+        models: list[Tensor],
+        params: Mapping[str, Any],
+        *,
+        chunk: ChunkInfo | None = None,
+        stats: Any = None,
+    ) -> Tensor:
         """Call the method with recipe-spelled parameter names."""
         kwargs = {_py_name(k): v for k, v in params.items()}
+        if self.wants_chunk:
+            kwargs["chunk"] = chunk
+        if self.statistic is not None:
+            kwargs["stats"] = stats
         return self.fn(base, models, **kwargs)
 
 
@@ -124,6 +195,8 @@ def merge_method(
     elementwise: bool = True,
     reference: str | None = None,
     aliases: tuple[str, ...] = (),
+    statistic: Callable[[], Statistic] | None = None,
+    random: bool = False,
     registry: Registry = REGISTRY,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register ``fn`` under ``name``. Parameters and defaults are read from its keyword-only
@@ -138,8 +211,12 @@ def merge_method(
             if (name_ := _recipe_name(p.name)) in per_model
             else Param(name_, p.default, False)
             for p in sig.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in EXECUTOR_ARGS
         )
+        if statistic is not None and "stats" not in sig.parameters:
+            raise ValueError(f"{name}: a method with a statistic must take a keyword-only 'stats' argument")
+        if not elementwise and statistic is None:
+            raise ValueError(f"{name}: a method that is not elementwise needs a statistic")
         unknown = set(per_model) - {p.name for p in params}
         if unknown:
             raise ValueError(f"{name}: per_model names {sorted(unknown)} are not keyword-only arguments")
@@ -156,6 +233,9 @@ def merge_method(
                 summary=summary,
                 reference=reference,
                 aliases=aliases,
+                statistic=statistic,
+                wants_chunk="chunk" in sig.parameters,
+                random=random,
             )
         )
         return fn

@@ -1,0 +1,79 @@
+"""Drive a method over a whole tensor in row chunks, exactly as the executor does.
+
+The executor streams chunks from disk; this in-memory twin takes whole tensors. Both follow the
+same sequence — statistic passes over every chunk, then the merge pass — so tests can check that
+any chunking gives the result of a single chunk, bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mergekitlite.methods.registry import ChunkInfo, MethodSpec
+
+
+def tensor_seed(random_seed: int, tensor_name: str) -> int:
+    """A per-tensor seed (63 bits) from the recipe seed and the output tensor name."""
+    digest = hashlib.sha256(f"{random_seed}:{tensor_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def row_chunks(shape: Sequence[int], rows_per_chunk: int, seed: int) -> Iterator[ChunkInfo]:
+    rows = shape[0] if len(shape) else 1
+    step = max(1, rows_per_chunk)
+    for start in range(0, rows, step):
+        yield ChunkInfo(start, min(rows, start + step), tuple(shape), seed)
+
+
+def compute_stats(
+    spec: MethodSpec,
+    shape: Sequence[int],
+    params: Mapping[str, Any],
+    n_models: int,
+    chunks: Sequence[ChunkInfo],
+    load: Any,  # Callable[[ChunkInfo], tuple[Tensor | None, list[Tensor]]]
+) -> Any:
+    """Run the method's statistic passes; ``load(chunk)`` returns (base, models) for the chunk."""
+    if spec.statistic is None:
+        return None
+    stat = spec.statistic()
+    state = stat.begin(tuple(shape), n_models, params)
+    for p in range(stat.passes):
+        for c in chunks:
+            base, models = load(c)
+            stat.update(state, p, base, models, params, c)
+        stat.finish_pass(state, p)
+    return stat.result(state)
+
+
+def merge_in_chunks(
+    spec: MethodSpec,
+    base: Tensor | None,
+    models: Sequence[Tensor],
+    params: Mapping[str, Any],
+    *,
+    rows_per_chunk: int | None = None,
+    seed: int = 0,
+) -> Tensor:
+    """Merge whole in-memory tensors the way the executor would, with the given chunking."""
+    ref = base if base is not None else models[0]
+    shape = tuple(ref.shape)
+    chunks = list(row_chunks(shape, rows_per_chunk or (shape[0] if shape else 1), seed))
+
+    def load(c: ChunkInfo) -> tuple[Tensor | None, list[Tensor]]:
+        if not shape:
+            return base, list(models)
+        b = base[c.row_start : c.row_end] if base is not None else None
+        return b, [m[c.row_start : c.row_end] for m in models]
+
+    stats = compute_stats(spec, shape, params, len(models), chunks, load)
+    parts = []
+    for c in chunks:
+        b, ms = load(c)
+        parts.append(spec(b, ms, params, chunk=c, stats=stats))
+    return parts[0] if not shape else torch.cat(parts, dim=0)
