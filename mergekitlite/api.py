@@ -13,7 +13,8 @@ import torch
 from mergekitlite.artifacts import InputHasher, default_cache_dir, write_card, write_side_files
 from mergekitlite.execute import ExecContext, NullProgress, Progress, resolve_device, run_tasks
 from mergekitlite.output import open_partial
-from mergekitlite.plan import DEFAULT_CHUNK_ELEMENTS, DEFAULT_SHARD_SIZE, Plan, build_plan
+from mergekitlite.budget import Budget
+from mergekitlite.plan import DEFAULT_SHARD_SIZE, Plan, build_plan
 from mergekitlite.recipe import LoadedRecipe, load_recipe
 
 
@@ -22,7 +23,9 @@ class MergeOptions:
     device: str = "cpu"
     shard_size: int = DEFAULT_SHARD_SIZE
     compute_dtype: str | None = None  # overrides the recipe's compute_dtype
-    chunk_elements: int | None = None
+    max_ram: int | None = None  # bytes for the whole process; default: a share of what is free
+    max_vram: int | None = None  # bytes of GPU memory for chunks; default: 80% of what is free
+    random_seed: int | None = None  # overrides the recipe's random_seed
     resume: bool = False
     overwrite: bool = False
     threads: int | None = None
@@ -55,8 +58,14 @@ def default_output(loaded: LoadedRecipe) -> Path:
 def plan_merge(recipe: str | Path | LoadedRecipe, options: MergeOptions | None = None) -> Plan:
     """Validate the recipe and plan the merge from the inputs' headers; reads no weights."""
     opts = options or MergeOptions()
-    chunk = opts.chunk_elements or (DEFAULT_CHUNK_ELEMENTS * 8 if opts.device.startswith("cuda") else DEFAULT_CHUNK_ELEMENTS)
-    return build_plan(_loaded(recipe), shard_size=opts.shard_size, compute_dtype=opts.compute_dtype, chunk_elements=chunk)
+    budget = Budget(ram=opts.max_ram, vram=opts.max_vram, on_gpu=not opts.device.startswith("cpu"))
+    return build_plan(
+        _loaded(recipe),
+        shard_size=opts.shard_size,
+        compute_dtype=opts.compute_dtype,
+        budget=budget,
+        random_seed=opts.random_seed,
+    )
 
 
 def peak_rss_bytes() -> int:

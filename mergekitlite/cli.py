@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,30 +23,16 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from mergekitlite.budget import human, parse_size
 from mergekitlite.errors import MergekitliteError
 
 SCHEMA_PATH = Path("schemas/recipe.schema.json")
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '500MiB', '2e9'... → bytes. mergekit's '5B' (5 billion) is accepted too."""
+def size_arg(text: str) -> int:
     try:
-        return int(float(text))
-    except ValueError:
-        pass
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (expected e.g. 5GB, 500MB, 2GiB)")
-    value, unit = float(m[1]), (m[2] or "").lower()
-    if unit == "b":  # mergekit: "5B" = five billion bytes
-        return int(value * 10**9)
-    binary = "i" in unit
-    prefix = unit[:1] if unit[:1] in "kmgt" else ""
-    scale = 1024 ** " kmgt".index(prefix) if binary and prefix else _UNITS[prefix]
-    return int(value * scale)
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class RichProgress:
@@ -82,14 +67,6 @@ class RichProgress:
         self.bar.stop()
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def _add_merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", type=Path, help="recipe YAML (mergekit format)")
     p.add_argument("out", nargs="?", type=Path, help="output folder (default: recipe 'output', else merged/<recipe name>)")
@@ -97,7 +74,10 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted merge from OUT.partial")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (after the new merge is complete)")
     p.add_argument("--device", default="cpu", help="where to compute: cpu (default), cuda, cuda:1, mps")
-    p.add_argument("--shard-size", type=parse_size, default="5GB", help="maximum output shard size (default 5GB)")
+    p.add_argument("--shard-size", type=size_arg, default="5GB", help="maximum output shard size (default 5GB)")
+    p.add_argument("--max-ram", type=size_arg, help="RAM the whole process may use, e.g. 32GB (default: a quarter of what is free)")
+    p.add_argument("--max-vram", type=size_arg, help="GPU memory for the arithmetic, e.g. 8GB (default: 80%% of what is free)")
+    p.add_argument("--random-seed", type=int, help="seed for random methods such as DARE (overrides the recipe)")
     p.add_argument("--compute-dtype", choices=["float32", "float64", "bfloat16", "float16"], help="override the recipe's compute_dtype (default float32)")
     p.add_argument("-j", "--threads", type=int, help="CPU threads for the arithmetic (default: torch's choice)")
     p.add_argument("--no-hash", action="store_true", help="do not record sha256 of the inputs in the model card")
@@ -109,8 +89,11 @@ def _options(args: argparse.Namespace):  # -> MergeOptions (import deferred: tor
 
     return MergeOptions(
         device=args.device,
-        shard_size=args.shard_size if isinstance(args.shard_size, int) else parse_size(args.shard_size),
+        shard_size=args.shard_size,
         compute_dtype=args.compute_dtype,
+        max_ram=args.max_ram,
+        max_vram=args.max_vram,
+        random_seed=args.random_seed,
         resume=args.resume,
         overwrite=args.overwrite,
         threads=args.threads,
@@ -127,10 +110,12 @@ def _plan_table(plan, console: Console, show_tensors: bool) -> None:  # noqa: AN
     summary = Table(title=f"plan: {plan.recipe.merge_method}", show_header=False)
     summary.add_row("models", ", ".join(plan.sources))
     summary.add_row("tensors", str(len(plan.tasks)))
-    summary.add_row("read", _human(plan.bytes_read))
-    summary.add_row("written", f"{_human(plan.bytes_written)} in {len(plan.shards)} shard(s)")
+    summary.add_row("read", human(plan.bytes_read))
+    summary.add_row("written", f"{human(plan.bytes_written)} in {len(plan.shards)} shard(s)")
     summary.add_row("compute dtype", plan.compute_dtype)
-    summary.add_row("estimated peak (merge working set)", _human(plan.estimated_peak()))
+    summary.add_row("estimated peak RAM (whole process)", human(plan.estimated_peak()))
+    if plan.budget.on_gpu:
+        summary.add_row("estimated peak VRAM", human(plan.estimated_peak_vram()))
     summary.add_row("config from", plan.config_donor)
     summary.add_row("tokenizer, chat template, generation config from", plan.tokenizer_donor)
     console.print(summary)
@@ -183,9 +168,9 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
         table = Table(show_header=False, title="merged")
         table.add_row("output", str(result.output))
         table.add_row("tensors", f"{result.tensors_merged}" + (f" (+{result.tensors_resumed} resumed)" if result.tensors_resumed else ""))
-        table.add_row("written", _human(plan.bytes_written))
+        table.add_row("written", human(plan.bytes_written))
         table.add_row("time", f"{result.seconds:.1f} s")
-        table.add_row("peak memory (RSS)", _human(result.peak_rss_bytes))
+        table.add_row("peak memory (RSS)", human(result.peak_rss_bytes))
         console.print(table)
     return 0
 
@@ -193,7 +178,8 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     from mergekitlite.api import MergeOptions, plan_merge
 
-    plan = plan_merge(args.recipe, MergeOptions(shard_size=args.shard_size, device=args.device))
+    opts = MergeOptions(shard_size=args.shard_size, device=args.device, max_ram=args.max_ram, max_vram=args.max_vram)
+    plan = plan_merge(args.recipe, opts)
     _print_warnings(console, plan.warnings)
     if args.json:
         data = {
@@ -201,7 +187,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
                 {"name": t.name, "method": t.method, "inputs": [i.model for i in t.inputs],
                  "params": {k: list(v) if isinstance(v, tuple) else v for k, v in t.params},
                  "dtype": t.out_dtype, "shape": list(t.shape), "shard": plan.shard_of[t.name],
-                 "working_set": plan.task_working_set(t)}
+                 "chunk_rows": t.chunk_rows, "working_set": plan.task_working_set(t)[0]}
                 for t in plan.tasks
             ],
             "bytes_read": plan.bytes_read,
@@ -297,8 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("recipe", type=Path)
     p.add_argument("--tensors", action="store_true", help="list every output tensor")
     p.add_argument("--json", action="store_true", help="machine-readable plan on stdout")
-    p.add_argument("--shard-size", type=parse_size, default=parse_size("5GB"))
+    p.add_argument("--shard-size", type=size_arg, default="5GB")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--max-ram", type=size_arg)
+    p.add_argument("--max-vram", type=size_arg)
     p.set_defaults(handler=cmd_plan)
 
     p = sub.add_parser("validate", help="check recipe files without opening any model")

@@ -1,10 +1,11 @@
 """Stream a plan's tensors from the inputs through the merge methods into the output shards.
 
-Work is cut into row chunks of about ``plan.chunk_elements`` elements. For each chunk the inputs'
-bytes are read (read-ahead threads), upcast to the compute dtype, merged by the method, cast once
-to the output dtype and written at the chunk's planned offset (a writer thread). Only a few
-chunks are alive at any time, so memory does not grow with the model. The executor knows the
-method's declared properties, never its maths.
+Each task is cut into the row chunks the planner sized for the memory budget. For each chunk the
+inputs' bytes are read (read-ahead threads), upcast to the compute dtype on the compute device,
+merged by the method, cast once to the output dtype and written at the chunk's planned offset (a
+writer thread), so reading, arithmetic and writing overlap and only a few chunks are alive at
+any time. Methods with whole-tensor statistics get their statistic passes first. The executor
+knows the methods' declared properties, never their maths.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
+from mergekitlite.budget import READ_AHEAD, WRITE_BEHIND
+from mergekitlite.errors import MergekitliteError
 from mergekitlite.io.files import InputFiles, ShardFile
 from mergekitlite.io.safetensors_header import CODE_BY_NAME, itemsize, torch_dtype
-from mergekitlite.methods import get_method
+from mergekitlite.methods import ChunkInfo, get_method
+from mergekitlite.methods.apply import compute_stats
 from mergekitlite.plan import Plan, TensorTask
 
 
@@ -46,22 +50,22 @@ class NullProgress:
 
 @dataclass(frozen=True)
 class ExecContext:
-    """How to run: where to compute and how much to overlap. No global state: passed down."""
+    """How to run: where to compute and how much to overlap. Passed down, never global."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    read_ahead: int = 4  # chunks read before they are needed
-    write_behind: int = 4  # chunks queued for writing
+    read_ahead: int = READ_AHEAD  # chunks being read while one is merged (the plan's budget assumes these)
+    write_behind: int = WRITE_BEHIND  # merged chunks queued for the writer
     progress: Progress = field(default_factory=NullProgress)
-    # Called after each completed tensor with the tensors finished so far; used for the resume
-    # journal. Data is synced to disk before the callback runs.
+    # Called with tensors whose bytes are synced to disk; the resume journal records them.
     on_durable: Callable[[list[str]], None] | None = None
-    sync_every_bytes: int = 512 * 1024 * 1024
+    sync_every_bytes: int = 1 << 30
 
 
 def resolve_device(name: str) -> torch.device:
-    from mergekitlite.errors import MergekitliteError
-
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise MergekitliteError(f"--device {name!r}: not a device (expected cpu, cuda, cuda:N or mps)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         raise MergekitliteError(f"--device {name}: no CUDA device is visible (torch {torch.__version__} is {built})")
@@ -74,84 +78,128 @@ def resolve_device(name: str) -> torch.device:
 class _Chunk:
     task: TensorTask
     shard: str
-    row_start: int
-    row_end: int
-    rows_total: int
+    info: ChunkInfo
+
+    @property
+    def rows(self) -> int:
+        return self.info.row_end - self.info.row_start
 
     @property
     def last(self) -> bool:
-        return self.row_end >= self.rows_total
+        return self.info.row_end >= self.task.rows
+
+
+def task_chunks(task: TensorTask) -> list[ChunkInfo]:
+    if math.prod(task.shape) == 0:
+        return [ChunkInfo(0, task.rows, task.shape, task.seed)]
+    step = max(1, task.chunk_rows)
+    return [ChunkInfo(s, min(task.rows, s + step), task.shape, task.seed) for s in range(0, task.rows, step)]
 
 
 def _chunks(plan: Plan, skip: set[str]) -> Iterator[_Chunk]:
     for task in plan.tasks:
-        if task.name in skip:
-            continue
-        rows_total = task.shape[0] if task.shape else 1
-        if rows_total == 0 or math.prod(task.shape) == 0:
-            yield _Chunk(task, plan.shard_of[task.name], 0, 0, 0)
-            continue
-        step = task.rows_per_chunk(plan.chunk_elements)
-        for start in range(0, rows_total, step):
-            yield _Chunk(task, plan.shard_of[task.name], start, min(rows_total, start + step), rows_total)
+        if task.name not in skip:
+            for info in task_chunks(task):
+                yield _Chunk(task, plan.shard_of[task.name], info)
 
 
 def _row_bytes(code: str, shape: tuple[int, ...]) -> int:
     return math.prod(shape[1:]) * itemsize(code) if shape else itemsize(code)
 
 
-def _read(files: InputFiles, chunk: _Chunk) -> list[bytearray]:
+def read_chunk(files: InputFiles, task: TensorTask, info: ChunkInfo) -> list[bytearray]:
     out = []
-    for ref in chunk.task.inputs:
+    for ref in task.inputs:
         rb = _row_bytes(ref.tensor.dtype, ref.tensor.shape)
-        out.append(files.read(ref.tensor, chunk.row_start * rb, (chunk.row_end - chunk.row_start) * rb))
+        out.append(files.read(ref.tensor, info.row_start * rb, (info.row_end - info.row_start) * rb))
     return out
 
 
-def merge_chunk(task: TensorTask, raw: list[bytearray], rows: int, compute: torch.dtype, device: torch.device) -> memoryview:
+def to_compute(
+    task: TensorTask, raw: list[bytearray], info: ChunkInfo, compute: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """Input bytes → (base, models) tensors in the compute dtype on the compute device."""
+    rows = info.row_end - info.row_start
+    shape = (rows, *task.shape[1:]) if task.shape else ()
+    tensors = [
+        torch.frombuffer(buf, dtype=torch_dtype(ref.tensor.dtype)).view(shape).to(device=device, dtype=compute)
+        for buf, ref in zip(raw, task.inputs)
+    ]
+    if task.base is not None:
+        return tensors[0], tensors[1:]
+    return None, tensors
+
+
+def merge_chunk(
+    task: TensorTask,
+    raw: list[bytearray],
+    info: ChunkInfo,
+    compute: torch.dtype,
+    device: torch.device,
+    stats: Any = None,
+) -> memoryview:
     """Merge one row chunk: raw input bytes in, raw output bytes out."""
     if task.copy_of is not None:
         return memoryview(raw[0])
+    rows = info.row_end - info.row_start
     if rows == 0 or math.prod(task.shape) == 0:
         return memoryview(b"")
-    chunk_shape = (rows, *task.shape[1:]) if task.shape else ()
-    tensors = [
-        torch.frombuffer(buf, dtype=torch_dtype(ref.tensor.dtype)).view(chunk_shape).to(device=device, dtype=compute)
-        for buf, ref in zip(raw, task.inputs)
-    ]
-    base = tensors[0] if task.base is not None else None
-    models = tensors[1:] if task.base is not None else tensors
-    result = get_method(task.method)(base, models, task.param_dict)
-    if result.shape != torch.Size(chunk_shape):
-        raise RuntimeError(f"{task.method} returned shape {list(result.shape)} for a {list(chunk_shape)} chunk")
+    base, models = to_compute(task, raw, info, compute, device)
+    result = get_method(task.method)(base, models, task.param_dict, chunk=info, stats=stats)
+    expected = torch.Size((rows, *task.shape[1:]) if task.shape else ())
+    if result.shape != expected:
+        raise RuntimeError(f"{task.method} returned shape {list(result.shape)} for a {list(expected)} chunk")
     out = result.to(dtype=torch_dtype(task.out_dtype)).to("cpu").contiguous()
     return memoryview(out.view(torch.uint8).numpy()).cast("B")
+
+
+def task_stats(files: InputFiles, task: TensorTask, compute: torch.dtype, device: torch.device) -> Any:
+    """Run the statistic passes of ``task``'s method, re-reading its chunks for every pass."""
+    spec = get_method(task.method)
+    if spec.statistic is None or math.prod(task.shape) == 0:
+        return None
+    infos = task_chunks(task)
+    cached: dict[int, tuple[torch.Tensor | None, list[torch.Tensor]]] = {}
+
+    def load(info: ChunkInfo) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        # A single-chunk task is read once for all passes; larger ones are re-read per pass so
+        # that memory stays at one chunk.
+        if len(infos) == 1 and info.row_start in cached:
+            return cached[info.row_start]
+        loaded = to_compute(task, read_chunk(files, task, info), info, compute, device)
+        if len(infos) == 1:
+            cached[info.row_start] = loaded
+        return loaded
+
+    return compute_stats(spec, task.shape, task.param_dict, len(task.models), infos, load)
 
 
 def run_tasks(plan: Plan, out_dir: Path, ctx: ExecContext, done: set[str] | None = None) -> int:
     """Write every task not in ``done`` into the shard files in ``out_dir``. Returns tensors merged."""
     done = set(done or ())
-    compute = torch_dtype(CODE_BY_NAME[plan.compute_dtype])
     total = sum(t.nbytes for t in plan.tasks if t.name not in done)
     ctx.progress.start(total, sum(1 for t in plan.tasks if t.name not in done))
     shards = {
-        layout.filename: ShardFile(out_dir / layout.filename, layout, reuse=bool(done))
-        for layout in plan.shards
+        layout.filename: ShardFile(out_dir / layout.filename, layout, reuse=bool(done)) for layout in plan.shards
     }
     try:
-        return _pipeline(plan, shards, ctx, done, compute)
+        return _pipeline(plan, shards, ctx, done)
     finally:
         for s in shards.values():
             s.close()
 
 
-def _pipeline(
-    plan: Plan, shards: dict[str, ShardFile], ctx: ExecContext, done: set[str], compute: torch.dtype
-) -> int:
+def _pipeline(plan: Plan, shards: dict[str, ShardFile], ctx: ExecContext, done: set[str]) -> int:
+    compute = torch_dtype(CODE_BY_NAME[plan.compute_dtype])
     merged = 0
     finished: list[str] = []
     unsynced = 0
-    with InputFiles() as files, ThreadPoolExecutor(2, "mkl-read") as readers, ThreadPoolExecutor(1, "mkl-write") as writer:
+    stats: dict[str, Any] = {}
+    with (
+        InputFiles() as files,
+        ThreadPoolExecutor(2, "mkl-read") as readers,
+        ThreadPoolExecutor(1, "mkl-write") as writer,
+    ):
         pending_reads: deque[tuple[_Chunk, Future[list[bytearray]]]] = deque()
         pending_writes: deque[tuple[_Chunk, Future[None]]] = deque()
         chunks = _chunks(plan, done)
@@ -161,7 +209,7 @@ def _pipeline(
                 c = next(chunks, None)
                 if c is None:
                     return
-                pending_reads.append((c, readers.submit(_read, files, c)))
+                pending_reads.append((c, readers.submit(read_chunk, files, c.task, c.info)))
 
         def retire(limit: int) -> None:
             nonlocal merged, unsynced
@@ -171,6 +219,7 @@ def _pipeline(
                 if c.last:
                     merged += 1
                     finished.append(c.task.name)
+                    stats.pop(c.task.name, None)
                     ctx.progress.tensor_done(c.task.name)
             if ctx.on_durable and finished and (unsynced >= ctx.sync_every_bytes or limit == 0):
                 for s in shards.values():
@@ -183,12 +232,14 @@ def _pipeline(
             fill()
             while pending_reads:
                 chunk, fut = pending_reads.popleft()
+                task = chunk.task
+                if chunk.info.row_start == 0 and get_method(task.method).statistic is not None:
+                    stats[task.name] = task_stats(files, task, compute, ctx.device)
                 raw = fut.result()
                 fill()
-                data = merge_chunk(chunk.task, raw, chunk.row_end - chunk.row_start, compute, ctx.device)
-                start = chunk.row_start * _row_bytes(chunk.task.out_dtype, chunk.task.shape)
-                shard = shards[chunk.shard]
-                pending_writes.append((chunk, writer.submit(shard.write, chunk.task.name, start, data)))
+                data = merge_chunk(task, raw, chunk.info, compute, ctx.device, stats.get(task.name))
+                start = chunk.info.row_start * _row_bytes(task.out_dtype, task.shape)
+                pending_writes.append((chunk, writer.submit(shards[chunk.shard].write, task.name, start, data)))
                 unsynced += len(data)
                 ctx.progress.advance(len(data))
                 retire(ctx.write_behind)
@@ -197,4 +248,3 @@ def _pipeline(
             for _, f in pending_reads:
                 f.cancel()
     return merged
-

@@ -12,9 +12,10 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from mergekitlite.budget import BASELINE_RSS, Budget, RowCost, row_cost, rows_per_chunk
 from mergekitlite.errors import PlanError
 from mergekitlite.io.safetensors_header import (
     CODE_BY_NAME,
@@ -26,14 +27,12 @@ from mergekitlite.io.safetensors_header import (
     layout_shard,
 )
 from mergekitlite.methods import REQUIRED, MethodSpec, get_method
+from mergekitlite.methods.apply import tensor_seed
 from mergekitlite.recipe import LoadedRecipe, Parameters, Recipe, Rule
 from mergekitlite.settings import evaluate, is_gradient, name_matches
 from mergekitlite.sources import ModelSource, open_sources, split_layer
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
-# ~1M elements per chunk: small enough to stay in cache through the float32 arithmetic (measured
-# 5x faster than whole-tensor float32 copies), large enough to amortize per-call overhead.
-DEFAULT_CHUNK_ELEMENTS = 1 << 20
 MAX_LISTED = 12  # problems of one kind listed before summarizing the rest
 
 
@@ -57,6 +56,8 @@ class TensorTask:
     layer: int | None
     t: float
     why: str = ""  # set when the tensor is not merged by the recipe's method
+    chunk_rows: int = 1  # rows merged at a time (set from the memory budget)
+    seed: int = 0  # per-tensor seed for random methods
 
     @property
     def inputs(self) -> tuple[InputRef, ...]:
@@ -80,11 +81,22 @@ class TensorTask:
             return None
         return src
 
-    def rows_per_chunk(self, chunk_elements: int) -> int:
-        if len(self.shape) < 1 or self.shape[0] == 0:
-            return 1
-        row = math.prod(self.shape[1:])
-        return max(1, min(self.shape[0], chunk_elements // max(row, 1)))
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_elements(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+    def row_cost(self, compute_dtype: str, on_gpu: bool) -> RowCost:
+        return row_cost(
+            [i.tensor.row_bytes if i.tensor.shape else i.tensor.nbytes for i in self.inputs],
+            self.row_elements,
+            self.row_elements * itemsize(self.out_dtype),
+            itemsize(CODE_BY_NAME[compute_dtype]),
+            on_gpu,
+        )
 
 
 @dataclass(frozen=True)
@@ -98,7 +110,8 @@ class Plan:
     config_donor: str
     tokenizer_donor: str
     out_config: Mapping[str, Any]
-    chunk_elements: int
+    budget: Budget
+    random_seed: int
     warnings: tuple[str, ...] = ()
 
     @property
@@ -113,27 +126,23 @@ class Plan:
     def bytes_read(self) -> int:
         return sum(i.tensor.nbytes for t in self.tasks for i in t.inputs)
 
-    def task_working_set(self, task: TensorTask, inflight: int = 3) -> int:
-        """Bytes held while merging ``task``: per chunk in flight, the raw input bytes, their
-        compute-dtype copies, two temporaries and the output; ``inflight`` chunks at once (one
-        being read ahead, one computed, one being written)."""
-        rows = task.rows_per_chunk(self.chunk_elements)
-        per_row = math.prod(task.shape[1:]) if task.shape else 1
-        elems = rows * per_row
-        comp = itemsize(CODE_BY_NAME[self.compute_dtype])
-        raw = sum(elems * itemsize(i.tensor.dtype) for i in task.inputs)
-        work = elems * comp * (len(task.inputs) + 2)
-        out = elems * itemsize(task.out_dtype)
-        return inflight * (raw + work + out)
+    def task_working_set(self, task: TensorTask) -> tuple[int, int]:
+        """(host bytes, device bytes) held while merging ``task`` (see budget.py)."""
+        cost = task.row_cost(self.compute_dtype, self.budget.on_gpu)
+        return cost.host * task.chunk_rows, cost.device * task.chunk_rows
 
     def estimated_peak(self) -> int:
-        """Working-set estimate of the merge itself (not counting the interpreter and torch)."""
-        return max((self.task_working_set(t) for t in self.tasks), default=0)
+        """Estimated peak resident memory of the whole process: interpreter and torch plus the
+        largest task's working set."""
+        return BASELINE_RSS + max((self.task_working_set(t)[0] for t in self.tasks), default=0)
+
+    def estimated_peak_vram(self) -> int:
+        return max((self.task_working_set(t)[1] for t in self.tasks), default=0)
 
     def fingerprint(self) -> str:
         """Identifies the plan and its inputs: a resume is only allowed into a matching partial output."""
         h = hashlib.sha256()
-        h.update(self.compute_dtype.encode())
+        h.update(f"{self.compute_dtype}:{self.random_seed}".encode())
         for t in self.tasks:
             h.update(json.dumps([t.name, t.method, t.out_dtype, list(t.shape), repr(t.params)]).encode())
             for i in t.inputs:
@@ -349,7 +358,8 @@ def build_plan(
     *,
     shard_size: int = DEFAULT_SHARD_SIZE,
     compute_dtype: str | None = None,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    budget: Budget | None = None,
+    random_seed: int | None = None,
 ) -> Plan:
     """Plan the merge of ``loaded``; raises PlanError listing every problem found."""
     recipe = loaded.recipe
@@ -526,6 +536,19 @@ def build_plan(
                 f"{reference.ref!r}), e.g. {unused[0]!r}"
             )
 
+    budget = budget or Budget()
+    seed = random_seed if random_seed is not None else recipe.random_seed
+    if seed is None:
+        # Deterministic by default: the same recipe text gives the same random draws.
+        seed = int.from_bytes(hashlib.sha256(loaded.text.encode()).digest()[:4], "little")
+    sized = []
+    for task in tasks:
+        spec = get_method(task.method)
+        cost = task.row_cost(cdtype, budget.on_gpu)
+        rows = rows_per_chunk(task.rows, task.row_elements, cost, budget, elementwise=spec.elementwise, name=task.name)
+        sized.append(replace(task, chunk_rows=rows, seed=tensor_seed(seed, task.name) if spec.random else 0))
+    tasks = sized
+
     config_donor, tokenizer_donor = _donors(recipe, slices)
     shards, shard_of = _shards(tasks, shard_size)
     out_cfg = _out_config(sources[config_donor], recipe.out_dtype_name or _dominant_dtype(tasks), total_layers)
@@ -539,7 +562,8 @@ def build_plan(
         config_donor=config_donor,
         tokenizer_donor=tokenizer_donor,
         out_config=out_cfg,
-        chunk_elements=chunk_elements,
+        budget=budget,
+        random_seed=seed,
         warnings=tuple(warnings),
     )
 
