@@ -17,6 +17,7 @@ from typing import Any
 
 from mergekitlite.errors import CheckpointError, ModelNotFoundError
 from mergekitlite.io.safetensors_header import TensorInfo, read_header
+from mergekitlite.io.torch_pickle import read_bin_index
 
 # Files a merge needs besides weights; everything else in a hub repo is not downloaded.
 SIDE_FILE_PATTERNS = [
@@ -93,8 +94,10 @@ def split_revision(ref: str) -> tuple[str, str | None]:
 
 
 def _looks_like_path(ref: str) -> bool:
-    """Hub ids are 'name' or 'org/name'; anything else can only be meant as a folder."""
-    return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref
+    """Hub ids are 'org/name'; anything else can only be meant as a folder. (Legacy ids without an
+    organisation, like 'gpt2', now redirect from 'openai-community/gpt2': a bare word is far more
+    likely a mistyped folder, which deserves a quick, clear error rather than a network lookup.)"""
+    return ref.startswith((".", "/", "~")) or ref.count("/") != 1 or "\\" in ref
 
 
 def resolve_model_path(ref: str, base_dir: Path | None = None) -> tuple[Path, bool]:
@@ -106,14 +109,16 @@ def resolve_model_path(ref: str, base_dir: Path | None = None) -> tuple[Path, bo
         return p.resolve(), False
     if not p.is_absolute() and base_dir is not None:
         q = base_dir / p
-        tried.append(q)
+        if q not in tried:
+            tried.append(q)
         if q.is_dir():
             return q.resolve(), False
     if p.exists():
         raise ModelNotFoundError(f"model {ref!r}: {p} is a file; expected a model folder")
     if _looks_like_path(name):
         where = " or ".join(str(t) for t in tried)
-        raise ModelNotFoundError(f"model {ref!r}: no such folder ({where})")
+        hint = " (a hub model is written 'org/name')" if "/" not in name else ""
+        raise ModelNotFoundError(f"model {ref!r}: no such folder ({where}){hint}")
     return _from_hub(ref, name, revision), True
 
 
@@ -139,6 +144,12 @@ def _from_hub(ref: str, repo_id: str, revision: str | None) -> Path:
             f"model {ref!r} is not a local folder and not in the Hugging Face cache "
             f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set: {hint}"
         )
+    unreachable = _hub_unreachable(constants.ENDPOINT)
+    if unreachable:
+        raise ModelNotFoundError(
+            f"model {ref!r} is not a local folder and not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}), and the hub cannot be reached ({unreachable}): {hint}"
+        )
     try:
         from huggingface_hub import HfApi
 
@@ -157,34 +168,53 @@ def _from_hub(ref: str, repo_id: str, revision: str | None) -> Path:
         ) from None
 
 
+def _from_index(folder: Path, index: Path, missing_ok: bool) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a valid index ({exc})") from None
+    files = sorted({folder / f for f in weight_map.values()})
+    missing = [f.name for f in files if not f.is_file()]
+    if missing and not missing_ok:
+        raise CheckpointError(
+            f"{folder}: the index names shard(s) that are not there: {', '.join(missing)} (an incomplete download?)"
+        )
+    return [] if missing else files
+
+
+def _hub_unreachable(endpoint: str) -> str | None:
+    """A reason the hub cannot be reached, found in a few seconds; huggingface_hub itself would
+    retry with backoff for half a minute before saying so."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # a proxy decides reachability; let huggingface_hub try
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=5):
+            return None
+    except OSError as exc:
+        return f"{url.hostname}: {exc.strerror or exc}"
+
+
 def _find_weight_files(folder: Path, missing_ok: bool = False) -> list[Path]:
+    """The weight files of a model folder: safetensors preferred, pickled .bin otherwise."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: not a valid index ({exc})") from None
-        files = sorted({folder / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing and not missing_ok:
-            raise CheckpointError(
-                f"{folder}: the index names shard(s) that are not there: {', '.join(missing)} "
-                "(an incomplete download?)"
-            )
-        return [] if missing else files
+        return _from_index(folder, index, missing_ok)
     files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_"))
     if files:
         return files
-    if missing_ok:
-        return []
-    if list(folder.glob("pytorch_model*.bin")) or (folder / "pytorch_model.bin.index.json").exists():
-        raise CheckpointError(
-            f"{folder}: only pickled pytorch_model*.bin weights; this version reads safetensors only "
-            "(convert with transformers: load the model and save_pretrained(..., safe_serialization=True))"
-        )
+    bin_index = folder / "pytorch_model.bin.index.json"
+    if bin_index.is_file():
+        return _from_index(folder, bin_index, missing_ok)
+    files = sorted(folder.glob("pytorch_model*.bin"))
+    if files or missing_ok:
+        return files
     if (folder / "adapter_config.json").exists():
         raise CheckpointError(f"{folder}: this is a LoRA adapter, not a full model; merge it into its base first")
-    raise CheckpointError(f"{folder}: no *.safetensors weights found")
+    raise CheckpointError(f"{folder}: no weights found (*.safetensors or pytorch_model*.bin)")
 
 
 def _count_layers(names: Iterable[str]) -> dict[str, int]:
@@ -209,7 +239,7 @@ def index_model(ref: str, path: Path, from_hub: bool = False) -> ModelSource:
     files = _find_weight_files(path)
     tensors: dict[str, TensorInfo] = {}
     for f in files:
-        found, _meta = read_header(f)
+        found = read_bin_index(f) if f.suffix == ".bin" else read_header(f)[0]
         for name, info in found.items():
             if name in tensors:
                 raise CheckpointError(f"{path}: tensor {name!r} is stored twice ({tensors[name].file.name}, {f.name})")
