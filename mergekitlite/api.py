@@ -1,21 +1,28 @@
-"""The Python API: ``plan_merge`` and ``run_merge`` tie recipe → plan → execute → artifacts together."""
+"""The Python API: ``plan_merge`` and ``run_merge`` tie recipe → plan → execute → artifacts together.
+
+A recipe file may hold several merge steps (YAML documents separated by ``---``, mergekit-multi's
+format); named steps are written to their own folders and later steps use them like any model.
+"""
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from mergekitlite.artifacts import InputHasher, default_cache_dir, write_card, write_side_files
+from mergekitlite.budget import Budget
+from mergekitlite.errors import RecipeError
 from mergekitlite.execute import ExecContext, NullProgress, Progress, resolve_device, run_tasks
 from mergekitlite.output import open_partial
-from mergekitlite.budget import Budget
 from mergekitlite.plan import DEFAULT_SHARD_SIZE, Plan, build_plan
-from mergekitlite.recipe import LoadedRecipe, load_recipe
+from mergekitlite.recipe import LoadedRecipe, load_recipes
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,7 @@ class MergeOptions:
     threads: int | None = None
     hash_inputs: bool = True
     cache_dir: Path | None = None  # input-hash cache; default ~/.cache/mergekitlite
+    intermediate_dir: Path | None = None  # named steps of multi-step recipes; default OUT.steps/
 
 
 @dataclass(frozen=True)
@@ -42,10 +50,16 @@ class MergeResult:
     seconds: float
     peak_rss_bytes: int
     notes: tuple[str, ...] = field(default=())
+    steps: tuple[MergeResult, ...] = ()  # earlier steps of a multi-step recipe (run or up to date)
+    up_to_date: bool = False  # an intermediate step whose output already matched its plan
 
 
-def _loaded(recipe: str | Path | LoadedRecipe) -> LoadedRecipe:
-    return recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
+def _steps(recipe: str | Path | LoadedRecipe | list[LoadedRecipe]) -> list[LoadedRecipe]:
+    if isinstance(recipe, LoadedRecipe):
+        return [recipe]
+    if isinstance(recipe, list):
+        return recipe
+    return load_recipes(recipe)
 
 
 def default_output(loaded: LoadedRecipe) -> Path:
@@ -55,17 +69,37 @@ def default_output(loaded: LoadedRecipe) -> Path:
     return Path("merged") / stem
 
 
-def plan_merge(recipe: str | Path | LoadedRecipe, options: MergeOptions | None = None) -> Plan:
-    """Validate the recipe and plan the merge from the inputs' headers; reads no weights."""
+def plan_merge(
+    recipe: str | Path | LoadedRecipe,
+    options: MergeOptions | None = None,
+    aliases: Mapping[str, Path] | None = None,
+) -> Plan:
+    """Validate a single-step recipe and plan the merge from the inputs' headers; reads no weights."""
     opts = options or MergeOptions()
+    steps = _steps(recipe)
+    if len(steps) != 1:
+        raise RecipeError([f"{steps[0].path}: has {len(steps)} steps; plan them with plan_steps"])
     budget = Budget(ram=opts.max_ram, vram=opts.max_vram, on_gpu=not opts.device.startswith("cpu"))
     return build_plan(
-        _loaded(recipe),
+        steps[0],
         shard_size=opts.shard_size,
         compute_dtype=opts.compute_dtype,
         budget=budget,
         random_seed=opts.random_seed,
+        aliases=aliases,
     )
+
+
+def step_outputs(steps: list[LoadedRecipe], out: Path, options: MergeOptions) -> dict[str, Path]:
+    """Where each named step of a multi-step recipe writes: its ``output:``, else the
+    intermediate folder; the last step writes to ``out``."""
+    inter = options.intermediate_dir or out.with_name(out.name + ".steps")
+    where: dict[str, Path] = {}
+    for step in steps[:-1]:
+        name = step.recipe.name
+        assert name is not None  # enforced when the recipe was loaded
+        where[name] = Path(step.recipe.output) if step.recipe.output else inter / name
+    return where
 
 
 def peak_rss_bytes() -> int:
@@ -73,21 +107,66 @@ def peak_rss_bytes() -> int:
     return usage if sys.platform == "darwin" else usage * 1024
 
 
+def _is_up_to_date(plan: Plan, out: Path) -> bool:
+    try:
+        recorded = json.loads((out / "mergekitlite.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return recorded.get("plan_fingerprint") == plan.fingerprint()
+
+
 def run_merge(
-    recipe: str | Path | LoadedRecipe,
+    recipe: str | Path | LoadedRecipe | list[LoadedRecipe],
     out: str | Path | None = None,
     options: MergeOptions | None = None,
     progress: Progress | None = None,
     plan: Plan | None = None,
+    on_step: Callable[[int, int, LoadedRecipe, Path], None] | None = None,
 ) -> MergeResult:
     """Merge as the recipe says into ``out`` (default: the recipe's ``output``, else
-    ``merged/<recipe stem>``). Nothing named ``out`` exists until the merge is complete."""
+    ``merged/<recipe stem>``). Nothing named ``out`` exists until the merge is complete.
+
+    Multi-step recipes run their steps in order; a named step whose output already matches its
+    plan (same recipe, same inputs) is not merged again, so an interrupted pipeline resumes
+    between steps."""
     opts = options or MergeOptions()
+    steps = _steps(recipe)
+    target = Path(out) if out is not None else default_output(steps[-1])
+    if len(steps) == 1:
+        return _run_step(steps[0], target, opts, progress, plan, aliases=None)
+    where = step_outputs(steps, target, opts)
+    done: list[MergeResult] = []
+    for i, step in enumerate(steps):
+        dest = where[step.recipe.name] if i < len(steps) - 1 and step.recipe.name else target
+        if on_step:
+            on_step(i, len(steps), step, dest)
+        step_plan = plan_merge(step, opts, aliases=where)
+        if i < len(steps) - 1 and _is_up_to_date(step_plan, dest):
+            done.append(MergeResult(dest, step_plan, 0, 0, 0.0, peak_rss_bytes(), up_to_date=True))
+            continue
+        # An intermediate folder that no longer matches its recipe is simply remade.
+        last = i == len(steps) - 1
+        step_opts = opts if last else replace(opts, overwrite=True)
+        done.append(_run_step(step, dest, step_opts, progress, step_plan, aliases=where, whole_file=last))
+    last = done[-1]
+    return MergeResult(
+        last.output, last.plan, last.tensors_merged, last.tensors_resumed, last.seconds,
+        peak_rss_bytes(), last.notes, steps=tuple(done[:-1]),
+    )
+
+
+def _run_step(
+    loaded: LoadedRecipe,
+    target: Path,
+    opts: MergeOptions,
+    progress: Progress | None,
+    plan: Plan | None,
+    aliases: Mapping[str, Path] | None,
+    whole_file: bool = False,
+) -> MergeResult:
     started = time.perf_counter()
-    loaded = _loaded(recipe)
     device = resolve_device(opts.device)
-    plan = plan or plan_merge(loaded, opts)
-    target = Path(out) if out is not None else default_output(loaded)
+    plan = plan or plan_merge(loaded, opts, aliases=aliases)
     partial = open_partial(target, plan, resume=opts.resume, overwrite=opts.overwrite)
 
     hasher = None
@@ -102,7 +181,8 @@ def run_merge(
 
     notes = list(write_side_files(plan, partial.path))
     hashes = hasher.wait() if hasher else {}
-    write_card(plan, partial.path, hashes, name=target.name)
+    # The final step of a multi-step recipe records every step: it needs all of them to be reproduced.
+    write_card(plan, partial.path, hashes, name=target.name, recipe_text=loaded.file_text if whole_file else None)
     final = partial.commit(overwrite=opts.overwrite)
     return MergeResult(
         output=final,

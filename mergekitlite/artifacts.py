@@ -253,7 +253,7 @@ def provenance(plan: Plan, hashes: Mapping[str, Mapping[str, str]]) -> dict[str,
     }
 
 
-def _card(plan: Plan, prov: Mapping[str, Any], name: str) -> str:
+def _card(plan: Plan, prov: Mapping[str, Any], name: str, recipe_text: str) -> str:
     recipe = plan.recipe
     bases = [ref for ref, src in plan.sources.items() if src.from_hub]
     front: dict[str, Any] = {"library_name": "transformers", "tags": ["merge", "mergekit", "mergekitlite"]}
@@ -289,16 +289,20 @@ def _card(plan: Plan, prov: Mapping[str, Any], name: str) -> str:
         "Reproduce with `merge mergekit_config.yml` (mergekitlite) or `mergekit-yaml mergekit_config.yml OUT` (mergekit).",
         "",
         "```yaml",
-        plan.loaded.text.rstrip(),
+        recipe_text.rstrip(),
         "```",
         "",
     ]
     return "\n".join(lines)
 
 
-def write_card(plan: Plan, out: Path, hashes: Mapping[str, Mapping[str, str]], name: str) -> None:
+def write_card(
+    plan: Plan, out: Path, hashes: Mapping[str, Mapping[str, str]], name: str, recipe_text: str | None = None
+) -> None:
+    """Model card, provenance JSON and the recipe (``recipe_text``: all steps of a multi-step recipe)."""
+    text = recipe_text or plan.loaded.text
     prov = provenance(plan, hashes)
     (out / "mergekitlite.json").write_text(json.dumps(prov, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / "mergekit_config.yml").write_text(plan.loaded.text, encoding="utf-8")
-    (out / "README.md").write_text(_card(plan, prov, name), encoding="utf-8")
+    (out / "mergekit_config.yml").write_text(text, encoding="utf-8")
+    (out / "README.md").write_text(_card(plan, prov, name, text), encoding="utf-8")
 

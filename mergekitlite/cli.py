@@ -81,6 +81,7 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-dtype", choices=["float32", "float64", "bfloat16", "float16"], help="override the recipe's compute_dtype (default float32)")
     p.add_argument("-j", "--threads", type=int, help="CPU threads for the arithmetic (default: torch's choice)")
     p.add_argument("--no-hash", action="store_true", help="do not record sha256 of the inputs in the model card")
+    p.add_argument("--intermediate-dir", type=Path, help="where named steps of a multi-step recipe go (default OUT.steps/)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
 
 
@@ -98,6 +99,7 @@ def _options(args: argparse.Namespace):  # -> MergeOptions (import deferred: tor
         overwrite=args.overwrite,
         threads=args.threads,
         hash_inputs=not args.no_hash,
+        intermediate_dir=args.intermediate_dir,
     )
 
 
@@ -138,23 +140,60 @@ def _fmt_param(v: object) -> str:
     return str(v)
 
 
-def cmd_merge(args: argparse.Namespace, console: Console) -> int:
-    from mergekitlite.api import default_output, plan_merge, run_merge
-    from mergekitlite.recipe import load_recipe
+def _plan_steps(steps, out: Path, options, console: Console, show_tensors: bool, quiet: bool = False):  # noqa: ANN001
+    """Plan every step whose inputs exist; later steps of a pipeline can only be planned once
+    the steps they use have run."""
+    from mergekitlite.api import plan_merge, step_outputs
+    from mergekitlite.errors import PlanError
 
-    loaded = load_recipe(args.recipe)
+    where = step_outputs(steps, out, options) if len(steps) > 1 else {}
+    plans = []
+    for i, step in enumerate(steps):
+        if len(steps) > 1 and not quiet:
+            console.rule(f"step {i + 1}/{len(steps)}: {step.recipe.name or 'final'}")
+        missing = [r for r in step.recipe.referenced_models() if r in where and not where[r].is_dir()]
+        if missing:
+            if not quiet:
+                console.print(f"[dim]planned when {', '.join(missing)} exist(s) (made by an earlier step)[/]")
+            plans.append(None)
+            continue
+        try:
+            plan = plan_merge(step, options, aliases=where)
+        except PlanError:
+            raise
+        plans.append(plan)
+        if not quiet:
+            _print_warnings(console, plan.warnings)
+            _plan_table(plan, console, show_tensors=show_tensors)
+    return plans
+
+
+def cmd_merge(args: argparse.Namespace, console: Console) -> int:
+    from mergekitlite.api import default_output, run_merge
+    from mergekitlite.recipe import load_recipes
+
+    steps = load_recipes(args.recipe)
     options = _options(args)
-    plan = plan_merge(loaded, options)
-    if not args.quiet:
-        _print_warnings(console, plan.warnings)
+    out = args.out or default_output(steps[-1])
     if args.dry_run:
-        _plan_table(plan, console, show_tensors=False)
+        _plan_steps(steps, out, options, console, show_tensors=False)
         console.print("[dim]dry run: nothing written[/]")
         return 0
-    out = args.out or default_output(loaded)
+    plans = _plan_steps(steps, out, options, console, show_tensors=False, quiet=True)
+    if not args.quiet:
+        for plan in plans:
+            if plan is not None:
+                _print_warnings(console, plan.warnings)
     progress = RichProgress(console) if not args.quiet else None
+
+    def on_step(i: int, n: int, step, dest: Path) -> None:  # noqa: ANN001
+        if not args.quiet:
+            console.print(f"[bold]step {i + 1}/{n}[/] {step.recipe.name or 'final'} → {dest}", highlight=False)
+
     try:
-        result = run_merge(loaded, out, options, progress=progress, plan=plan)
+        result = run_merge(
+            steps, out, options, progress=progress, plan=plans[0] if len(steps) == 1 else None, on_step=on_step
+        )
     except KeyboardInterrupt:
         if progress:
             progress.stop()
@@ -164,11 +203,15 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
         if progress:
             progress.stop()
     if not args.quiet:
+        for step in result.steps:
+            state = "up to date" if step.up_to_date else f"{step.tensors_merged} tensors in {step.seconds:.1f} s"
+            console.print(f"step result {step.output}: {state}", highlight=False)
         _print_warnings(console, result.notes)
         table = Table(show_header=False, title="merged")
         table.add_row("output", str(result.output))
-        table.add_row("tensors", f"{result.tensors_merged}" + (f" (+{result.tensors_resumed} resumed)" if result.tensors_resumed else ""))
-        table.add_row("written", human(plan.bytes_written))
+        resumed = f" (+{result.tensors_resumed} resumed)" if result.tensors_resumed else ""
+        table.add_row("tensors", f"{result.tensors_merged}{resumed}")
+        table.add_row("written", human(result.plan.bytes_written))
         table.add_row("time", f"{result.seconds:.1f} s")
         table.add_row("peak memory (RSS)", human(result.peak_rss_bytes))
         console.print(table)
@@ -178,8 +221,15 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     from mergekitlite.api import MergeOptions, plan_merge
 
+    from mergekitlite.api import default_output
+    from mergekitlite.recipe import load_recipes
+
     opts = MergeOptions(shard_size=args.shard_size, device=args.device, max_ram=args.max_ram, max_vram=args.max_vram)
-    plan = plan_merge(args.recipe, opts)
+    steps = load_recipes(args.recipe)
+    if len(steps) > 1 or not args.json:
+        _plan_steps(steps, default_output(steps[-1]), opts, console, show_tensors=args.tensors)
+        return 0
+    plan = plan_merge(steps[0], opts)
     _print_warnings(console, plan.warnings)
     if args.json:
         data = {
@@ -196,24 +246,23 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
             "shards": [s.filename for s in plan.shards],
         }
         print(json.dumps(data, indent=2))
-        return 0
-    _plan_table(plan, console, show_tensors=args.tensors)
     return 0
 
 
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
-    from mergekitlite.recipe import load_recipe
+    from mergekitlite.recipe import load_recipes
 
     failed = 0
     for path in args.recipes:
         try:
-            loaded = load_recipe(path)
+            steps = load_recipes(path)
         except MergekitliteError as exc:
             failed += 1
             console.print(str(exc), style="red", highlight=False, markup=False)
             continue
-        _print_warnings(console, loaded.warnings)
-        console.print(f"{path}: ok", highlight=False)
+        for step in steps:
+            _print_warnings(console, step.warnings)
+        console.print(f"{path}: ok" + (f" ({len(steps)} steps)" if len(steps) > 1 else ""), highlight=False)
     return 2 if failed else 0
 
 

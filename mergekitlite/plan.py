@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from mergekitlite.budget import BASELINE_RSS, Budget, RowCost, row_cost, rows_per_chunk
@@ -360,6 +361,7 @@ def build_plan(
     compute_dtype: str | None = None,
     budget: Budget | None = None,
     random_seed: int | None = None,
+    aliases: Mapping[str, Path] | None = None,
 ) -> Plan:
     """Plan the merge of ``loaded``; raises PlanError listing every problem found."""
     recipe = loaded.recipe
@@ -367,9 +369,10 @@ def build_plan(
     problems = _Problems()
     warnings = list(loaded.warnings)
 
-    sources, missing = open_sources(recipe.referenced_models(), loaded.base_dir)
-    if recipe.tokenizer_source not in (None, "base", "union") and recipe.tokenizer_source not in sources:
-        more, errs = open_sources([recipe.tokenizer_source], loaded.base_dir)
+    sources, missing = open_sources(recipe.referenced_models(), loaded.base_dir, aliases)
+    tok = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
+    if tok not in (None, "base", "union") and tok not in sources:
+        more, errs = open_sources([tok], loaded.base_dir, aliases)
         sources.update(more)
         missing += errs
     if missing:

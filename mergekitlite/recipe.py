@@ -29,7 +29,7 @@ from pydantic import (
 
 from mergekitlite.errors import RecipeError, UnknownMethodError
 from mergekitlite.methods import REGISTRY
-from mergekitlite.yamlpos import Mark, PositionedYaml, YamlSyntaxError, load_positioned
+from mergekitlite.yamlpos import Mark, PositionedYaml, YamlSyntaxError, load_positioned_all
 
 SCHEMA_URL_COMMENT = "# yaml-language-server: $schema=../schemas/recipe.schema.json"
 
@@ -203,7 +203,11 @@ class Recipe(Strict):
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = Field(None, description="'auto', a built-in template name (chatml), or a Jinja template.")
     # -- mergekitlite additions (all optional) --
-    name: str | None = Field(None, description="mergekitlite: model name for the model card.")
+    name: str | None = Field(
+        None,
+        description="Name of this merge step: later steps of a multi-step recipe (documents separated by ---) "
+        "use it as a model, as in mergekit-multi. Also the model card's title.",
+    )
     output: str | None = Field(None, description="mergekitlite: default output folder (relative to the working directory).")
     compute_dtype: ComputeDType = Field("float32", description="mergekitlite: dtype the arithmetic runs in; inputs are upcast, the result cast once.")
     random_seed: int | None = Field(None, description="mergekitlite: seed for random methods (DARE).")
@@ -245,9 +249,11 @@ class LoadedRecipe(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
     recipe: Recipe
-    text: str
+    text: str  # this step's YAML document
+    file_text: str = ""  # the whole file (all steps)
     path: Path | None
     warnings: tuple[str, ...] = ()
+    positions: PositionedYaml | None = None
 
     @property
     def base_dir(self) -> Path:
@@ -470,20 +476,15 @@ def _semantic_checks(recipe: Recipe, problems: _Problems) -> None:
         problems.add(("tokenizer", "tokens"), "per-token embedding sources are not supported yet")
 
 
-def parse_recipe(text: str, source: str = "<recipe>", path: Path | None = None) -> LoadedRecipe:
-    """Validate recipe ``text``; ``source`` is how error lines name it."""
-    try:
-        pos = load_positioned(text)
-    except YamlSyntaxError as exc:
-        where = f"{source}:{exc.mark.line}:{exc.mark.column}" if exc.mark else source
-        raise RecipeError([f"{where}: {exc}"]) from None
+def _validate_document(pos: PositionedYaml, text: str, source: str, path: Path | None) -> tuple[LoadedRecipe | None, list[str]]:
     problems = _Problems(source, pos)
     for dup_path, _mark in pos.duplicates:
         problems.add(dup_path, "duplicate key (the later value would silently win)", key=True)
     if not isinstance(pos.data, dict):
         kind = "empty" if pos.data is None else type(pos.data).__name__
-        raise RecipeError([f"{source}: expected a mapping with merge_method, models, ...; the file is {kind}"])
-
+        first = pos.values.get(())
+        where = f"{source}:{first.line}:{first.column}" if first else source
+        return None, [f"{where}: expected a mapping with merge_method, models, ...; found {kind}"]
     warnings: list[str] = []
     recipe: Recipe | None = None
     try:
@@ -493,21 +494,97 @@ def parse_recipe(text: str, source: str = "<recipe>", path: Path | None = None) 
     _raw_checks(pos.data, problems, warnings)
     if recipe is not None:
         _semantic_checks(recipe, problems)
-    if problems.items:
-        raise RecipeError(problems.lines())
-    assert recipe is not None
-    return LoadedRecipe(recipe=recipe, text=text, path=path, warnings=tuple(f"{source}: {w}" for w in warnings))
+    if problems.items or recipe is None:
+        return None, problems.lines()
+    doc_text = text[pos.span[0] : pos.span[1]] if pos.span != (0, 0) else text
+    loaded = LoadedRecipe(
+        recipe=recipe,
+        text=doc_text if doc_text.strip() else text,
+        file_text=text,
+        path=path,
+        warnings=tuple(f"{source}: {w}" for w in warnings),
+        positions=pos,
+    )
+    return loaded, []
+
+
+def parse_recipes(text: str, source: str = "<recipe>", path: Path | None = None) -> list[LoadedRecipe]:
+    """Validate every document (merge step) of ``text``; later steps may use earlier steps'
+    ``name`` as a model (mergekit-multi's format). Raises one RecipeError listing every problem."""
+    try:
+        docs = load_positioned_all(text)
+    except YamlSyntaxError as exc:
+        where = f"{source}:{exc.mark.line}:{exc.mark.column}" if exc.mark else source
+        raise RecipeError([f"{where}: {exc}"]) from None
+    if not docs:
+        raise RecipeError([f"{source}: the file is empty; expected merge_method, models, ..."])
+    steps: list[LoadedRecipe] = []
+    lines: list[str] = []
+    for pos in docs:
+        loaded, errs = _validate_document(pos, text, source, path)
+        lines += errs
+        if loaded is not None:
+            steps.append(loaded)
+    if not lines and len(steps) > 1:
+        lines += _check_steps(steps, source)
+    if lines:
+        raise RecipeError(lines)
+    return steps
+
+
+def _check_steps(steps: list[LoadedRecipe], source: str) -> list[str]:
+    """Cross-step rules: names unique, only the last step unnamed, no reference to a later step."""
+    lines: list[str] = []
+
+    def where(step: LoadedRecipe, key: tuple[str | int, ...]) -> str:
+        mark = step.positions.locate(key) if step.positions else None
+        return f"{source}:{mark.line}:{mark.column}" if mark else source
+
+    seen: dict[str, int] = {}
+    names = [s.recipe.name for s in steps]
+    for i, step in enumerate(steps):
+        name = step.recipe.name
+        if name is None and i != len(steps) - 1:
+            lines.append(f"{where(step, ('merge_method',))}: step {i + 1} of {len(steps)} needs a 'name' so that later steps can use its result")
+        if name is not None and name in seen:
+            lines.append(f"{where(step, ('name',))}: name: {name!r} is already the name of step {seen[name] + 1}")
+        for ref in step.recipe.referenced_models():
+            if ref in names[i:]:
+                lines.append(f"{where(step, ('name',) if ref == name else ())}: step {i + 1} uses {ref!r}, which is made by a later step (or itself)")
+        if name is not None:
+            seen.setdefault(name, i)
+    return lines
+
+
+def parse_recipe(text: str, source: str = "<recipe>", path: Path | None = None) -> LoadedRecipe:
+    """Validate a single-step recipe ``text``; ``source`` is how error lines name it."""
+    steps = parse_recipes(text, source, path)
+    if len(steps) > 1:
+        raise RecipeError([f"{source}: has {len(steps)} merge steps; use parse_recipes/load_recipes for multi-step recipes"])
+    return steps[0]
+
+
+def _read_text(path: str | Path) -> tuple[Path, str]:
+    p = Path(path)
+    try:
+        return p, p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError([f"{p}: no such recipe file"]) from None
+    except IsADirectoryError:
+        raise RecipeError([f"{p}: is a folder; expected a recipe YAML file"]) from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError([f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
+
+
+def load_recipes(path: str | Path) -> list[LoadedRecipe]:
+    """Read and validate a recipe file of one or more merge steps."""
+    p, text = _read_text(path)
+    return parse_recipes(text, source=str(path), path=p.resolve())
 
 
 def load_recipe(path: str | Path) -> LoadedRecipe:
-    """Read and validate a recipe file. Raises ``RecipeError`` listing every problem."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError([f"{p}: no such recipe file"]) from None
-    except UnicodeDecodeError as exc:
-        raise RecipeError([f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
+    """Read and validate a single-step recipe file. Raises ``RecipeError`` listing every problem."""
+    p, text = _read_text(path)
     return parse_recipe(text, source=str(path), path=p.resolve())
 
 

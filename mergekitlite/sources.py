@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,13 +257,21 @@ def index_model(ref: str, path: Path, from_hub: bool = False) -> ModelSource:
     )
 
 
-def open_sources(refs: Iterable[str], base_dir: Path | None = None) -> tuple[dict[str, ModelSource], list[str]]:
-    """Resolve and index every ref; returns sources and *all* problems (not just the first)."""
+def open_sources(
+    refs: Iterable[str], base_dir: Path | None = None, aliases: Mapping[str, Path] | None = None
+) -> tuple[dict[str, ModelSource], list[str]]:
+    """Resolve and index every ref; returns sources and *all* problems (not just the first).
+    ``aliases`` maps names of earlier merge steps to their output folders."""
     sources: dict[str, ModelSource] = {}
     problems: list[str] = []
     for ref in refs:
         try:
-            path, hub = resolve_model_path(ref, base_dir)
+            if aliases and ref in aliases:
+                if not aliases[ref].is_dir():
+                    raise ModelNotFoundError(f"model {ref!r}: the result of step {ref!r} is not there ({aliases[ref]})")
+                path, hub = aliases[ref], False
+            else:
+                path, hub = resolve_model_path(ref, base_dir)
             sources[ref] = index_model(ref, path, hub)
         except (ModelNotFoundError, CheckpointError) as exc:
             problems.append(str(exc))

@@ -28,6 +28,7 @@ class PositionedYaml:
     values: dict[Path, Mark] = field(default_factory=dict)  # where each value starts
     keys: dict[Path, Mark] = field(default_factory=dict)  # where each mapping key is written
     duplicates: list[tuple[Path, Mark]] = field(default_factory=list)
+    span: tuple[int, int] = (0, 0)  # character range of this document in the text
 
     def locate(self, path: Path, *, prefer_key: bool = False) -> Mark | None:
         """The position of ``path``, or of its nearest ancestor that exists in the file."""
@@ -52,17 +53,14 @@ def _mark(node: yaml.Node) -> Mark:
     return Mark(node.start_mark.line + 1, node.start_mark.column + 1)
 
 
-def load_positioned(text: str) -> PositionedYaml:
-    """Parse ``text`` (YAML 1.1, safe tags only) into plain Python data plus positions."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = Mark(mark.line + 1, mark.column + 1) if mark else None
-        raise YamlSyntaxError(f"invalid YAML: {exc.problem}", where) from None
+def _syntax_error(exc: yaml.MarkedYAMLError) -> YamlSyntaxError:
+    mark = exc.problem_mark
+    where = Mark(mark.line + 1, mark.column + 1) if mark else None
+    return YamlSyntaxError(f"invalid YAML: {exc.problem}", where)
+
+
+def _build(root: yaml.Node, text: str) -> PositionedYaml:
     out = PositionedYaml(data=None)
-    if root is None:
-        return out
     constructor = yaml.SafeLoader(text)
 
     def build(node: yaml.Node, path: Path) -> Any:
@@ -84,7 +82,23 @@ def load_positioned(text: str) -> PositionedYaml:
     try:
         out.data = build(root, ())
     except yaml.constructor.ConstructorError as exc:
-        mark = exc.problem_mark
-        where = Mark(mark.line + 1, mark.column + 1) if mark else None
-        raise YamlSyntaxError(f"invalid YAML: {exc.problem}", where) from None
+        raise _syntax_error(exc) from None
+    out.span = (root.start_mark.index, root.end_mark.index)
     return out
+
+
+def load_positioned_all(text: str) -> list[PositionedYaml]:
+    """Every document of ``text`` (documents are separated by ``---``), with positions."""
+    try:
+        roots = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.MarkedYAMLError as exc:
+        raise _syntax_error(exc) from None
+    return [_build(root, text) for root in roots if root is not None]
+
+
+def load_positioned(text: str) -> PositionedYaml:
+    """Parse single-document ``text`` (YAML 1.1, safe tags only) into plain data plus positions."""
+    docs = load_positioned_all(text)
+    if len(docs) > 1:
+        raise YamlSyntaxError(f"expected one YAML document, found {len(docs)}", None)
+    return docs[0] if docs else PositionedYaml(data=None)

@@ -90,3 +90,25 @@ def passthrough(base: Tensor | None, models: Sequence[Tensor], *, scale: Sequenc
     del base
     s = scale[0]
     return models[0].clone() if s is None else models[0] * s
+
+
+@merge_method("task_vector", base="required", per_model={"weight": 1.0}, aliases=("extract_delta",))
+def task_vector(base: Tensor, models: Sequence[Tensor], *, weight: Sequence[float], lambda_: float = 1.0) -> Tensor:
+    """λ·Σ wᵢ(mᵢ − base): the task vector itself ("chat vector"), saved as a delta checkpoint.
+
+    Use ``out_dtype: float32`` for the step that extracts it: the difference of two bf16 weights is
+    then stored exactly, and applying it later with ``add_delta`` gives the one-step result bit for bit.
+    """
+    delta = weighted_delta_sum(base, models, weight)
+    return delta.mul_(lambda_) if lambda_ != 1 else delta
+
+
+@merge_method("add_delta", base="required", per_model={"weight": 1.0})
+def add_delta(base: Tensor, models: Sequence[Tensor], *, weight: Sequence[float], lambda_: float = 1.0) -> Tensor:
+    """base + λ·Σ wᵢ·dᵢ, where the models are delta checkpoints made by ``task_vector``."""
+    total = models[0] * weight[0]
+    for d, w in zip(models[1:], weight[1:]):
+        total.add_(d * w)
+    if lambda_ != 1:
+        total.mul_(lambda_)
+    return total.add_(base)
