@@ -179,10 +179,12 @@ def _run_step(
     resumed = len(partial.done)
     merged = run_tasks(plan, partial.path, ctx, done=partial.done)
 
-    notes = list(write_side_files(plan, partial.path))
+    side = write_side_files(plan, partial.path)
     hashes = hasher.wait() if hasher else {}
     # The final step of a multi-step recipe records every step: it needs all of them to be reproduced.
-    write_card(plan, partial.path, hashes, name=target.name, recipe_text=loaded.file_text if whole_file else None)
+    write_card(
+        plan, partial.path, hashes, name=target.name, recipe_text=loaded.file_text if whole_file else None, side=side
+    )
     final = partial.commit(overwrite=opts.overwrite)
     return MergeResult(
         output=final,
@@ -191,5 +193,5 @@ def _run_step(
         tensors_resumed=resumed,
         seconds=time.perf_counter() - started,
         peak_rss_bytes=peak_rss_bytes(),
-        notes=tuple(notes),
+        notes=tuple(side.notes),
     )

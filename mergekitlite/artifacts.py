@@ -30,6 +30,7 @@ from mergekitlite import __version__
 from mergekitlite.errors import RecipeError
 from mergekitlite.plan import Plan
 from mergekitlite.sources import ModelSource
+from mergekitlite.tokens import chat_template_of, read_token_info
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -143,18 +144,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def chat_template_of(folder: Path) -> str | None:
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    tmpl = (_read_json(folder / "chat_template.json") or {}).get("chat_template")
-    if tmpl is None:
-        tmpl = (_read_json(folder / "tokenizer_config.json") or {}).get("chat_template")
-    if isinstance(tmpl, list):  # named templates: take the default one
-        tmpl = next((t.get("template") for t in tmpl if t.get("name") == "default"), None)
-    return tmpl if isinstance(tmpl, str) else None
-
-
 def _resolve_chat_template(plan: Plan) -> str | None:
     wanted = plan.recipe.chat_template
     if wanted is None:
@@ -170,42 +159,70 @@ def _resolve_chat_template(plan: Plan) -> str | None:
     return wanted
 
 
-def write_side_files(plan: Plan, out: Path) -> list[str]:
-    """Write config.json, tokenizer files, chat template, generation config and code; return notes."""
-    notes: list[str] = []
+@dataclass
+class SideFiles:
+    """Where each non-weight file of the output came from (the model card lists this)."""
+
+    origins: dict[str, str] = field(default_factory=dict)
+    eos_ids: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def write_side_files(plan: Plan, out: Path) -> SideFiles:
+    """Write config.json, tokenizer files, chat template, generation config and code."""
+    result = SideFiles()
     cfg_src = plan.sources[plan.config_donor]
     tok_src = plan.sources[plan.tokenizer_donor]
-
     out_cfg = dict(plan.out_config)
+    result.origins["config.json"] = cfg_src.ref
+
     # Custom modelling code (trust_remote_code models such as Qwen-14B) goes with the config.
-    for p in sorted(cfg_src.path.glob("*.py")):
-        if not p.name.startswith("tokenization_"):
-            _copy(p, out)
+    code = [p for p in sorted(cfg_src.path.glob("*.py")) if not p.name.startswith("tokenization_")]
+    for p in code:
+        _copy(p, out)
+    if code:
+        result.origins["modelling code (" + ", ".join(p.name for p in code) + ")"] = cfg_src.ref
 
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (tok_src.path / name).is_file():
-            _copy(tok_src.path / name, out)
-            copied.append(name)
-    for pattern in TOKENIZER_GLOBS:
-        for p in sorted(tok_src.path.glob(pattern)):
-            _copy(p, out)
-            copied.append(p.name)
-    if not copied:
-        notes.append(f"{tok_src.ref!r} has no tokenizer files: the output has no tokenizer")
-
-    gen_src = tok_src if (tok_src.path / GENERATION_CONFIG).is_file() else cfg_src
-    gen = _read_json(gen_src.path / GENERATION_CONFIG)
-    if gen is not None:
-        # Keep config.json's end-of-sequence ids in step with the generation config that ships.
-        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
-            if key in gen and gen[key] is not None:
-                out_cfg[key] = gen[key]
-        (out / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+    copied = [name for name in TOKENIZER_FILES if (tok_src.path / name).is_file()]
+    copied += [p.name for pattern in TOKENIZER_GLOBS for p in sorted(tok_src.path.glob(pattern))]
+    for name in copied:
+        _copy(tok_src.path / name, out)
+    if copied:
+        result.origins["tokenizer (" + ", ".join(copied) + ")"] = tok_src.ref
+    else:
+        result.notes.append(f"{tok_src.ref!r} has no tokenizer files: the output has no tokenizer")
 
     template = _resolve_chat_template(plan)
     if template is not None:
         _set_chat_template(out, template)
+        result.origins["chat template"] = f"recipe (chat_template: {plan.recipe.chat_template})"
+    elif chat_template_of(out) is not None:
+        result.origins["chat template"] = tok_src.ref
+
+    # Stop on every end-of-turn / end-of-text id of the donors, so that a chat model made from a
+    # pretrained base stops at its turn end and at end of text alike.
+    out_tokens = read_token_info(out)
+    eos = unique_ids(out_tokens.end_ids() + read_token_info(tok_src.path).end_ids() + read_token_info(cfg_src.path).end_ids())
+    gen_src = tok_src if (tok_src.path / GENERATION_CONFIG).is_file() else cfg_src
+    gen = _read_json(gen_src.path / GENERATION_CONFIG)
+    if gen is not None or eos:
+        gen = dict(gen or {})
+        if eos:
+            gen["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+        for key in ("bos_token_id", "pad_token_id"):
+            if gen.get(key) is None and out_cfg.get(key) is not None:
+                gen[key] = out_cfg[key]
+        (out / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+        origin = gen_src.ref if (gen_src.path / GENERATION_CONFIG).is_file() else "created"
+        result.origins[GENERATION_CONFIG] = f"{origin}; eos_token_id = union of the donors' end ids {eos}"
+    if eos:
+        out_cfg["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    result.eos_ids = eos
+
+    for end in read_token_info(out).turn_end_tokens():
+        tid = out_tokens.id_of(end)
+        if tid is not None and tid not in eos:
+            result.notes.append(f"the output's chat template ends turns with {end!r} (id {tid}), which is not an eos id")
     (out / "config.json").write_text(json.dumps(out_cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     if len(plan.shards) > 1:
@@ -214,7 +231,11 @@ def write_side_files(plan: Plan, out: Path) -> list[str]:
             "weight_map": {t.name: plan.shard_of[t.name] for t in plan.tasks},
         }
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return notes
+    return result
+
+
+def unique_ids(ids: list[int]) -> list[int]:
+    return list(dict.fromkeys(ids))
 
 
 def _set_chat_template(out: Path, template: str) -> None:
@@ -253,7 +274,7 @@ def provenance(plan: Plan, hashes: Mapping[str, Mapping[str, str]]) -> dict[str,
     }
 
 
-def _card(plan: Plan, prov: Mapping[str, Any], name: str, recipe_text: str) -> str:
+def _card(plan: Plan, prov: Mapping[str, Any], name: str, recipe_text: str, side: SideFiles | None) -> str:
     recipe = plan.recipe
     bases = [ref for ref, src in plan.sources.items() if src.from_hub]
     front: dict[str, Any] = {"library_name": "transformers", "tags": ["merge", "mergekit", "mergekitlite"]}
@@ -280,6 +301,10 @@ def _card(plan: Plan, prov: Mapping[str, Any], name: str, recipe_text: str) -> s
             roles.append("tokenizer, chat template, generation config")
         files = "<br>".join(f"`{f}` {h[:16]}…" for f, h in entry["files"].items()) or "(not hashed)"
         lines.append(f"| `{ref}` | {', '.join(roles) or 'merged'} | {files} |")
+    if side is not None and side.origins:
+        lines += ["", "## Where each file came from", "", "| file | from |", "|---|---|"]
+        lines += [f"| {what} | `{origin}` |" for what, origin in side.origins.items()]
+        lines.append("| model*.safetensors | merged |")
     lines += [
         "",
         "Full sha256 digests are in `mergekitlite.json`.",
@@ -297,12 +322,20 @@ def _card(plan: Plan, prov: Mapping[str, Any], name: str, recipe_text: str) -> s
 
 
 def write_card(
-    plan: Plan, out: Path, hashes: Mapping[str, Mapping[str, str]], name: str, recipe_text: str | None = None
+    plan: Plan,
+    out: Path,
+    hashes: Mapping[str, Mapping[str, str]],
+    name: str,
+    recipe_text: str | None = None,
+    side: SideFiles | None = None,
 ) -> None:
     """Model card, provenance JSON and the recipe (``recipe_text``: all steps of a multi-step recipe)."""
     text = recipe_text or plan.loaded.text
     prov = provenance(plan, hashes)
+    if side is not None:
+        prov["files_from"] = side.origins
+        prov["eos_token_id"] = side.eos_ids
     (out / "mergekitlite.json").write_text(json.dumps(prov, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "mergekit_config.yml").write_text(text, encoding="utf-8")
-    (out / "README.md").write_text(_card(plan, prov, name, text), encoding="utf-8")
+    (out / "README.md").write_text(_card(plan, prov, name, text, side), encoding="utf-8")
 

@@ -32,6 +32,7 @@ from mergekitlite.methods.apply import tensor_seed
 from mergekitlite.recipe import LoadedRecipe, Parameters, Recipe, Rule
 from mergekitlite.settings import evaluate, is_gradient, name_matches
 from mergekitlite.sources import ModelSource, open_sources, split_layer
+from mergekitlite.tokens import read_token_info
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 MAX_LISTED = 12  # problems of one kind listed before summarizing the rest
@@ -553,6 +554,7 @@ def build_plan(
     tasks = sized
 
     config_donor, tokenizer_donor = _donors(recipe, slices)
+    warnings += _eos_warnings(recipe, sources, tokenizer_donor)
     shards, shard_of = _shards(tasks, shard_size)
     out_cfg = _out_config(sources[config_donor], recipe.out_dtype_name or _dominant_dtype(tasks), total_layers)
     return Plan(
@@ -569,6 +571,26 @@ def build_plan(
         random_seed=seed,
         warnings=tuple(warnings),
     )
+
+
+def _eos_warnings(recipe: Recipe, sources: Mapping[str, ModelSource], donor: str) -> list[str]:
+    """The seed's failure, caught before merging: the output gets its tokenizer, chat template and
+    stop tokens from a model without a chat template while another input has one."""
+    if recipe.chat_template is not None:
+        return []
+    mine = read_token_info(sources[donor].path)
+    if mine.chat_template:
+        return []
+    chatty = [ref for ref, src in sources.items() if ref != donor and read_token_info(src.path).chat_template]
+    if not chatty:
+        return []
+    ends = read_token_info(sources[chatty[0]].path).turn_end_tokens()
+    ends_txt = f", which ends turns with {', '.join(ends)}" if ends else ""
+    return [
+        f"the tokenizer, chat template and generation config come from {donor!r}, which has no chat template, "
+        f"but {chatty[0]!r} has one{ends_txt}: a chat model merged this way may never stop generating. "
+        f"Set `tokenizer_source: {chatty[0]}` to take them from the chat model."
+    ]
 
 
 def _dominant_dtype(tasks: Sequence[TensorTask]) -> str | None:
