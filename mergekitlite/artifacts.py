@@ -202,7 +202,9 @@ def write_side_files(plan: Plan, out: Path) -> SideFiles:
     # Stop on every end-of-turn / end-of-text id of the donors, so that a chat model made from a
     # pretrained base stops at its turn end and at end of text alike.
     out_tokens = read_token_info(out)
-    eos = unique_ids(out_tokens.end_ids() + read_token_info(tok_src.path).end_ids() + read_token_info(cfg_src.path).end_ids())
+    eos = unique_ids(
+        read_token_info(tok_src.path).end_ids() + out_tokens.end_ids() + read_token_info(cfg_src.path).end_ids()
+    )
     gen_src = tok_src if (tok_src.path / GENERATION_CONFIG).is_file() else cfg_src
     gen = _read_json(gen_src.path / GENERATION_CONFIG)
     if gen is not None or eos:

@@ -26,7 +26,7 @@ from mergekitlite.io.files import InputFiles, ShardFile
 from mergekitlite.io.safetensors_header import CODE_BY_NAME, itemsize, torch_dtype
 from mergekitlite.methods import ChunkInfo, get_method
 from mergekitlite.methods.apply import compute_stats
-from mergekitlite.plan import Plan, TensorTask
+from mergekitlite.plan import InputRef, Plan, RowRule, TensorTask
 
 
 class Progress(Protocol):
@@ -78,41 +78,84 @@ def resolve_device(name: str) -> torch.device:
 class _Chunk:
     task: TensorTask
     shard: str
-    info: ChunkInfo
-
-    @property
-    def rows(self) -> int:
-        return self.info.row_end - self.info.row_start
-
-    @property
-    def last(self) -> bool:
-        return self.info.row_end >= self.task.rows
+    info: ChunkInfo  # output rows [row_start, row_end)
+    rule: RowRule | None = None  # set for rows produced by a row rule instead of the method
+    last: bool = False  # the task's final chunk
 
 
 def task_chunks(task: TensorTask) -> list[ChunkInfo]:
-    if math.prod(task.shape) == 0:
-        return [ChunkInfo(0, task.rows, task.shape, task.seed)]
+    """Chunks of the rows the method merges; their ``shape`` is that of the merged part."""
+    rows = task.merged_rows
+    shape = (rows, *task.shape[1:]) if task.shape else ()
+    if math.prod(shape) == 0:
+        return [ChunkInfo(0, rows, shape, task.seed)] if rows == task.rows else []
     step = max(1, task.chunk_rows)
-    return [ChunkInfo(s, min(task.rows, s + step), task.shape, task.seed) for s in range(0, task.rows, step)]
+    return [ChunkInfo(s, min(rows, s + step), shape, task.seed) for s in range(0, rows, step)]
+
+
+def _task_parts(task: TensorTask, shard: str) -> list[_Chunk]:
+    parts = [_Chunk(task, shard, info) for info in task_chunks(task)]
+    step = max(1, task.chunk_rows)
+    for rule in task.row_rules:
+        parts += [
+            _Chunk(task, shard, ChunkInfo(s, min(rule.end, s + step), task.shape, task.seed), rule)
+            for s in range(rule.start, rule.end, step)
+        ]
+    if parts:
+        parts[-1] = _Chunk(parts[-1].task, shard, parts[-1].info, parts[-1].rule, last=True)
+    return parts
 
 
 def _chunks(plan: Plan, skip: set[str]) -> Iterator[_Chunk]:
     for task in plan.tasks:
         if task.name not in skip:
-            for info in task_chunks(task):
-                yield _Chunk(task, plan.shard_of[task.name], info)
+            yield from _task_parts(task, plan.shard_of[task.name])
 
 
 def _row_bytes(code: str, shape: tuple[int, ...]) -> int:
     return math.prod(shape[1:]) * itemsize(code) if shape else itemsize(code)
 
 
-def read_chunk(files: InputFiles, task: TensorTask, info: ChunkInfo) -> list[bytearray]:
+def _read_rows(files: InputFiles, refs: tuple[InputRef, ...], first_row: int, rows: int) -> list[bytearray]:
     out = []
-    for ref in task.inputs:
+    for ref in refs:
         rb = _row_bytes(ref.tensor.dtype, ref.tensor.shape)
-        out.append(files.read(ref.tensor, info.row_start * rb, (info.row_end - info.row_start) * rb))
+        out.append(files.read(ref.tensor, first_row * rb, rows * rb))
     return out
+
+
+def read_chunk(files: InputFiles, task: TensorTask, info: ChunkInfo) -> list[bytearray]:
+    return _read_rows(files, task.inputs, info.row_start, info.row_end - info.row_start)
+
+
+def _read_part(files: InputFiles, chunk: _Chunk) -> list[bytearray]:
+    rule = chunk.rule
+    if rule is None:
+        return read_chunk(files, chunk.task, chunk.info)
+    offset = (rule.src_start if rule.src_start is not None else rule.start) - rule.start
+    return _read_rows(files, rule.sources, chunk.info.row_start + offset, chunk.info.row_end - chunk.info.row_start)
+
+
+def apply_rule(task: TensorTask, rule: RowRule, raw: list[bytearray], rows: int, compute: torch.dtype) -> memoryview:
+    """Rows set by a row rule: a zero row, a row taken from a model, or the mean of models' rows."""
+    out_row = _row_bytes(task.out_dtype, task.shape)
+    if rule.kind == "zero":
+        return memoryview(bytearray(rows * out_row))
+    shape = (rows, *task.shape[1:])
+    tensors = [torch.frombuffer(buf, dtype=torch_dtype(ref.tensor.dtype)).view(shape) for buf, ref in zip(raw, rule.sources)]
+    if rule.kind == "take":
+        if rule.sources[0].tensor.dtype == task.out_dtype:
+            return memoryview(raw[0])
+        result = tensors[0].to(compute)
+    elif rule.kind == "mean":
+        result = tensors[0].to(compute)
+        for t in tensors[1:]:
+            result.add_(t.to(compute))
+        result.div_(len(tensors))
+    else:  # pragma: no cover - the planner only makes the kinds above
+        raise ValueError(f"unknown row rule {rule.kind!r}")
+    out = result.to(torch_dtype(task.out_dtype)).contiguous()
+    return memoryview(out.view(torch.uint8).numpy()).cast("B")
 
 
 def to_compute(
@@ -171,13 +214,15 @@ def task_stats(files: InputFiles, task: TensorTask, compute: torch.dtype, device
             cached[info.row_start] = loaded
         return loaded
 
-    return compute_stats(spec, task.shape, task.param_dict, len(task.models), infos, load)
+    shape = (task.merged_rows, *task.shape[1:]) if task.shape else ()
+    return compute_stats(spec, shape, task.param_dict, len(task.models), infos, load)
 
 
 def run_tasks(plan: Plan, out_dir: Path, ctx: ExecContext, done: set[str] | None = None) -> int:
     """Write every task not in ``done`` into the shard files in ``out_dir``. Returns tensors merged."""
     done = set(done or ())
-    total = sum(t.nbytes for t in plan.tasks if t.name not in done)
+    total = sum(t.nbytes + sum((r.end - r.start) * _row_bytes(t.out_dtype, t.shape) for r in t.row_rules)
+                for t in plan.tasks if t.name not in done)
     ctx.progress.start(total, sum(1 for t in plan.tasks if t.name not in done))
     shards = {
         layout.filename: ShardFile(out_dir / layout.filename, layout, reuse=bool(done)) for layout in plan.shards
@@ -209,7 +254,7 @@ def _pipeline(plan: Plan, shards: dict[str, ShardFile], ctx: ExecContext, done: 
                 c = next(chunks, None)
                 if c is None:
                     return
-                pending_reads.append((c, readers.submit(read_chunk, files, c.task, c.info)))
+                pending_reads.append((c, readers.submit(_read_part, files, c)))
 
         def retire(limit: int) -> None:
             nonlocal merged, unsynced
@@ -233,11 +278,15 @@ def _pipeline(plan: Plan, shards: dict[str, ShardFile], ctx: ExecContext, done: 
             while pending_reads:
                 chunk, fut = pending_reads.popleft()
                 task = chunk.task
-                if chunk.info.row_start == 0 and get_method(task.method).statistic is not None:
+                first = chunk.rule is None and chunk.info.row_start == 0
+                if first and get_method(task.method).statistic is not None:
                     stats[task.name] = task_stats(files, task, compute, ctx.device)
                 raw = fut.result()
                 fill()
-                data = merge_chunk(task, raw, chunk.info, compute, ctx.device, stats.get(task.name))
+                if chunk.rule is not None:
+                    data = apply_rule(task, chunk.rule, raw, chunk.info.row_end - chunk.info.row_start, compute)
+                else:
+                    data = merge_chunk(task, raw, chunk.info, compute, ctx.device, stats.get(task.name))
                 start = chunk.info.row_start * _row_bytes(task.out_dtype, task.shape)
                 pending_writes.append((chunk, writer.submit(shards[chunk.shard].write, task.name, start, data)))
                 unsynced += len(data)

@@ -32,7 +32,7 @@ from mergekitlite.methods.apply import tensor_seed
 from mergekitlite.recipe import LoadedRecipe, Parameters, Recipe, Rule
 from mergekitlite.settings import evaluate, is_gradient, name_matches
 from mergekitlite.sources import ModelSource, open_sources, split_layer
-from mergekitlite.tokens import read_token_info
+from mergekitlite.tokens import TokenInfo, read_token_info
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 MAX_LISTED = 12  # problems of one kind listed before summarizing the rest
@@ -42,6 +42,19 @@ MAX_LISTED = 12  # problems of one kind listed before summarizing the rest
 class InputRef:
     model: str
     tensor: TensorInfo
+
+
+@dataclass(frozen=True)
+class RowRule:
+    """Output rows [start, end) set by a simple rule instead of the method: special-token rows
+    taken from a model or zeroed, and rows that exist in only some inputs' vocabularies."""
+
+    start: int
+    end: int
+    kind: str  # "take" | "mean" | "zero"
+    sources: tuple[InputRef, ...] = ()
+    src_start: int | None = None  # first source row for "take" (default: ``start``)
+    why: str = ""
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,8 @@ class TensorTask:
     why: str = ""  # set when the tensor is not merged by the recipe's method
     chunk_rows: int = 1  # rows merged at a time (set from the memory budget)
     seed: int = 0  # per-tensor seed for random methods
+    merge_rows: int | None = None  # rows merged by the method (fewer when vocabularies differ)
+    row_rules: tuple[RowRule, ...] = ()  # applied after the merge, in order
 
     @property
     def inputs(self) -> tuple[InputRef, ...]:
@@ -86,6 +101,10 @@ class TensorTask:
     @property
     def rows(self) -> int:
         return self.shape[0] if self.shape else 1
+
+    @property
+    def merged_rows(self) -> int:
+        return self.rows if self.merge_rows is None else self.merge_rows
 
     @property
     def row_elements(self) -> int:
@@ -146,7 +165,9 @@ class Plan:
         h = hashlib.sha256()
         h.update(f"{self.compute_dtype}:{self.random_seed}".encode())
         for t in self.tasks:
-            h.update(json.dumps([t.name, t.method, t.out_dtype, list(t.shape), repr(t.params)]).encode())
+            h.update(json.dumps([t.name, t.method, t.out_dtype, list(t.shape), repr(t.params), t.merge_rows]).encode())
+            h.update(repr([(r.start, r.end, r.kind, r.src_start, [(i.model, i.tensor.name) for i in r.sources])
+                           for r in t.row_rules]).encode())
             for i in t.inputs:
                 st = i.tensor.file.stat()
                 h.update(f"{i.tensor.file}:{st.st_size}:{st.st_mtime_ns}:{i.tensor.begin}".encode())
@@ -396,6 +417,10 @@ def build_plan(
                         f"{next(iter(reference.tensors), '?')!r}); give a single value"
                     )
 
+    config_donor, tokenizer_donor = _donors(recipe, slices)
+    tok_info = read_token_info(sources[tokenizer_donor].path)
+    tok_cfg = recipe.tokenizer
+    vocab_out: dict[str, int] = {}
     out_code_global = CODE_BY_NAME[recipe.out_dtype_name] if recipe.out_dtype_name else None
     cdtype = compute_dtype or recipe.compute_dtype
     rules = recipe.rules or []
@@ -422,10 +447,22 @@ def build_plan(
         first = infos[lead]
         assert first is not None
         shapes = {src.model: info.shape for src, info in zip(slc.sources, infos) if info is not None}
+        out_shape, merge_rows, row_rules = first.shape, None, ()
+        refs = [InputRef(src.model, info) for src, info in zip(slc.sources, infos) if info is not None]
+        donor_info = _lookup(sources[tokenizer_donor], out_name)
+        donor_ref = InputRef(tokenizer_donor, donor_info) if donor_info is not None else None
         if len(set(shapes.values())) > 1:
-            listing = ", ".join(f"{list(s)} in {m!r}" for m, s in shapes.items())
-            problems.add_grouped("shape", f"cannot merge {out_name!r}: shape {listing}")
-            return
+            policy = tok_cfg.vocab_policy if tok_cfg else "keep"
+            layout = _vocab_layout(out_name, refs, refs[lead], donor_ref, policy)
+            if layout is None:
+                listing = ", ".join(f"{list(s)} in {m!r}" for m, s in shapes.items())
+                problems.add_grouped("shape", f"cannot merge {out_name!r}: shape {listing}")
+                return
+            out_shape, merge_rows, row_rules, note = layout
+            warnings.append(note)
+        if _is_vocab_tensor(out_name, out_shape):
+            vocab_out[out_name] = out_shape[0]
+            row_rules = row_rules + _token_rules(out_name, out_shape, tok_cfg, tok_info, sources, tokenizer_donor, problems)
         out_code = out_code_global if (out_code_global and first.dtype in FLOAT_CODES) else first.dtype
 
         rule = _rule_for(rules, out_name)
@@ -492,7 +529,8 @@ def build_plan(
             [rule_params, slc.params, recipe.parameters], problems,
         )
         tasks.append(
-            TensorTask(out_name, method.name, base_ref, tuple(model_refs), params, first.shape, out_code, layer, t, why)
+            TensorTask(out_name, method.name, base_ref, tuple(model_refs), params, out_shape, out_code, layer, t, why,
+                       merge_rows=merge_rows, row_rules=row_rules)
         )
 
     def t_of(idx: int, count: int) -> float:
@@ -553,10 +591,11 @@ def build_plan(
         sized.append(replace(task, chunk_rows=rows, seed=tensor_seed(seed, task.name) if spec.random else 0))
     tasks = sized
 
-    config_donor, tokenizer_donor = _donors(recipe, slices)
     warnings += _eos_warnings(recipe, sources, tokenizer_donor)
     shards, shard_of = _shards(tasks, shard_size)
     out_cfg = _out_config(sources[config_donor], recipe.out_dtype_name or _dominant_dtype(tasks), total_layers)
+    if vocab_out and "vocab_size" in out_cfg:
+        out_cfg["vocab_size"] = max(vocab_out.values())
     return Plan(
         loaded=loaded,
         sources=sources,
@@ -571,6 +610,99 @@ def build_plan(
         random_seed=seed,
         warnings=tuple(warnings),
     )
+
+
+_VOCAB_NAME_HINTS = ("embed_tokens", "wte", "embed_in", "word_embeddings", "lm_head", "embed_out", "output.weight")
+
+
+def _is_vocab_tensor(name: str, shape: tuple[int, ...]) -> bool:
+    return len(shape) == 2 and any(h in name for h in _VOCAB_NAME_HINTS)
+
+
+def _vocab_layout(
+    name: str, refs: Sequence[InputRef], lead: InputRef, donor: InputRef | None, policy: str
+) -> tuple[tuple[int, ...], int, tuple[RowRule, ...], str] | None:
+    """Embedding/lm_head rows when the inputs' vocabularies differ: the output has the tokenizer
+    donor's rows (else the reference model's); rows all inputs have are merged; the rest follow
+    ``policy``."""
+    shapes = [r.tensor.shape for r in refs]
+    if not all(len(s) == 2 for s in shapes) or len({s[1] for s in shapes}) != 1 or not _is_vocab_tensor(name, shapes[0]):
+        return None
+    if donor is None or donor.tensor.shape[1:] != shapes[0][1:]:
+        donor = lead
+    out_rows = donor.tensor.shape[0]
+    merge_rows = min(min(s[0] for s in shapes), out_rows)
+    rules: list[RowRule] = []
+    if merge_rows < out_rows:
+        if policy == "zero":
+            rules.append(RowRule(merge_rows, out_rows, "zero", why="vocab_policy: zero"))
+        elif policy == "mean":
+            bounds = sorted({merge_rows, out_rows, *(min(s[0], out_rows) for s in shapes)})
+            for a, b in zip(bounds, bounds[1:]):
+                have = tuple(r for r in refs if r.tensor.shape[0] >= b)
+                rules.append(RowRule(a, b, "mean", have, why="vocab_policy: mean"))
+        else:
+            rules.append(RowRule(merge_rows, out_rows, "take", (donor,), why=f"vocab_policy: keep from {donor.model}"))
+    listing = ", ".join(f"{r.tensor.shape[0]} in {r.model!r}" for r in refs)
+    note = (
+        f"{name!r}: the vocabularies differ ({listing}); the output has {out_rows} rows, rows 0..{merge_rows - 1} "
+        f"are merged" + (f", rows {merge_rows}..{out_rows - 1}: {rules[0].why}" if rules else "")
+    )
+    return (out_rows, shapes[0][1]), merge_rows, tuple(rules), note
+
+
+def _token_rules(
+    name: str,
+    shape: tuple[int, ...],
+    cfg: Any,
+    tok: TokenInfo,
+    sources: Mapping[str, ModelSource],
+    donor: str,
+    problems: _Problems,
+) -> tuple[RowRule, ...]:
+    """Rows of single tokens set by the recipe's ``tokenizer.tokens`` and ``special_tokens``."""
+    if cfg is None:
+        return ()
+    rows = shape[0]
+    wanted: dict[int, tuple[Any, str]] = {}
+    if cfg.special_tokens != "merge":
+        for text in sorted(tok.special):
+            tid = tok.id_of(text)
+            if tid is not None:
+                wanted[tid] = (cfg.special_tokens, text)
+    for key, spec in (cfg.tokens or {}).items():
+        tid = key if isinstance(key, int) else int(key) if str(key).isdigit() else tok.id_of(str(key))
+        if tid is None:
+            problems.add_grouped("token", f"tokenizer.tokens: {key!r} is not a token of {donor!r} (give its id instead)")
+            continue
+        wanted[tid] = (spec.source, str(key))
+    rules = []
+    for tid, (action, label) in sorted(wanted.items()):
+        if tid >= rows:
+            problems.add_grouped("token", f"tokenizer.tokens: {label!r} (id {tid}) is past the {rows} rows of {name!r}")
+            continue
+        if action in (None, "merge") or getattr(action, "kind", None) == "merge":
+            continue
+        if action == "zero" or getattr(action, "kind", None) == "zero":
+            rules.append(RowRule(tid, tid + 1, "zero", why=f"token {label}: zero"))
+            continue
+        model = donor if action == "take" else action if isinstance(action, str) else action.model
+        src_tok = None if isinstance(action, str) else (action.token_id if action.token_id is not None else action.token)
+        src_row = tid
+        if isinstance(src_tok, int):
+            src_row = src_tok
+        elif isinstance(src_tok, str):
+            found = read_token_info(sources[model].path).id_of(src_tok)
+            if found is None:
+                problems.add_grouped("token", f"tokenizer.tokens: {src_tok!r} is not a token of {model!r}")
+                continue
+            src_row = found
+        info = _lookup(sources[model], name)
+        if info is None or src_row >= info.shape[0] or info.shape[1:] != shape[1:]:
+            problems.add_grouped("token", f"tokenizer.tokens: {model!r} has no row {src_row} of {name!r} for {label!r}")
+            continue
+        rules.append(RowRule(tid, tid + 1, "take", (InputRef(model, info),), src_row, why=f"token {label}: from {model}"))
+    return tuple(rules)
 
 
 def _eos_warnings(recipe: Recipe, sources: Mapping[str, ModelSource], donor: str) -> list[str]:

@@ -155,21 +155,42 @@ class OutputSlice(Strict):
 
 
 class TokenSource(Strict):
-    kind: Literal["zero", "model_token"] = "model_token"
+    """Where one token's embedding and lm_head rows come from (mergekit's format, plus 'merge')."""
+
+    kind: Literal["zero", "model_token", "merge"] = Field(
+        "model_token",
+        description="zero: a zero row; model_token: the row of `token`/`token_id` (default: the same token) in "
+        "`model`; merge (mergekitlite): merged like every other row.",
+    )
     model: ModelName | None = None
     token: str | None = None
     token_id: int | None = None
 
 
 class TokenSpec(Strict):
-    source: Union[ModelName, TokenSource] | None = None
-    force: bool = False
+    source: Union[ModelName, TokenSource] | None = Field(
+        None, description="A model to take this token's rows from, or {kind: zero|model_token|merge, ...}."
+    )
+    force: bool = Field(False, description="Accepted for mergekit compatibility; rows are always set as asked.")
 
 
 class TokenizerConfig(Strict):
-    source: ModelName = Field(description="'base', 'union', or a model whose tokenizer the output gets")
-    tokens: dict[str, TokenSpec] | None = None
+    source: ModelName = Field(description="'base', or the model whose tokenizer the output gets ('union' is not supported)")
+    tokens: dict[Union[str, int], TokenSpec] | None = Field(
+        None, description="Per-token embedding/lm_head rows, keyed by token text or id."
+    )
     pad_to_multiple_of: int | None = None
+    special_tokens: Literal["merge", "take", "zero"] = Field(
+        "merge",
+        description="mergekitlite: rows of every special token of the tokenizer source: merge (default), take them "
+        "unchanged from the tokenizer source (protects e.g. <|im_end|> in a chat-vector merge), or zero them.",
+    )
+    vocab_policy: Literal["keep", "mean", "zero"] = Field(
+        "keep",
+        description="mergekitlite: embedding/lm_head rows that exist in some inputs only (different vocabulary "
+        "sizes): keep them from the tokenizer source (else the first model that has them), mean of the models "
+        "that have them, or zero.",
+    )
 
 
 class Rule(Strict):
@@ -240,6 +261,11 @@ class Recipe(Strict):
         for r in self.rules or ():
             if r.take:
                 seen[r.take] = None
+        for spec in (self.tokenizer.tokens or {}).values() if self.tokenizer else ():
+            src = spec.source
+            model = src if isinstance(src, str) else src.model if src is not None else None
+            if model:
+                seen[model] = None
         return list(seen)
 
 
@@ -472,8 +498,12 @@ def _semantic_checks(recipe: Recipe, problems: _Problems) -> None:
             ("tokenizer_source",) if recipe.tokenizer_source else ("tokenizer", "source"),
             "'union' tokenizers are not supported yet; name the model whose tokenizer the output should use",
         )
-    if recipe.tokenizer and recipe.tokenizer.tokens:
-        problems.add(("tokenizer", "tokens"), "per-token embedding sources are not supported yet")
+    if recipe.tokenizer and recipe.tokenizer.pad_to_multiple_of:
+        problems.add(("tokenizer", "pad_to_multiple_of"), "padding the vocabulary is not supported yet")
+    for key, spec_ in (recipe.tokenizer.tokens or {}).items() if recipe.tokenizer else ():
+        src = spec_.source
+        if isinstance(src, TokenSource) and src.kind == "model_token" and src.model is None:
+            problems.add(("tokenizer", "tokens", key, "source", "model"), "kind model_token needs 'model'")
 
 
 def _validate_document(pos: PositionedYaml, text: str, source: str, path: Path | None) -> tuple[LoadedRecipe | None, list[str]]:

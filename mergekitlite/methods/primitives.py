@@ -176,8 +176,13 @@ class TopK:
     def _selecting(self) -> list[tuple[int, _Query]]:
         return [(i, q) for i, q in enumerate(self.queries) if 0 < q.k < self.n]
 
+    def choose(self, ks: Sequence[int]) -> None:
+        """Set the k to select (before ``settle_high``) when they depend on the first pass."""
+        self.queries = [_Query(min(max(k, 0), self.n)) for k in ks]
+        self.row_ties = torch.zeros(len(ks), self.row_ties.shape[1], dtype=torch.int64)
+
     def count_high(self, keys: Tensor) -> None:
-        if self._selecting():
+        if not self.queries or self._selecting():  # no queries yet: they will be chosen from this pass
             self.hist_high += torch.bincount((keys.reshape(-1) >> 16).long(), minlength=_BINS).cpu()
 
     def settle_high(self) -> None:
@@ -324,6 +329,6 @@ def matvec(gram: Sequence[Sequence[float]], c: Sequence[float]) -> list[float]:
 def combine(vectors: Sequence[Tensor], coefficients: Sequence[float]) -> Tensor:
     """Σ cᵢ·vᵢ in the vectors' dtype, accumulated left to right."""
     total = vectors[0] * coefficients[0]
-    for v, c in zip(vectors[1:], coefficients[1:]):
+    for v, c in zip(vectors[1:], coefficients[1:], strict=True):
         total.add_(v * c)
     return total

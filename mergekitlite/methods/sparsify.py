@@ -34,11 +34,9 @@ from mergekitlite.methods.primitives import (
     chunk_uniform,
     float_key,
     magnitude_key,
-    pairwise_sum,
     row_sums,
     sign_agreement,
     stream_key,
-    uniform,
 )
 from mergekitlite.methods.registry import REQUIRED, ChunkInfo, merge_method
 
@@ -228,7 +226,8 @@ class SparseStatistic:
             if first.needs_final or params["rescale"]:
                 phases.append("final")
         self.passes = len(phases)
-        return _SparseState(sparsifiers, phases, bool(params["rescale"]), RowPartials(2 * n_models, _rows(shape)), active)
+        l1 = RowPartials(2 * n_models, _rows(shape))
+        return _SparseState(sparsifiers, phases, bool(params["rescale"]), l1, active)
 
     def update(
         self,
@@ -333,7 +332,7 @@ def mix(weighted: Sequence[Tensor], weight: Sequence[float], *, consensus: bool,
     agree = sign_agreement(weighted)
     total = torch.where(agree[0], weighted[0], 0.0)
     divisor = agree[0].to(total.dtype) * weight[0]
-    for d, a, w in zip(weighted[1:], agree[1:], weight[1:]):
+    for d, a, w in zip(weighted[1:], agree[1:], weight[1:], strict=True):
         total.add_(torch.where(a, d, 0.0))
         divisor.add_(a.to(total.dtype) * w)
     if normalize:
@@ -358,3 +357,358 @@ def _merge(
     if lambda_ != 1:
         mixed.mul_(lambda_)
     return mixed.add_(base)
+
+
+# ---------------------------------------------------------------------------------------------
+# The generalized task arithmetic methods (mergekit's names, parameters and defaults)
+
+
+def _statistic(kind: str) -> Any:
+    return lambda: SparseStatistic(kind)
+
+
+@merge_method(
+    "ties",
+    base="required",
+    per_model={"weight": REQUIRED, "density": 1.0},
+    elementwise=False,
+    statistic=_statistic("magnitude"),
+    reference="https://arxiv.org/abs/2306.01708",
+)
+def ties(
+    base: Tensor,
+    models: Sequence[Tensor],
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    normalize: bool = True,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    chunk: ChunkInfo | None = None,
+    stats: SparseStats | None = None,
+) -> Tensor:
+    """TIES: keep each task vector's ⌊dᵢ·n⌋ largest |δ|, elect signs by mass, mean of the agreeing entries.
+
+    base + λ·Σᵢ wᵢ·topₖ(δᵢ)·[agrees] / Σᵢ wᵢ·[agrees]. Ties at the k-th magnitude keep the lowest flat
+    indices, so exactly k survive. ``int8_mask`` only saves memory in mergekit and is accepted for
+    compatibility.
+    """
+    del density, int8_mask
+    return _merge(base, models, weight, stats, chunk, consensus=True, normalize=normalize, lambda_=lambda_)
+
+
+@merge_method(
+    "dare_ties",
+    base="required",
+    per_model={"weight": REQUIRED, "density": 1.0},
+    elementwise=False,
+    statistic=_statistic("random"),
+    random=True,
+    reference="https://arxiv.org/abs/2311.03099",
+)
+def dare_ties(
+    base: Tensor,
+    models: Sequence[Tensor],
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    chunk: ChunkInfo | None = None,
+    stats: SparseStats | None = None,
+) -> Tensor:
+    """DARE + TIES: drop each element of δᵢ with probability 1 − dᵢ, rescale to the same L1 norm, TIES mix.
+
+    ``rescale`` multiplies the kept entries by ‖δᵢ‖₁/‖kept‖₁ (mergekit's definition: ≈ 1/dᵢ, not exactly).
+    """
+    del density, int8_mask
+    return _merge(base, models, weight, stats, chunk, consensus=True, normalize=normalize, lambda_=lambda_)
+
+
+@merge_method(
+    "dare_linear",
+    base="required",
+    per_model={"weight": REQUIRED, "density": 1.0},
+    elementwise=False,
+    statistic=_statistic("random"),
+    random=True,
+    reference="https://arxiv.org/abs/2311.03099",
+)
+def dare_linear(
+    base: Tensor,
+    models: Sequence[Tensor],
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    chunk: ChunkInfo | None = None,
+    stats: SparseStats | None = None,
+) -> Tensor:
+    """DARE: drop each element of δᵢ with probability 1 − dᵢ, rescale to the same L1 norm, then task arithmetic.
+
+    base + λ·Σᵢ wᵢ·maskᵢ·δᵢ·‖δᵢ‖₁/‖maskᵢ·δᵢ‖₁ (÷ Σ wᵢ when ``normalize``).
+    """
+    del density, int8_mask
+    return _merge(base, models, weight, stats, chunk, consensus=False, normalize=normalize, lambda_=lambda_)
+
+
+@merge_method(
+    "breadcrumbs",
+    base="required",
+    per_model={"weight": REQUIRED, "density": 1.0, "gamma": 0.01},
+    elementwise=False,
+    statistic=_statistic("magnitude_outliers"),
+    reference="https://arxiv.org/abs/2312.06795",
+)
+def breadcrumbs(
+    base: Tensor,
+    models: Sequence[Tensor],
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    gamma: Sequence[float],
+    normalize: bool = False,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    chunk: ChunkInfo | None = None,
+    stats: SparseStats | None = None,
+) -> Tensor:
+    """Model Breadcrumbs: drop the ⌊γᵢ·n⌋ largest |δ| (outliers) and the smallest, keeping ⌊dᵢ·n⌋; task arithmetic.
+
+    base + λ·Σᵢ wᵢ·maskᵢ·δᵢ (÷ Σ wᵢ when ``normalize``).
+    """
+    del density, gamma, int8_mask
+    return _merge(base, models, weight, stats, chunk, consensus=False, normalize=normalize, lambda_=lambda_)
+
+
+@merge_method(
+    "breadcrumbs_ties",
+    base="required",
+    per_model={"weight": REQUIRED, "density": 1.0, "gamma": 0.01},
+    elementwise=False,
+    statistic=_statistic("magnitude_outliers"),
+    reference="https://arxiv.org/abs/2312.06795",
+)
+def breadcrumbs_ties(
+    base: Tensor,
+    models: Sequence[Tensor],
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    gamma: Sequence[float],
+    normalize: bool = False,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    chunk: ChunkInfo | None = None,
+    stats: SparseStats | None = None,
+) -> Tensor:
+    """Model Breadcrumbs masks (drop the ⌊γᵢ·n⌋ largest and the smallest |δ|, keep ⌊dᵢ·n⌋) with TIES sign election."""
+    del density, gamma, int8_mask
+    return _merge(base, models, weight, stats, chunk, consensus=True, normalize=normalize, lambda_=lambda_)
+
+
+@merge_method(
+    "della",
+    base="required",
+    per_model={"weight": REQUIRED, "density": 1.0, "epsilon": 0.15},
+    elementwise=False,
+    statistic=_statistic("della"),
+    random=True,
+    reference="https://arxiv.org/abs/2406.11617",
+)
+def della(
+    base: Tensor,
+    models: Sequence[Tensor],
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    epsilon: Sequence[float],
+    normalize: bool = True,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    chunk: ChunkInfo | None = None,
+    stats: SparseStats | None = None,
+) -> Tensor:
+    """DELLA: keep δ entries with probability dᵢ − εᵢ … dᵢ + εᵢ rising with their magnitude rank, rescale, TIES mix.
+
+    The rank runs along dim 1 (the whole vector for 1-D tensors); ``rescale`` restores ‖δᵢ‖₁.
+    """
+    del density, epsilon, int8_mask
+    return _merge(base, models, weight, stats, chunk, consensus=True, normalize=normalize, lambda_=lambda_)
+
+
+@merge_method(
+    "della_linear",
+    base="required",
+    per_model={"weight": REQUIRED, "density": 1.0, "epsilon": 0.15},
+    elementwise=False,
+    statistic=_statistic("della"),
+    random=True,
+    reference="https://arxiv.org/abs/2406.11617",
+)
+def della_linear(
+    base: Tensor,
+    models: Sequence[Tensor],
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    epsilon: Sequence[float],
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    chunk: ChunkInfo | None = None,
+    stats: SparseStats | None = None,
+) -> Tensor:
+    """DELLA's magnitude-ranked random drop (probability dᵢ ± εᵢ), L1 rescale, then task arithmetic."""
+    del density, epsilon, int8_mask
+    return _merge(base, models, weight, stats, chunk, consensus=False, normalize=normalize, lambda_=lambda_)
+
+
+# ---------------------------------------------------------------------------------------------
+# SCE: select by variance across models, weight by energy, erase minority signs
+
+
+def variance_key(deltas: Sequence[Tensor]) -> Tensor:
+    """Bit patterns (float32) of the population variance across models, per element, computed in float64."""
+    wide = [d.to(torch.float64) for d in deltas]
+    mean = wide[0].clone()
+    for d in wide[1:]:
+        mean.add_(d)
+    mean.div_(len(wide))
+    var = torch.zeros_like(mean)
+    for d in wide:
+        centred = d - mean
+        var.add_(centred * centred)
+    return float_key(var.div_(len(wide)))
+
+
+@dataclass(frozen=True)
+class SceStats:
+    selector: TopK | None  # None: no selection (select_topk ≥ 1)
+    weights: tuple[float, ...]
+
+
+@dataclass
+class _SceState:
+    n: int
+    rows: int
+    select: float
+    phases: list[str]
+    selector: TopK | None
+    energy: RowPartials  # per model, per row: Σ (masked δᵢ)²
+    nonzero: int = 0
+
+
+class SceStatistic:
+    """Passes: (select_topk in (0, 1)) histogram of the variance's high bits and count of non-zero
+    variances, then its low bits; finally, in row order, tie counts and each model's Σ δ² after selection."""
+
+    passes = 3
+
+    def begin(self, shape: tuple[int, ...], n_models: int, params: Mapping[str, Any]) -> _SceState:
+        select = float(params["select_topk"])
+        n, rows = _numel(shape), _rows(shape)
+        if select >= 1:
+            phases, selector = ["final"], None
+        elif select <= 0:
+            phases, selector = [], TopK(n, rows, [0])
+        else:
+            phases, selector = ["high", "low", "final"], TopK(n, rows, [])
+        self.passes = len(phases)
+        return _SceState(n, rows, select, phases, selector, RowPartials(n_models, rows))
+
+    def update(
+        self,
+        state: _SceState,
+        pass_index: int,
+        base: Tensor | None,
+        models: list[Tensor],
+        params: Mapping[str, Any],
+        chunk: ChunkInfo,
+    ) -> None:
+        if pass_index >= len(state.phases):
+            return
+        assert base is not None
+        deltas = [m - base for m in models]
+        phase = state.phases[pass_index]
+        selector = state.selector
+        keys = variance_key(deltas) if selector is not None else None
+        if phase == "high":
+            assert selector is not None and keys is not None
+            selector.count_high(keys)
+            state.nonzero += int(torch.count_nonzero(keys))
+        elif phase == "low":
+            assert selector is not None and keys is not None
+            selector.count_low(keys)
+        else:
+            rows = chunk_rows(chunk)
+            keep = None if selector is None else selector.keep(keys, chunk.row_start, rows, record=True)[0]  # type: ignore[arg-type]
+            for i, d in enumerate(deltas):
+                square = d.to(torch.float64) * d.to(torch.float64)
+                state.energy.put(i, chunk.row_start, row_sums(square if keep is None else square * keep, rows))
+
+    def finish_pass(self, state: _SceState, pass_index: int) -> None:
+        phase = state.phases[pass_index] if pass_index < len(state.phases) else None
+        if phase == "high":
+            assert state.selector is not None
+            state.selector.choose([int(state.nonzero * state.select)])
+            state.selector.settle_high()
+        elif phase == "low":
+            assert state.selector is not None
+            state.selector.settle_low()
+
+    def result(self, state: _SceState) -> SceStats:
+        count = state.energy.values.shape[0]
+        means = [state.energy.total(i) / state.n for i in range(count)] if "final" in state.phases else [0.0] * count
+        total = math.fsum(means)
+        weights = [1.0 / count] * count if abs(total) < 1e-6 else [m / total for m in means]
+        return SceStats(state.selector, tuple(weights))
+
+
+@merge_method(
+    "sce",
+    base="required",
+    elementwise=False,
+    statistic=SceStatistic,
+    reference="https://arxiv.org/abs/2408.07990",
+)
+def sce(
+    base: Tensor,
+    models: Sequence[Tensor],
+    *,
+    select_topk: float = 1.0,
+    int8_mask: bool = False,
+    chunk: ChunkInfo | None = None,
+    stats: SceStats | None = None,
+) -> Tensor:
+    """SCE: keep the ⌊select_topk·nnz⌋ elements whose task vectors vary most across models, weight each
+    model by its share of Σ mean(δᵢ²), and average the entries agreeing with the elected sign.
+
+    base + Σᵢ ωᵢ·[agrees]·δᵢ / max(Σᵢ ωᵢ·[agrees], 1e-6), with ωᵢ = mean(δᵢ²)/Σⱼ mean(δⱼ²) over the
+    selected δ (uniform when that sum is < 1e-6); nnz counts the elements of non-zero variance.
+    """
+    del select_topk, int8_mask
+    if stats is None or chunk is None:
+        raise TypeError("sce needs its statistic and chunk: run it through its MethodSpec (executor, merge_in_chunks)")
+    deltas = [m - base for m in models]
+    if stats.selector is not None:
+        keep = stats.selector.keep(variance_key(deltas), chunk.row_start, chunk_rows(chunk))[0]
+        for d in deltas:
+            d.masked_fill_(~keep, 0.0)
+    agree = sign_agreement(deltas)
+    total = torch.where(agree[0], deltas[0] * stats.weights[0], 0.0)
+    divisor = agree[0].to(total.dtype) * stats.weights[0]
+    for d, a, w in zip(deltas[1:], agree[1:], stats.weights[1:], strict=True):
+        total.add_(torch.where(a, d * w, 0.0))
+        divisor.add_(a.to(total.dtype) * w)
+    return total.div_(divisor.clamp_(min=1e-6)).add_(base)

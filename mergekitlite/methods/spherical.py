@@ -1,0 +1,364 @@
+"""Spherical interpolation: SLERP, NuSLERP, Multi-SLERP and the Karcher mean.
+
+Each result is a linear combination Σ cᵢ·vᵢ of its input vectors whose coefficients depend only on
+their norms and mutual dot products, i.e. on their Gram matrix. So a statistic pass collects the Gram
+matrix of the whole tensor (per-row float64 dot products, combined in a fixed order), the coefficients
+are computed once in float64 with Python's ``math``, and the merge pass is a float32 weighted sum:
+identical for any chunking, on CPU and GPU. Where a method works per fiber (NuSLERP without
+flattening), each fiber's dot products come from its own chunk and its coefficients from ``math``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mergekitlite.methods.primitives import (
+    GramStatistic,
+    RowPartials,
+    chunk_rows,
+    combine,
+    fiber_dot,
+    matvec,
+    quad,
+    row_dots,
+)
+from mergekitlite.methods.registry import REQUIRED, ChunkInfo, merge_method
+
+Gram = Sequence[Sequence[float]]
+
+
+def _need_stats(name: str, stats: object) -> None:
+    if stats is None:
+        raise TypeError(f"{name} needs its statistic: run it through its MethodSpec (executor, merge_in_chunks)")
+
+
+# ---------------------------------------------------------------------------------------------
+# SLERP
+
+
+def slerp_coefficients(
+    t: float, g00: float, g11: float, g01: float, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> tuple[float, float]:
+    """(c₀, c₁) with slerp = c₀v₀ + c₁v₁: θ = acos(⟨v̂₀, v̂₁⟩), c₀ = sin((1−t)θ)/sin θ, c₁ = sin(tθ)/sin θ;
+    lerp (1 − t, t) when |cos θ| > 0.9995. As mergekit, a vector is normalised only if its norm > 1e-8."""
+    n0, n1 = math.sqrt(g00), math.sqrt(g11)
+    dot = g01 / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
+    if abs(dot) > dot_threshold:
+        return 1 - t, t
+    theta = math.acos(dot)
+    sin_theta = math.sin(theta)
+    return math.sin(theta - theta * t) / sin_theta, math.sin(theta * t) / sin_theta
+
+
+@merge_method(
+    "slerp",
+    base="required",
+    max_models=1,
+    elementwise=False,
+    statistic=lambda: GramStatistic(lambda base, models, params: [base, models[0]]),
+    reference="https://en.wikipedia.org/wiki/Slerp",
+)
+def slerp(base: Tensor, models: Sequence[Tensor], *, t: float, stats: Gram | None = None) -> Tensor:
+    """Spherical interpolation from the base (t = 0) to the other model (t = 1), over the whole tensor.
+
+    slerp = sin((1−t)θ)/sin θ·base + sin(tθ)/sin θ·model, θ the angle between the two flattened tensors;
+    (1−t)·base + t·model when they are nearly colinear (|cos θ| > 0.9995). ``t`` may vary per tensor
+    (gradients, filters).
+    """
+    _need_stats("slerp", stats)
+    assert stats is not None
+    c0, c1 = slerp_coefficients(t, stats[0][0], stats[1][1], stats[0][1])
+    return combine([base, models[0]], [c0, c1])
+
+
+# ---------------------------------------------------------------------------------------------
+# NuSLERP
+
+
+def nuslerp_coefficients(t: float, g00: float, g11: float, g01: float) -> tuple[float, float]:
+    """(c₀, c₁) of mergekit's nuslerp: norms clamped at 1e-7, cos θ clamped to [−1, 1],
+    c₀ = sin((1−t)θ)/sin θ, c₁ = sin(tθ)/sin θ, and lerp (1 − t, t) where |sin θ| < 1e-8."""
+    n0, n1 = max(math.sqrt(g00), 1e-7), max(math.sqrt(g11), 1e-7)
+    theta = math.acos(min(1.0, max(-1.0, g01 / (n0 * n1))))
+    sin_theta = math.sin(theta)
+    if abs(sin_theta) < 1e-8:
+        return 1 - t, t
+    return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
+def nuslerp_t(weight: Sequence[float]) -> float:
+    """t = w₁/(w₀ + w₁); 0.5 when |w₀ + w₁| < 1e-6 (as mergekit)."""
+    total = weight[0] + weight[1]
+    return 0.5 if abs(total) < 1e-6 else weight[1] / total
+
+
+def _nuslerp_mode(shape: Sequence[int], params: Mapping[str, object]) -> str:
+    """'whole': one angle for the flattened tensor; 'rows': one per fiber along the last dim (within a
+    row, no statistic); 'columns': one per fiber along dim 0 (mergekit's ``nuslerp_row_wise``)."""
+    if params["nuslerp_flatten"] or len(shape) < 2:
+        return "whole"
+    return "columns" if params["nuslerp_row_wise"] else "rows"
+
+
+def _nuslerp_vectors(base: Tensor | None, models: Sequence[Tensor]) -> list[Tensor]:
+    return list(models) if base is None else [m - base for m in models]
+
+
+@dataclass
+class _NuState:
+    mode: str
+    t: float
+    rows: int
+    whole: RowPartials
+    columns: Tensor | None = None  # [3, *shape[1:]] float64: Σ over rows of v₀², v₁², v₀v₁
+
+
+class NuSlerpStatistic:
+    """'whole': the Gram matrix of the two vectors; 'columns': per dim-0 fiber sums accumulated row by
+    row in row order (a fixed sequential order); 'rows': nothing (``passes`` = 0)."""
+
+    passes = 1
+
+    def begin(self, shape: tuple[int, ...], n_models: int, params: Mapping[str, object]) -> _NuState:
+        mode = _nuslerp_mode(shape, params)
+        self.passes = 0 if mode == "rows" else 1
+        weight = params["weight"]
+        assert isinstance(weight, Sequence)
+        return _NuState(mode, nuslerp_t(weight), shape[0] if shape else 1, RowPartials(3, shape[0] if shape else 1))
+
+    def update(
+        self,
+        state: _NuState,
+        pass_index: int,
+        base: Tensor | None,
+        models: list[Tensor],
+        params: Mapping[str, object],
+        chunk: ChunkInfo,
+    ) -> None:
+        if pass_index >= self.passes:
+            return
+        v0, v1 = _nuslerp_vectors(base, models)
+        rows = chunk_rows(chunk)
+        if state.mode == "whole":
+            for idx, (a, b) in enumerate(((v0, v0), (v1, v1), (v0, v1))):
+                state.whole.put(idx, chunk.row_start, row_dots(a, b, rows))
+            return
+        w0, w1 = v0.to(torch.float64), v1.to(torch.float64)
+        products = torch.stack([w0 * w0, w1 * w1, w0 * w1])
+        if state.columns is None:
+            state.columns = torch.zeros_like(products[:, 0])
+        for r in range(rows):
+            state.columns.add_(products[:, r])
+
+    def finish_pass(self, state: _NuState, pass_index: int) -> None:
+        pass
+
+    def result(self, state: _NuState) -> tuple[float, float] | tuple[Tensor, Tensor] | None:
+        if state.mode == "whole":
+            return nuslerp_coefficients(state.t, *(state.whole.total(i) for i in range(3)))
+        if state.mode == "columns":
+            assert state.columns is not None
+            return _coefficient_arrays(state.t, state.columns.cpu())
+        return None
+
+
+def _coefficient_arrays(t: float, sums: Tensor) -> tuple[Tensor, Tensor]:
+    """nuslerp_coefficients for every fiber, given [3, ...] sums (v₀², v₁², v₀v₁): float64 arrays."""
+    pairs = [nuslerp_coefficients(t, *g) for g in sums.reshape(3, -1).T.tolist()]
+    c = torch.tensor(pairs, dtype=torch.float64).reshape(*sums.shape[1:], 2)
+    return c[..., 0], c[..., 1]
+
+
+@merge_method(
+    "nuslerp",
+    base="optional",
+    per_model={"weight": REQUIRED},
+    min_models=2,
+    max_models=2,
+    elementwise=False,
+    statistic=NuSlerpStatistic,
+)
+def nuslerp(
+    base: Tensor | None,
+    models: Sequence[Tensor],
+    *,
+    weight: Sequence[float],
+    nuslerp_row_wise: bool = False,
+    nuslerp_flatten: bool = True,
+    chunk: ChunkInfo | None = None,
+    stats: tuple[float, float] | tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """SLERP of two models with t = w₁/(w₀ + w₁), of their task vectors when a base is given (base + slerp(δ₀, δ₁)).
+
+    ``nuslerp_flatten`` (default): one angle for the whole tensor; otherwise one per row (fibers along the
+    last dim), or per column with ``nuslerp_row_wise`` (fibers along dim 0, mergekit's naming). Lerp where
+    sin θ < 1e-8; norms are clamped at 1e-7.
+    """
+    v0, v1 = _nuslerp_vectors(base, models)
+    if nuslerp_flatten or v0.dim() < 2 or nuslerp_row_wise:
+        _need_stats("nuslerp", stats)
+        assert stats is not None
+        c0, c1 = stats
+        if isinstance(c0, Tensor) and isinstance(c1, Tensor):
+            c0, c1 = c0.to(v0.device, v0.dtype), c1.to(v0.device, v0.dtype)
+    else:
+        c0, c1 = _per_row_coefficients(nuslerp_t(weight), v0, v1)
+    res = v0 * c0
+    res.add_(v1 * c1)
+    return res if base is None else res.add_(base)
+
+
+def _per_row_coefficients(t: float, v0: Tensor, v1: Tensor) -> tuple[Tensor, Tensor]:
+    """Coefficients per fiber along the last dim, from that fiber's own dot products, shaped [..., 1]."""
+    sums = torch.stack([fiber_dot(v0, v0), fiber_dot(v1, v1), fiber_dot(v0, v1)]).squeeze(-1).cpu()
+    c0, c1 = _coefficient_arrays(t, sums)
+    return c0.unsqueeze(-1).to(v0.device, v0.dtype), c1.unsqueeze(-1).to(v0.device, v0.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-SLERP
+
+
+def multislerp_coefficients(gram: Gram, weight: Sequence[float], eps: float) -> list[float] | None:
+    """Coefficients cᵢ of Σ cᵢvᵢ for mergekit's multislerp (barycentric interpolation on the sphere):
+    uᵢ = vᵢ/(‖vᵢ‖ + ε); μ = Σ wᵢuᵢ/‖Σ wᵢuᵢ‖; τ = Σ wᵢ(uᵢ − ⟨uᵢ, μ⟩μ); r = ‖τ‖ + ε;
+    result = (cos r·μ + sin r/r·τ)·Σ wᵢ‖vᵢ‖. ``None`` when ‖Σ wᵢuᵢ‖ < ε (antipodal inputs)."""
+    n = len(weight)
+    norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(n)]
+    a = [weight[i] / (norms[i] + eps) for i in range(n)]  # Σ wᵢuᵢ = Σ aᵢvᵢ
+    mean_norm = math.sqrt(quad(a, gram))
+    if mean_norm < eps:
+        return None
+    mu = [x / mean_norm for x in a]
+    g_mu = matvec(gram, mu)
+    along = math.fsum(weight[i] * g_mu[i] / (norms[i] + eps) for i in range(n))  # Σ wᵢ⟨uᵢ, μ⟩
+    tau = [a[i] - along * mu[i] for i in range(n)]
+    r = math.sqrt(quad(tau, gram)) + eps
+    scale = math.fsum(norms[i] * weight[i] for i in range(n))
+    return [(math.cos(r) * mu[i] + math.sin(r) / r * tau[i]) * scale for i in range(n)]
+
+
+@merge_method(
+    "multislerp",
+    base="optional",
+    per_model={"weight": REQUIRED},
+    elementwise=False,
+    statistic=lambda: GramStatistic(lambda base, models, params: _nuslerp_vectors(base, models)),
+    reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+)
+def multislerp(
+    base: Tensor | None,
+    models: Sequence[Tensor],
+    *,
+    weight: Sequence[float],
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+    stats: Gram | None = None,
+) -> Tensor:
+    """Barycentric SLERP of any number of models (of their task vectors when a base is given).
+
+    Project the unit vectors onto the tangent space at their weighted mean direction, average there
+    with weights wᵢ (÷ Σ wᵢ when ``normalize_weights``), map back with the exponential map, and scale
+    by Σ wᵢ‖vᵢ‖. Two exactly opposed inputs fall back to Σ wᵢvᵢ; more than two raise.
+    """
+    if len(models) == 1:
+        return models[0].clone()
+    _need_stats("multislerp", stats)
+    assert stats is not None
+    vectors = _nuslerp_vectors(base, models)
+    w = list(weight)
+    if normalize_weights:
+        total = math.fsum(w)
+        if total == 0:
+            raise ValueError("multislerp: the weights sum to 0 and normalize_weights is set")
+        w = [x / total for x in w]
+    coefficients = multislerp_coefficients(stats, w, eps)
+    if coefficients is None:
+        if len(models) != 2:
+            raise ValueError(
+                "multislerp: the weighted mean of the unit vectors is zero (antipodal inputs with balancing "
+                "weights); use different weights"
+            )
+        coefficients = w
+    res = combine(vectors, coefficients)
+    return res if base is None else res.add_(base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Karcher mean
+
+
+def karcher_coefficients(gram: Gram, max_iter: int, tol: float) -> list[float]:
+    """Coefficients cᵢ with result Σ cᵢvᵢ = s·u: u the Riemannian (Karcher) mean on the unit sphere of
+    the directions v̂ᵢ with equal weights, s = mean ‖vᵢ‖. Inputs with ‖vᵢ‖ ≤ tol take no part in u.
+    u₀ = normalised Σ αᵢv̂ᵢ; repeat (≤ max_iter): T = Σ αᵢ·θᵢ/sin θᵢ·(v̂ᵢ − cos θᵢ·u) over θᵢ ≥ tol;
+    stop if ‖T‖ < tol; u ← cos‖T‖·u + sin‖T‖·T/‖T‖, renormalised (mergekit's algorithm)."""
+    n = len(gram)
+    norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(n)]
+    valid = [i for i in range(n) if norms[i] > tol]
+    if not valid:
+        return [0.0] * n
+    alpha = 1.0 / len(valid)
+    unit = [[0.0] * n for _ in range(n)]  # v̂ᵢ as coefficients over the vᵢ
+    for i in valid:
+        unit[i][i] = 1.0 / norms[i]
+    u = [math.fsum(alpha * unit[i][j] for i in valid) for j in range(n)]
+    u_norm = math.sqrt(quad(u, gram))
+    u = list(unit[valid[0]]) if u_norm < tol else [x / u_norm for x in u]
+    for _ in range(max_iter):
+        g_u = matvec(gram, u)
+        step = [0.0] * n
+        for i in valid:
+            cos_i = min(1.0, max(-1.0, g_u[i] / norms[i]))
+            theta = math.acos(cos_i)
+            if theta < tol:
+                continue
+            factor = alpha * theta / math.sin(theta)
+            step = [step[j] + factor * (unit[i][j] - cos_i * u[j]) for j in range(n)]
+        step_norm = math.sqrt(quad(step, gram))
+        if step_norm < tol:
+            break
+        u = [math.cos(step_norm) * u[j] + math.sin(step_norm) * step[j] / step_norm for j in range(n)]
+        u_norm = math.sqrt(quad(u, gram))
+        if u_norm > tol:
+            u = [x / u_norm for x in u]
+    scale = math.fsum(norms) / n
+    return [scale * x for x in u]
+
+
+def _karcher_points(base: Tensor | None, models: Sequence[Tensor]) -> list[Tensor]:
+    # mergekit averages every input tensor, the base model's included when one is set.
+    return [*models, base] if base is not None else list(models)
+
+
+@merge_method(
+    "karcher",
+    base="optional",
+    elementwise=False,
+    statistic=lambda: GramStatistic(lambda base, models, params: _karcher_points(base, models)),
+    reference="https://en.wikipedia.org/wiki/Karcher_mean",
+)
+def karcher(
+    base: Tensor | None,
+    models: Sequence[Tensor],
+    *,
+    max_iter: int = 10,
+    tol: float = 1e-5,
+    stats: Gram | None = None,
+) -> Tensor:
+    """Karcher (Riemannian) mean of the inputs' directions on the unit sphere, times their mean norm.
+
+    All inputs weigh the same, the base model included when one is set (as in mergekit). Iterates
+    at most ``max_iter`` times, until the tangent step is shorter than ``tol``.
+    """
+    points = _karcher_points(base, models)
+    if len(points) == 1:
+        return points[0].clone()
+    _need_stats("karcher", stats)
+    assert stats is not None
+    return combine(points, karcher_coefficients(stats, max_iter, tol))
