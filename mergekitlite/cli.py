@@ -350,6 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("methods", help="list merge methods and their parameters")
     p.set_defaults(handler=cmd_methods)
 
+    from mergekitlite.tools_cli import add_commands
+
+    add_commands(sub)
+
     args = parser.parse_args(argv)
     return _run(args.handler, args)
 
