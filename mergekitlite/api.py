@@ -14,8 +14,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 from mergekitlite.artifacts import InputHasher, default_cache_dir, write_card, write_side_files
 from mergekitlite.budget import Budget
 from mergekitlite.errors import RecipeError
@@ -35,7 +33,7 @@ class MergeOptions:
     random_seed: int | None = None  # overrides the recipe's random_seed
     resume: bool = False
     overwrite: bool = False
-    threads: int | None = None
+    threads: int | None = None  # chunk workers (default: one per core)
     hash_inputs: bool = True
     cache_dir: Path | None = None  # input-hash cache; default ~/.cache/mergekitlite
     intermediate_dir: Path | None = None  # named steps of multi-step recipes; default OUT.steps/
@@ -80,6 +78,8 @@ def plan_merge(
     if len(steps) != 1:
         raise RecipeError([f"{steps[0].path}: has {len(steps)} steps; plan them with plan_steps"])
     budget = Budget(ram=opts.max_ram, vram=opts.max_vram, on_gpu=not opts.device.startswith("cpu"))
+    if opts.threads:
+        budget = replace(budget, workers=opts.threads)
     return build_plan(
         steps[0],
         shard_size=opts.shard_size,
@@ -150,8 +150,14 @@ def run_merge(
         done.append(_run_step(step, dest, step_opts, progress, step_plan, aliases=where, whole_file=last))
     last = done[-1]
     return MergeResult(
-        last.output, last.plan, last.tensors_merged, last.tensors_resumed, last.seconds,
-        peak_rss_bytes(), last.notes, steps=tuple(done[:-1]),
+        last.output,
+        last.plan,
+        last.tensors_merged,
+        last.tensors_resumed,
+        last.seconds,
+        peak_rss_bytes(),
+        last.notes,
+        steps=tuple(done[:-1]),
     )
 
 
@@ -173,8 +179,6 @@ def _run_step(
     if opts.hash_inputs:
         cache = (opts.cache_dir or default_cache_dir()) / "sha256.json"
         hasher = InputHasher(plan.sources, cache).start()
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     ctx = ExecContext(device=device, progress=progress or NullProgress(), on_durable=partial.record)
     resumed = len(partial.done)
     merged = run_tasks(plan, partial.path, ctx, done=partial.done)

@@ -224,7 +224,9 @@ def write_side_files(plan: Plan, out: Path) -> SideFiles:
     for end in read_token_info(out).turn_end_tokens():
         tid = out_tokens.id_of(end)
         if tid is not None and tid not in eos:
-            result.notes.append(f"the output's chat template ends turns with {end!r} (id {tid}), which is not an eos id")
+            result.notes.append(
+                f"the output's chat template ends turns with {end!r} (id {tid}), which is not an eos id"
+            )
     (out / "config.json").write_text(json.dumps(out_cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     if len(plan.shards) > 1:
@@ -313,7 +315,8 @@ def _card(plan: Plan, prov: Mapping[str, Any], name: str, recipe_text: str, side
         "",
         "## Recipe",
         "",
-        "Reproduce with `merge mergekit_config.yml` (mergekitlite) or `mergekit-yaml mergekit_config.yml OUT` (mergekit).",
+        "Reproduce with `merge mergekit_config.yml` (mergekitlite) or "
+        "`mergekit-yaml mergekit_config.yml OUT` (mergekit).",
         "",
         "```yaml",
         recipe_text.rstrip(),
@@ -340,4 +343,3 @@ def write_card(
     (out / "mergekitlite.json").write_text(json.dumps(prov, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "mergekit_config.yml").write_text(text, encoding="utf-8")
     (out / "README.md").write_text(_card(plan, prov, name, text, side), encoding="utf-8")
-

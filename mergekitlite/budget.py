@@ -1,23 +1,22 @@
 """Memory budgets: what the machine has, what one chunk of a task costs, how many rows fit.
 
-The executor keeps ``READ_AHEAD`` chunks being read while one is merged, and ``WRITE_BEHIND`` merged
-chunks waiting for the writer. So a task's working set is, per row of its chunk size: the raw input
-bytes ``READ_AHEAD + 1`` times, the compute-dtype copies and temporaries once (on the compute
-device), and the output bytes ``WRITE_BEHIND + 1`` times. The planner picks each task's rows per
-chunk so that this stays inside the budget; elementwise methods additionally use cache-sized
-chunks because that is where float32 arithmetic is fastest.
+The executor runs ``workers`` chunks at once (each worker reads, merges and writes one chunk) and
+keeps one more queued, so a task's working set is ``workers + 1`` chunks, each holding its raw
+input bytes, their compute-dtype copies and temporaries (on the compute device) and its output
+bytes. The planner picks each task's rows per chunk so that this stays inside the budget;
+elementwise methods additionally use cache-sized chunks because that is where float32 arithmetic
+is fastest.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mergekitlite.errors import PlanError
 
-READ_AHEAD = 2
-WRITE_BEHIND = 1
+QUEUED = 1  # chunks submitted beyond the busy workers, so that no worker waits for work
 # Resident size of the interpreter with torch, safetensors and pydantic imported, before any
 # tensor exists (measured: ~310 MB with torch 2.13 CPU); the budget for chunks is what is left.
 BASELINE_RSS = 400 * 1000**2
@@ -34,6 +33,11 @@ class Budget:
     ram: int | None = None  # bytes the whole process may use; None: derive from the machine
     vram: int | None = None  # bytes of device memory for chunks (when computing on a GPU)
     on_gpu: bool = False
+    workers: int = field(default_factory=lambda: default_workers())
+
+    @property
+    def inflight(self) -> int:
+        return self.workers + QUEUED
 
     def chunk_ram(self) -> int:
         """Bytes available for the host-side chunks of one task (all in-flight chunks together)."""
@@ -48,6 +52,12 @@ class Budget:
             return self.vram
         free = available_vram()
         return int(free * 0.8) if free else None
+
+
+def default_workers() -> int:
+    """One chunk worker per core: each runs single-threaded torch ops on its own chunk, which on
+    small chunks beats one chunk on many intra-op threads (no spin-waiting thread pools)."""
+    return max(2, os.cpu_count() or 2)
 
 
 def available_ram() -> int:
@@ -76,7 +86,7 @@ def available_vram() -> int | None:
 
 @dataclass(frozen=True)
 class RowCost:
-    """Bytes one row of a task costs while the executor works on it (see the module docstring)."""
+    """Bytes one row of one chunk costs while a worker merges it (see the module docstring)."""
 
     raw: int  # input bytes as stored
     work: int  # compute-dtype copies of the inputs and two temporaries
@@ -85,15 +95,16 @@ class RowCost:
 
     @property
     def host(self) -> int:
-        host = (READ_AHEAD + 1) * self.raw + (WRITE_BEHIND + 1) * self.out
-        return host if self.on_gpu else host + self.work
+        return self.raw + self.out if self.on_gpu else self.raw + self.work + self.out
 
     @property
     def device(self) -> int:
         return self.work if self.on_gpu else 0
 
 
-def row_cost(input_row_bytes: list[int], row_elements: int, out_row_bytes: int, compute_bytes: int, on_gpu: bool) -> RowCost:
+def row_cost(
+    input_row_bytes: list[int], row_elements: int, out_row_bytes: int, compute_bytes: int, on_gpu: bool
+) -> RowCost:
     work = row_elements * compute_bytes * (len(input_row_bytes) + 2)
     return RowCost(sum(input_row_bytes), work, out_row_bytes, on_gpu)
 
@@ -111,15 +122,17 @@ def rows_per_chunk(
     allows for methods with statistic passes (fewer passes over the data), never over budget."""
     if budget.ram is not None and budget.chunk_ram() <= 0:
         raise PlanError(
-            [f"--max-ram {human(budget.ram)} is below the ~{human(BASELINE_RSS)} the interpreter and torch need "
-             "before any tensor is loaded"]
+            [
+                f"--max-ram {human(budget.ram)} is below the ~{human(BASELINE_RSS)} the interpreter and torch need "
+                "before any tensor is loaded"
+            ]
         )
-    host_cap = budget.chunk_ram() // max(cost.host, 1)
+    host_cap = budget.chunk_ram() // (budget.inflight * max(cost.host, 1))
     vram = budget.chunk_vram()
-    dev_cap = vram // max(cost.device, 1) if (vram is not None and cost.device) else rows
+    dev_cap = vram // (budget.workers * max(cost.device, 1)) if (vram is not None and cost.device) else rows
     fit = min(host_cap, dev_cap)
     if fit < 1:
-        need = cost.host + BASELINE_RSS
+        need = budget.inflight * cost.host + BASELINE_RSS
         raise PlanError(
             [
                 f"cannot fit {name!r} in the memory budget: one row needs {need / 1e6:.1f} MB of RAM "
@@ -157,4 +170,3 @@ def human(n: float) -> str:
             return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"  # pragma: no cover
-

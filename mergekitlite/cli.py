@@ -28,6 +28,7 @@ from mergekitlite.errors import MergekitliteError
 
 SCHEMA_PATH = Path("schemas/recipe.schema.json")
 
+
 def size_arg(text: str) -> int:
     try:
         return parse_size(text)
@@ -69,19 +70,33 @@ class RichProgress:
 
 def _add_merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", type=Path, help="recipe YAML (mergekit format)")
-    p.add_argument("out", nargs="?", type=Path, help="output folder (default: recipe 'output', else merged/<recipe name>)")
+    p.add_argument(
+        "out", nargs="?", type=Path, help="output folder (default: recipe 'output', else merged/<recipe name>)"
+    )
     p.add_argument("--dry-run", action="store_true", help="validate and plan, print the plan, write nothing")
     p.add_argument("--resume", action="store_true", help="continue an interrupted merge from OUT.partial")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (after the new merge is complete)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it exists (after the new merge is complete)"
+    )
     p.add_argument("--device", default="cpu", help="where to compute: cpu (default), cuda, cuda:1, mps")
     p.add_argument("--shard-size", type=size_arg, default="5GB", help="maximum output shard size (default 5GB)")
-    p.add_argument("--max-ram", type=size_arg, help="RAM the whole process may use, e.g. 32GB (default: a quarter of what is free)")
-    p.add_argument("--max-vram", type=size_arg, help="GPU memory for the arithmetic, e.g. 8GB (default: 80%% of what is free)")
+    p.add_argument(
+        "--max-ram", type=size_arg, help="RAM the whole process may use, e.g. 32GB (default: a quarter of what is free)"
+    )
+    p.add_argument(
+        "--max-vram", type=size_arg, help="GPU memory for the arithmetic, e.g. 8GB (default: 80%% of what is free)"
+    )
     p.add_argument("--random-seed", type=int, help="seed for random methods such as DARE (overrides the recipe)")
-    p.add_argument("--compute-dtype", choices=["float32", "float64", "bfloat16", "float16"], help="override the recipe's compute_dtype (default float32)")
-    p.add_argument("-j", "--threads", type=int, help="CPU threads for the arithmetic (default: torch's choice)")
+    p.add_argument(
+        "--compute-dtype",
+        choices=["float32", "float64", "bfloat16", "float16"],
+        help="override the recipe's compute_dtype (default float32)",
+    )
+    p.add_argument("-j", "--threads", type=int, help="chunks merged in parallel (default: one per core)")
     p.add_argument("--no-hash", action="store_true", help="do not record sha256 of the inputs in the model card")
-    p.add_argument("--intermediate-dir", type=Path, help="where named steps of a multi-step recipe go (default OUT.steps/)")
+    p.add_argument(
+        "--intermediate-dir", type=Path, help="where named steps of a multi-step recipe go (default OUT.steps/)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
 
 
@@ -108,7 +123,7 @@ def _print_warnings(console: Console, warnings: Sequence[str]) -> None:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
 
 
-def _plan_table(plan, console: Console, show_tensors: bool) -> None:  # noqa: ANN001 - Plan
+def _plan_table(plan, console: Console, show_tensors: bool) -> None:
     summary = Table(title=f"plan: {plan.recipe.merge_method}", show_header=False)
     summary.add_row("models", ", ".join(plan.sources))
     summary.add_row("tensors", str(len(plan.tasks)))
@@ -127,8 +142,14 @@ def _plan_table(plan, console: Console, show_tensors: bool) -> None:  # noqa: AN
             t.add_column(col)
         for task in plan.tasks:
             params = ", ".join(f"{k}={_fmt_param(v)}" for k, v in task.params)
-            t.add_row(task.name, task.why or task.method, ", ".join(i.model for i in task.inputs), params,
-                      task.out_dtype, plan.shard_of[task.name])
+            t.add_row(
+                task.name,
+                task.why or task.method,
+                ", ".join(i.model for i in task.inputs),
+                params,
+                task.out_dtype,
+                plan.shard_of[task.name],
+            )
         console.print(t)
 
 
@@ -140,7 +161,7 @@ def _fmt_param(v: object) -> str:
     return str(v)
 
 
-def _plan_steps(steps, out: Path, options, console: Console, show_tensors: bool, quiet: bool = False):  # noqa: ANN001
+def _plan_steps(steps, out: Path, options, console: Console, show_tensors: bool, quiet: bool = False):
     """Plan every step whose inputs exist; later steps of a pipeline can only be planned once
     the steps they use have run."""
     from mergekitlite.api import plan_merge, step_outputs
@@ -186,7 +207,7 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
                 _print_warnings(console, plan.warnings)
     progress = RichProgress(console) if not args.quiet else None
 
-    def on_step(i: int, n: int, step, dest: Path) -> None:  # noqa: ANN001
+    def on_step(i: int, n: int, step, dest: Path) -> None:
         if not args.quiet:
             console.print(f"[bold]step {i + 1}/{n}[/] {step.recipe.name or 'final'} → {dest}", highlight=False)
 
@@ -219,9 +240,7 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
-    from mergekitlite.api import MergeOptions, plan_merge
-
-    from mergekitlite.api import default_output
+    from mergekitlite.api import MergeOptions, default_output, plan_merge
     from mergekitlite.recipe import load_recipes
 
     opts = MergeOptions(shard_size=args.shard_size, device=args.device, max_ram=args.max_ram, max_vram=args.max_vram)
@@ -234,10 +253,17 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         data = {
             "tensors": [
-                {"name": t.name, "method": t.method, "inputs": [i.model for i in t.inputs],
-                 "params": {k: list(v) if isinstance(v, tuple) else v for k, v in t.params},
-                 "dtype": t.out_dtype, "shape": list(t.shape), "shard": plan.shard_of[t.name],
-                 "chunk_rows": t.chunk_rows, "working_set": plan.task_working_set(t)[0]}
+                {
+                    "name": t.name,
+                    "method": t.method,
+                    "inputs": [i.model for i in t.inputs],
+                    "params": {k: list(v) if isinstance(v, tuple) else v for k, v in t.params},
+                    "dtype": t.out_dtype,
+                    "shape": list(t.shape),
+                    "shard": plan.shard_of[t.name],
+                    "chunk_rows": t.chunk_rows,
+                    "working_set": plan.task_working_set(t)[0],
+                }
                 for t in plan.tasks
             ],
             "bytes_read": plan.bytes_read,
@@ -300,7 +326,7 @@ def cmd_methods(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _run(handler, args: argparse.Namespace) -> int:  # noqa: ANN001
+def _run(handler, args: argparse.Namespace) -> int:
     console = Console(stderr=False, quiet=getattr(args, "quiet", False))
     errors = Console(stderr=True)
     try:

@@ -1,18 +1,19 @@
 """Stream a plan's tensors from the inputs through the merge methods into the output shards.
 
-Each task is cut into the row chunks the planner sized for the memory budget. For each chunk the
-inputs' bytes are read (read-ahead threads), upcast to the compute dtype on the compute device,
-merged by the method, cast once to the output dtype and written at the chunk's planned offset (a
-writer thread), so reading, arithmetic and writing overlap and only a few chunks are alive at
-any time. Methods with whole-tensor statistics get their statistic passes first. The executor
-knows the methods' declared properties, never their maths.
+Each task is cut into the row chunks the planner sized for the memory budget. A pool of workers
+(one per core) each takes a chunk, reads the inputs' bytes (pread), upcasts them to the compute
+dtype on the compute device, merges them with the method, casts once to the output dtype and
+writes the bytes at the chunk's planned offset (pwrite). torch, pread and pwrite release the GIL,
+so reading, arithmetic and writing of different chunks overlap, and only ``workers + 1`` chunks
+are alive at any time. Methods with whole-tensor statistics get their statistic passes first.
+The executor knows the methods' declared properties, never their maths.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,6 @@ from typing import Any, Protocol
 
 import torch
 
-from mergekitlite.budget import READ_AHEAD, WRITE_BEHIND
 from mergekitlite.errors import MergekitliteError
 from mergekitlite.io.files import InputFiles, ShardFile
 from mergekitlite.io.safetensors_header import CODE_BY_NAME, itemsize, torch_dtype
@@ -53,8 +53,6 @@ class ExecContext:
     """How to run: where to compute and how much to overlap. Passed down, never global."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    read_ahead: int = READ_AHEAD  # chunks being read while one is merged (the plan's budget assumes these)
-    write_behind: int = WRITE_BEHIND  # merged chunks queued for the writer
     progress: Progress = field(default_factory=NullProgress)
     # Called with tensors whose bytes are synced to disk; the resume journal records them.
     on_durable: Callable[[list[str]], None] | None = None
@@ -106,12 +104,6 @@ def _task_parts(task: TensorTask, shard: str) -> list[_Chunk]:
     return parts
 
 
-def _chunks(plan: Plan, skip: set[str]) -> Iterator[_Chunk]:
-    for task in plan.tasks:
-        if task.name not in skip:
-            yield from _task_parts(task, plan.shard_of[task.name])
-
-
 def _row_bytes(code: str, shape: tuple[int, ...]) -> int:
     return math.prod(shape[1:]) * itemsize(code) if shape else itemsize(code)
 
@@ -142,7 +134,9 @@ def apply_rule(task: TensorTask, rule: RowRule, raw: list[bytearray], rows: int,
     if rule.kind == "zero":
         return memoryview(bytearray(rows * out_row))
     shape = (rows, *task.shape[1:])
-    tensors = [torch.frombuffer(buf, dtype=torch_dtype(ref.tensor.dtype)).view(shape) for buf, ref in zip(raw, rule.sources)]
+    tensors = [
+        torch.frombuffer(buf, dtype=torch_dtype(ref.tensor.dtype)).view(shape) for buf, ref in zip(raw, rule.sources)
+    ]
     if rule.kind == "take":
         if rule.sources[0].tensor.dtype == task.out_dtype:
             return memoryview(raw[0])
@@ -221,52 +215,64 @@ def task_stats(files: InputFiles, task: TensorTask, compute: torch.dtype, device
 def run_tasks(plan: Plan, out_dir: Path, ctx: ExecContext, done: set[str] | None = None) -> int:
     """Write every task not in ``done`` into the shard files in ``out_dir``. Returns tensors merged."""
     done = set(done or ())
-    total = sum(t.nbytes + sum((r.end - r.start) * _row_bytes(t.out_dtype, t.shape) for r in t.row_rules)
-                for t in plan.tasks if t.name not in done)
-    ctx.progress.start(total, sum(1 for t in plan.tasks if t.name not in done))
-    shards = {
-        layout.filename: ShardFile(out_dir / layout.filename, layout, reuse=bool(done)) for layout in plan.shards
-    }
+    todo = [t for t in plan.tasks if t.name not in done]
+    total = sum(t.nbytes + sum((r.end - r.start) * _row_bytes(t.out_dtype, t.shape) for r in t.row_rules) for t in todo)
+    ctx.progress.start(total, len(todo))
+    shards = {layout.filename: ShardFile(out_dir / layout.filename, layout, reuse=bool(done)) for layout in plan.shards}
+    threads = torch.get_num_threads()
+    # Workers each run single-threaded torch ops on their own chunk (see budget.default_workers).
+    torch.set_num_threads(1)
     try:
-        return _pipeline(plan, shards, ctx, done)
+        return _pipeline(plan, todo, shards, ctx)
     finally:
+        torch.set_num_threads(threads)
         for s in shards.values():
             s.close()
 
 
-def _pipeline(plan: Plan, shards: dict[str, ShardFile], ctx: ExecContext, done: set[str]) -> int:
+def _process(
+    files: InputFiles,
+    shards: dict[str, ShardFile],
+    chunk: _Chunk,
+    compute: torch.dtype,
+    device: torch.device,
+    stats: Any,
+) -> int:
+    """One worker's job: read a chunk's inputs, merge (or apply the row rule), write the result."""
+    raw = _read_part(files, chunk)
+    rows = chunk.info.row_end - chunk.info.row_start
+    task = chunk.task
+    if chunk.rule is not None:
+        data = apply_rule(task, chunk.rule, raw, rows, compute)
+    else:
+        data = merge_chunk(task, raw, chunk.info, compute, device, stats)
+    shards[chunk.shard].write(task.name, chunk.info.row_start * _row_bytes(task.out_dtype, task.shape), data)
+    return len(data)
+
+
+def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], ctx: ExecContext) -> int:
     compute = torch_dtype(CODE_BY_NAME[plan.compute_dtype])
     merged = 0
     finished: list[str] = []
     unsynced = 0
-    stats: dict[str, Any] = {}
-    with (
-        InputFiles() as files,
-        ThreadPoolExecutor(2, "mkl-read") as readers,
-        ThreadPoolExecutor(1, "mkl-write") as writer,
-    ):
-        pending_reads: deque[tuple[_Chunk, Future[list[bytearray]]]] = deque()
-        pending_writes: deque[tuple[_Chunk, Future[None]]] = deque()
-        chunks = _chunks(plan, done)
+    remaining: dict[str, int] = {}
+    inflight: deque[tuple[_Chunk, Future[int]]] = deque()
+    limit = plan.budget.inflight
 
-        def fill() -> None:
-            while len(pending_reads) < ctx.read_ahead:
-                c = next(chunks, None)
-                if c is None:
-                    return
-                pending_reads.append((c, readers.submit(_read_part, files, c)))
+    with InputFiles() as files, ThreadPoolExecutor(plan.budget.workers, "mkl-chunk") as pool:
 
-        def retire(limit: int) -> None:
+        def complete_oldest() -> None:
             nonlocal merged, unsynced
-            while len(pending_writes) > limit:
-                c, fut = pending_writes.popleft()
-                fut.result()
-                if c.last:
-                    merged += 1
-                    finished.append(c.task.name)
-                    stats.pop(c.task.name, None)
-                    ctx.progress.tensor_done(c.task.name)
-            if ctx.on_durable and finished and (unsynced >= ctx.sync_every_bytes or limit == 0):
+            chunk, fut = inflight.popleft()
+            nbytes = fut.result()
+            ctx.progress.advance(nbytes)
+            unsynced += nbytes
+            remaining[chunk.task.name] -= 1
+            if remaining[chunk.task.name] == 0:
+                merged += 1
+                finished.append(chunk.task.name)
+                ctx.progress.tensor_done(chunk.task.name)
+            if ctx.on_durable and finished and (unsynced >= ctx.sync_every_bytes or not inflight):
                 for s in shards.values():
                     s.sync()
                 ctx.on_durable(list(finished))
@@ -274,26 +280,28 @@ def _pipeline(plan: Plan, shards: dict[str, ShardFile], ctx: ExecContext, done: 
                 unsynced = 0
 
         try:
-            fill()
-            while pending_reads:
-                chunk, fut = pending_reads.popleft()
-                task = chunk.task
-                first = chunk.rule is None and chunk.info.row_start == 0
-                if first and get_method(task.method).statistic is not None:
-                    stats[task.name] = task_stats(files, task, compute, ctx.device)
-                raw = fut.result()
-                fill()
-                if chunk.rule is not None:
-                    data = apply_rule(task, chunk.rule, raw, chunk.info.row_end - chunk.info.row_start, compute)
-                else:
-                    data = merge_chunk(task, raw, chunk.info, compute, ctx.device, stats.get(task.name))
-                start = chunk.info.row_start * _row_bytes(task.out_dtype, task.shape)
-                pending_writes.append((chunk, writer.submit(shards[chunk.shard].write, task.name, start, data)))
-                unsynced += len(data)
-                ctx.progress.advance(len(data))
-                retire(ctx.write_behind)
-            retire(0)
+            for task in todo:
+                parts = _task_parts(task, plan.shard_of[task.name])
+                remaining[task.name] = len(parts)
+                stats = None
+                if get_method(task.method).statistic is not None and task.copy_of is None:
+                    stats = task_stats(files, task, compute, ctx.device)
+                for chunk in parts:
+                    while len(inflight) >= limit:
+                        complete_oldest()
+                    inflight.append((chunk, pool.submit(_process, files, shards, chunk, compute, ctx.device, stats)))
+                if not parts:  # an empty tensor: its header entry is all there is
+                    remaining[task.name] = 1
+                    inflight.append((_Chunk(task, plan.shard_of[task.name], ChunkInfo(0, 0, task.shape, 0)), _done(0)))
+            while inflight:
+                complete_oldest()
         finally:
-            for _, f in pending_reads:
+            for _, f in inflight:
                 f.cancel()
     return merged
+
+
+def _done(value: int) -> Future[int]:
+    fut: Future[int] = Future()
+    fut.set_result(value)
+    return fut

@@ -9,6 +9,7 @@ is written.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -150,7 +151,8 @@ class Plan:
     def task_working_set(self, task: TensorTask) -> tuple[int, int]:
         """(host bytes, device bytes) held while merging ``task`` (see budget.py)."""
         cost = task.row_cost(self.compute_dtype, self.budget.on_gpu)
-        return cost.host * task.chunk_rows, cost.device * task.chunk_rows
+        rows = task.chunk_rows
+        return self.budget.inflight * cost.host * rows, self.budget.workers * cost.device * rows
 
     def estimated_peak(self) -> int:
         """Estimated peak resident memory of the whole process: interpreter and torch plus the
@@ -166,8 +168,14 @@ class Plan:
         h.update(f"{self.compute_dtype}:{self.random_seed}".encode())
         for t in self.tasks:
             h.update(json.dumps([t.name, t.method, t.out_dtype, list(t.shape), repr(t.params), t.merge_rows]).encode())
-            h.update(repr([(r.start, r.end, r.kind, r.src_start, [(i.model, i.tensor.name) for i in r.sources])
-                           for r in t.row_rules]).encode())
+            h.update(
+                repr(
+                    [
+                        (r.start, r.end, r.kind, r.src_start, [(i.model, i.tensor.name) for i in r.sources])
+                        for r in t.row_rules
+                    ]
+                ).encode()
+            )
             for i in t.inputs:
                 st = i.tensor.file.stat()
                 h.update(f"{i.tensor.file}:{st.st_size}:{st.st_mtime_ns}:{i.tensor.begin}".encode())
@@ -234,7 +242,9 @@ def _layers_of(src: ModelSource) -> int:
     return src.layer_counts[prefix] if prefix is not None else 0
 
 
-def _normalize_slices(recipe: Recipe, spec: MethodSpec, sources: Mapping[str, ModelSource], problems: _Problems) -> list[_Slice]:
+def _normalize_slices(
+    recipe: Recipe, spec: MethodSpec, sources: Mapping[str, ModelSource], problems: _Problems
+) -> list[_Slice]:
     if recipe.slices:
         out = []
         for i, s in enumerate(recipe.slices):
@@ -326,7 +336,9 @@ def _resolve_params(
     if spec.name == "linear" and resolved.get("normalize") and isinstance(resolved.get("weight"), tuple):
         weights = resolved["weight"]
         if all(isinstance(w, (int, float)) for w in weights) and sum(weights) == 0:
-            problems.add_grouped("zero-sum", f"{out_name}: linear with normalize: the weights sum to 0 (division by zero)")
+            problems.add_grouped(
+                "zero-sum", f"{out_name}: linear with normalize: the weights sum to 0 (division by zero)"
+            )
     return tuple(sorted(resolved.items()))
 
 
@@ -462,7 +474,9 @@ def build_plan(
             warnings.append(note)
         if _is_vocab_tensor(out_name, out_shape):
             vocab_out[out_name] = out_shape[0]
-            row_rules = row_rules + _token_rules(out_name, out_shape, tok_cfg, tok_info, sources, tokenizer_donor, problems)
+            row_rules = row_rules + _token_rules(
+                out_name, out_shape, tok_cfg, tok_info, sources, tokenizer_donor, problems
+            )
         out_code = out_code_global if (out_code_global and first.dtype in FLOAT_CODES) else first.dtype
 
         rule = _rule_for(rules, out_name)
@@ -471,26 +485,50 @@ def build_plan(
             assert r.take is not None
             taken = _lookup(sources[r.take], out_name)
             if taken is None:
-                problems.add_grouped(f"missing:{r.take}", f"rules[{i}]: model {r.take!r} has no tensor {out_name!r} to take")
+                problems.add_grouped(
+                    f"missing:{r.take}", f"rules[{i}]: model {r.take!r} has no tensor {out_name!r} to take"
+                )
                 return
             if taken.shape != first.shape:
                 problems.add_grouped(
-                    "shape", f"rules[{i}]: {out_name!r} is {list(taken.shape)} in {r.take!r} but {list(first.shape)} in the merge"
+                    "shape",
+                    f"rules[{i}]: {out_name!r} is {list(taken.shape)} in {r.take!r} "
+                    f"but {list(first.shape)} in the merge",
                 )
                 return
             used_inputs[r.take].add(taken.name)
             code = out_code_global if (out_code_global and taken.dtype in FLOAT_CODES) else taken.dtype
             tasks.append(
-                TensorTask(out_name, "passthrough", None, (InputRef(r.take, taken),), (("scale", (None,)),),
-                           taken.shape, code, layer, t, why=f"rules[{i}]: taken from {r.take}")
+                TensorTask(
+                    out_name,
+                    "passthrough",
+                    None,
+                    (InputRef(r.take, taken),),
+                    (("scale", (None,)),),
+                    taken.shape,
+                    code,
+                    layer,
+                    t,
+                    why=f"rules[{i}]: taken from {r.take}",
+                )
             )
             return
 
         if first.dtype not in FLOAT_CODES:
             src0 = slc.sources[lead].model
             tasks.append(
-                TensorTask(out_name, "passthrough", None, (InputRef(src0, first),), (("scale", (None,)),),
-                           first.shape, first.dtype, layer, t, why=f"not floating point: copied from {src0}")
+                TensorTask(
+                    out_name,
+                    "passthrough",
+                    None,
+                    (InputRef(src0, first),),
+                    (("scale", (None,)),),
+                    first.shape,
+                    first.dtype,
+                    layer,
+                    t,
+                    why=f"not floating point: copied from {src0}",
+                )
             )
             return
 
@@ -525,12 +563,29 @@ def build_plan(
             )
             return
         params = _resolve_params(
-            method, out_name, t, model_levels, [m.model for m in model_refs],
-            [rule_params, slc.params, recipe.parameters], problems,
+            method,
+            out_name,
+            t,
+            model_levels,
+            [m.model for m in model_refs],
+            [rule_params, slc.params, recipe.parameters],
+            problems,
         )
         tasks.append(
-            TensorTask(out_name, method.name, base_ref, tuple(model_refs), params, out_shape, out_code, layer, t, why,
-                       merge_rows=merge_rows, row_rules=row_rules)
+            TensorTask(
+                out_name,
+                method.name,
+                base_ref,
+                tuple(model_refs),
+                params,
+                out_shape,
+                out_code,
+                layer,
+                t,
+                why,
+                merge_rows=merge_rows,
+                row_rules=row_rules,
+            )
         )
 
     def t_of(idx: int, count: int) -> float:
@@ -555,8 +610,12 @@ def build_plan(
             for o in range(slc.length):
                 t = t_of(o, slc.length)
                 src_layer = slc.sources[0].start + o
-                rests = [rest for n in lead.tensors if (p := split_layer(n)) and p[0] == lead_prefix and p[1] == src_layer
-                         for rest in [p[2]]]
+                rests = [
+                    rest
+                    for n in lead.tensors
+                    if (p := split_layer(n)) and p[0] == lead_prefix and p[1] == src_layer
+                    for rest in [p[2]]
+                ]
                 for rest in rests:
                     out_name = f"{ref_prefix}{k}.{rest}"
                     in_names = [f"{sources[s.model].main_layer_prefix()}{s.start + o}.{rest}" for s in slc.sources]
@@ -626,7 +685,11 @@ def _vocab_layout(
     donor's rows (else the reference model's); rows all inputs have are merged; the rest follow
     ``policy``."""
     shapes = [r.tensor.shape for r in refs]
-    if not all(len(s) == 2 for s in shapes) or len({s[1] for s in shapes}) != 1 or not _is_vocab_tensor(name, shapes[0]):
+    if (
+        not all(len(s) == 2 for s in shapes)
+        or len({s[1] for s in shapes}) != 1
+        or not _is_vocab_tensor(name, shapes[0])
+    ):
         return None
     if donor is None or donor.tensor.shape[1:] != shapes[0][1:]:
         donor = lead
@@ -638,7 +701,7 @@ def _vocab_layout(
             rules.append(RowRule(merge_rows, out_rows, "zero", why="vocab_policy: zero"))
         elif policy == "mean":
             bounds = sorted({merge_rows, out_rows, *(min(s[0], out_rows) for s in shapes)})
-            for a, b in zip(bounds, bounds[1:]):
+            for a, b in itertools.pairwise(bounds):
                 have = tuple(r for r in refs if r.tensor.shape[0] >= b)
                 rules.append(RowRule(a, b, "mean", have, why="vocab_policy: mean"))
         else:
@@ -673,7 +736,9 @@ def _token_rules(
     for key, spec in (cfg.tokens or {}).items():
         tid = key if isinstance(key, int) else int(key) if str(key).isdigit() else tok.id_of(str(key))
         if tid is None:
-            problems.add_grouped("token", f"tokenizer.tokens: {key!r} is not a token of {donor!r} (give its id instead)")
+            problems.add_grouped(
+                "token", f"tokenizer.tokens: {key!r} is not a token of {donor!r} (give its id instead)"
+            )
             continue
         wanted[tid] = (spec.source, str(key))
     rules = []
@@ -687,7 +752,9 @@ def _token_rules(
             rules.append(RowRule(tid, tid + 1, "zero", why=f"token {label}: zero"))
             continue
         model = donor if action == "take" else action if isinstance(action, str) else action.model
-        src_tok = None if isinstance(action, str) else (action.token_id if action.token_id is not None else action.token)
+        src_tok = (
+            None if isinstance(action, str) else (action.token_id if action.token_id is not None else action.token)
+        )
         src_row = tid
         if isinstance(src_tok, int):
             src_row = src_tok
@@ -701,7 +768,9 @@ def _token_rules(
         if info is None or src_row >= info.shape[0] or info.shape[1:] != shape[1:]:
             problems.add_grouped("token", f"tokenizer.tokens: {model!r} has no row {src_row} of {name!r} for {label!r}")
             continue
-        rules.append(RowRule(tid, tid + 1, "take", (InputRef(model, info),), src_row, why=f"token {label}: from {model}"))
+        rules.append(
+            RowRule(tid, tid + 1, "take", (InputRef(model, info),), src_row, why=f"token {label}: from {model}")
+        )
     return tuple(rules)
 
 

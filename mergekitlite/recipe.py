@@ -62,7 +62,7 @@ class Strict(BaseModel):
 
 # ---------------------------------------------------------------- parameter settings
 Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
-Gradient = Annotated[list[Union[StrictInt, StrictFloat]], Field(min_length=1)]
+Gradient = Annotated[list[StrictInt | StrictFloat], Field(min_length=1)]
 
 
 class ConditionalParameter(Strict):
@@ -74,7 +74,7 @@ class ConditionalParameter(Strict):
         "tensor name (mergekit's rule), a pattern with * ? [ ] as a glob over the whole name, "
         "'re:...' as a regular expression (searched). Omitted or '*': every tensor.",
     )
-    value: Union[Scalar, Gradient]
+    value: Scalar | Gradient
 
 
 def _setting_kind(value: Any) -> str | None:
@@ -91,12 +91,10 @@ def _setting_kind(value: Any) -> str | None:
 
 
 ParameterSetting = Annotated[
-    Union[
-        Annotated[Scalar, Tag("scalar")],
-        Annotated[Gradient, Tag("gradient")],
-        Annotated[ConditionalParameter, Tag("rule")],
-        Annotated[list[ConditionalParameter], Tag("rules")],
-    ],
+    Annotated[Scalar, Tag("scalar")]
+    | Annotated[Gradient, Tag("gradient")]
+    | Annotated[ConditionalParameter, Tag("rule")]
+    | Annotated[list[ConditionalParameter], Tag("rules")],
     Discriminator(
         _setting_kind,
         custom_error_type="parameter_setting",
@@ -168,15 +166,17 @@ class TokenSource(Strict):
 
 
 class TokenSpec(Strict):
-    source: Union[ModelName, TokenSource] | None = Field(
+    source: ModelName | TokenSource | None = Field(
         None, description="A model to take this token's rows from, or {kind: zero|model_token|merge, ...}."
     )
     force: bool = Field(False, description="Accepted for mergekit compatibility; rows are always set as asked.")
 
 
 class TokenizerConfig(Strict):
-    source: ModelName = Field(description="'base', or the model whose tokenizer the output gets ('union' is not supported)")
-    tokens: dict[Union[str, int], TokenSpec] | None = Field(
+    source: ModelName = Field(
+        description="'base', or the model whose tokenizer the output gets ('union' is not supported)"
+    )
+    tokens: dict[str | int, TokenSpec] | None = Field(
         None, description="Per-token embedding/lm_head rows, keyed by token text or id."
     )
     pad_to_multiple_of: int | None = None
@@ -197,7 +197,8 @@ class Rule(Strict):
     """A mergekitlite extension: override how the tensors matching ``match`` are merged."""
 
     match: str = Field(
-        description="Tensor names, matched like parameter filters: substring, glob (e.g. '*embed_tokens*'), or 're:<regex>'."
+        description="Tensor names, matched like parameter filters: substring, glob (e.g. '*embed_tokens*'), "
+        "or 're:<regex>'."
     )
     take: ModelName | None = Field(None, description="Copy these tensors unchanged from this model.")
     method: str | None = Field(None, description="Merge these tensors with another method.")
@@ -216,23 +217,35 @@ class Recipe(Strict):
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
     parameters: Parameters | None = None
-    dtype: DType | None = Field(None, description="Dtype of the output unless out_dtype is set (mergekit: also the compute dtype).")
+    dtype: DType | None = Field(
+        None, description="Dtype of the output unless out_dtype is set (mergekit: also the compute dtype)."
+    )
     out_dtype: DType | None = None
     tokenizer_source: ModelName | None = Field(
-        None, description="Model whose tokenizer, chat template and generation config the output gets: 'base', a model, or 'union'."
+        None,
+        description="Model whose tokenizer, chat template and generation config the output gets: 'base' "
+        "(the default, as in mergekit) or a model.",
     )
     tokenizer: TokenizerConfig | None = None
-    chat_template: str | None = Field(None, description="'auto', a built-in template name (chatml), or a Jinja template.")
+    chat_template: str | None = Field(
+        None, description="'auto', a built-in template name (chatml), or a Jinja template."
+    )
     # -- mergekitlite additions (all optional) --
     name: str | None = Field(
         None,
         description="Name of this merge step: later steps of a multi-step recipe (documents separated by ---) "
         "use it as a model, as in mergekit-multi. Also the model card's title.",
     )
-    output: str | None = Field(None, description="mergekitlite: default output folder (relative to the working directory).")
-    compute_dtype: ComputeDType = Field("float32", description="mergekitlite: dtype the arithmetic runs in; inputs are upcast, the result cast once.")
+    output: str | None = Field(
+        None, description="mergekitlite: default output folder (relative to the working directory)."
+    )
+    compute_dtype: ComputeDType = Field(
+        "float32", description="mergekitlite: dtype the arithmetic runs in; inputs are upcast, the result cast once."
+    )
     random_seed: int | None = Field(None, description="mergekitlite: seed for random methods (DARE).")
-    trust_remote_code: bool = Field(False, description="mergekitlite: only used by eval; merging never runs model code.")
+    trust_remote_code: bool = Field(
+        False, description="mergekitlite: only used by eval; merging never runs model code."
+    )
     rules: list[Rule] | None = Field(None, description="mergekitlite: per-tensor overrides, first match wins.")
 
     _vb = field_validator("base_model")(lambda v: v if v is None else _check_model_ref(v))
@@ -414,9 +427,11 @@ def _raw_checks(data: dict[str, Any], problems: _Problems, warnings: list[str]) 
     # Typos are errors; names that belong to another method are warnings (published configs
     # often carry e.g. int8_mask or density whatever the method).
     known_everywhere = REGISTRY.all_param_names()
-    rule_methods = {
-        i: r.get("method") for i, r in enumerate(data.get("rules") or ()) if isinstance(r, dict)
-    } if isinstance(data.get("rules"), list) else {}
+    rule_methods = (
+        {i: r.get("method") for i, r in enumerate(data.get("rules") or ()) if isinstance(r, dict)}
+        if isinstance(data.get("rules"), list)
+        else {}
+    )
     for where, params in _raw_param_locations(data):
         mine_spec = spec
         if where[:1] == ("rules",) and isinstance(rule_methods.get(where[1]), str):
@@ -435,7 +450,9 @@ def _raw_checks(data: dict[str, Any], problems: _Problems, warnings: list[str]) 
             close = difflib.get_close_matches(str(name), sorted(known_everywhere), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             expected = ", ".join(sorted(mine)) or "none"
-            problems.add((*where, name), f"unknown parameter for {mine_spec.name}{hint}; it takes: {expected}", key=True)
+            problems.add(
+                (*where, name), f"unknown parameter for {mine_spec.name}{hint}; it takes: {expected}", key=True
+            )
 
 
 def _semantic_checks(recipe: Recipe, problems: _Problems) -> None:
@@ -475,7 +492,9 @@ def _semantic_checks(recipe: Recipe, problems: _Problems) -> None:
     count = len([m for m in recipe.models or () if not (spec.base != "unused" and m.model == recipe.base_model)])
     if recipe.models:
         if count < spec.min_models:
-            problems.add(("models",), f"{spec.name} needs at least {spec.min_models} model(s) besides the base, got {count}")
+            problems.add(
+                ("models",), f"{spec.name} needs at least {spec.min_models} model(s) besides the base, got {count}"
+            )
         if spec.max_models is not None and count > spec.max_models:
             problems.add(("models",), f"{spec.name} takes at most {spec.max_models} model(s), got {count}")
 
@@ -506,7 +525,9 @@ def _semantic_checks(recipe: Recipe, problems: _Problems) -> None:
             problems.add(("tokenizer", "tokens", key, "source", "model"), "kind model_token needs 'model'")
 
 
-def _validate_document(pos: PositionedYaml, text: str, source: str, path: Path | None) -> tuple[LoadedRecipe | None, list[str]]:
+def _validate_document(
+    pos: PositionedYaml, text: str, source: str, path: Path | None
+) -> tuple[LoadedRecipe | None, list[str]]:
     problems = _Problems(source, pos)
     for dup_path, _mark in pos.duplicates:
         problems.add(dup_path, "duplicate key (the later value would silently win)", key=True)
@@ -575,12 +596,18 @@ def _check_steps(steps: list[LoadedRecipe], source: str) -> list[str]:
     for i, step in enumerate(steps):
         name = step.recipe.name
         if name is None and i != len(steps) - 1:
-            lines.append(f"{where(step, ('merge_method',))}: step {i + 1} of {len(steps)} needs a 'name' so that later steps can use its result")
+            lines.append(
+                f"{where(step, ('merge_method',))}: step {i + 1} of {len(steps)} needs a 'name' "
+                "so that later steps can use its result"
+            )
         if name is not None and name in seen:
             lines.append(f"{where(step, ('name',))}: name: {name!r} is already the name of step {seen[name] + 1}")
         for ref in step.recipe.referenced_models():
             if ref in names[i:]:
-                lines.append(f"{where(step, ('name',) if ref == name else ())}: step {i + 1} uses {ref!r}, which is made by a later step (or itself)")
+                lines.append(
+                    f"{where(step, ('name',) if ref == name else ())}: step {i + 1} uses {ref!r}, "
+                    "which is made by a later step (or itself)"
+                )
         if name is not None:
             seen.setdefault(name, i)
     return lines
@@ -590,7 +617,9 @@ def parse_recipe(text: str, source: str = "<recipe>", path: Path | None = None) 
     """Validate a single-step recipe ``text``; ``source`` is how error lines name it."""
     steps = parse_recipes(text, source, path)
     if len(steps) > 1:
-        raise RecipeError([f"{source}: has {len(steps)} merge steps; use parse_recipes/load_recipes for multi-step recipes"])
+        raise RecipeError(
+            [f"{source}: has {len(steps)} merge steps; use parse_recipes/load_recipes for multi-step recipes"]
+        )
     return steps[0]
 
 

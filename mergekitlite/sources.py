@@ -157,9 +157,7 @@ def _from_hub(ref: str, repo_id: str, revision: str | None) -> Path:
         weights = [f for f in files if f.endswith(".safetensors")]
         if not weights:
             weights = [f for f in files if f.endswith(".bin") and "pytorch_model" in f]
-        return Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=[*SIDE_FILE_PATTERNS, *weights])
-        )
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=[*SIDE_FILE_PATTERNS, *weights]))
     except Exception as exc:
         raise ModelNotFoundError(
             f"model {ref!r} is not a local folder and not in the Hugging Face cache "

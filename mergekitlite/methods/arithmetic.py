@@ -86,7 +86,7 @@ def linear(base: Tensor | None, models: Sequence[Tensor], *, weight: Sequence[fl
 
 @merge_method("passthrough", base="unused", per_model={"scale": None}, max_models=1)
 def passthrough(base: Tensor | None, models: Sequence[Tensor], *, scale: Sequence[float | None]) -> Tensor:
-    """The single input unchanged (optionally multiplied by ``scale``): for taking tensors from one model and for frankenmerges."""
+    """The single input unchanged (optionally multiplied by ``scale``): tensors taken from one model, frankenmerges."""
     del base
     s = scale[0]
     return models[0].clone() if s is None else models[0] * s

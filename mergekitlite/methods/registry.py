@@ -174,9 +174,7 @@ class Registry:
             return self.methods[key]
         close = difflib.get_close_matches(name, self.names(), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UnknownMethodError(
-            [f"unknown merge method {name!r}{hint}; known methods: {', '.join(self.names())}"]
-        )
+        raise UnknownMethodError([f"unknown merge method {name!r}{hint}; known methods: {', '.join(self.names())}"])
 
     def all_param_names(self) -> set[str]:
         return {p.name for spec in self.methods.values() for p in spec.params}

@@ -1,0 +1,67 @@
+"""``python -m mergekitlite.demo``: the main job on the embedded tiny family, end to end.
+
+Merges the shipped tiny models (demo/models: a base LM, a chat fine-tune of it, and a
+continued-pretraining fine-tune) the way the seed merged nekomata and qarasu, twice: with the
+chat model donating tokenizer, chat template and stop tokens (recipes/demo.yaml) and with the
+pretrained base donating them (recipes/demo-eos-broken.yaml, the seed's mistake). Then it shows
+what was written and how both merges behave next to their parents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from mergekitlite.budget import human
+
+RECIPES = (Path("recipes/demo.yaml"), Path("recipes/demo-eos-broken.yaml"))
+PARENTS = ("demo/models/continued", "demo/models/chat", "demo/models/base")
+
+
+def _listing(folder: Path) -> Table:
+    table = Table(title=str(folder), show_header=True)
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    for p in sorted(folder.iterdir()):
+        table.add_row(p.name, human(p.stat().st_size))
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mergekitlite.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--no-eval", action="store_true", help="only merge; skip the side-by-side evaluation")
+    args = parser.parse_args(argv)
+    console = Console()
+    from mergekitlite.cli import main as cli_main
+    from mergekitlite.cli import merge_main
+
+    missing = [str(p) for p in (*RECIPES, *map(Path, PARENTS)) if not p.exists()]
+    if missing:
+        console.print(f"[red]run this from the repository root[/]: missing {', '.join(missing)}")
+        return 2
+    outputs = []
+    for recipe in RECIPES:
+        console.rule(f"merge {recipe}")
+        out = Path("merged") / recipe.stem
+        code = merge_main([str(recipe), str(out), "--overwrite"])
+        if code:
+            return code
+        outputs.append(out)
+        console.print(_listing(out))
+    if args.no_eval:
+        return 0
+    for out in outputs:
+        console.rule(f"mergekitlite eval {out}")
+        code = cli_main(["eval", str(out), "--against", *PARENTS, "--max-new-tokens", "48"])
+        if code:
+            return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

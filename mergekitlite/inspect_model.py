@@ -1,0 +1,357 @@
+"""``mergekitlite inspect MODEL``: what a checkpoint holds, and whether its special tokens can work.
+
+Reported, from headers and JSON files (no model or tokenizer is instantiated, no remote code runs):
+
+* tensors: count, parameters and bytes per dtype, layers, tied embeddings;
+* special tokens with their ids, the eos ids of ``generation_config.json`` (what ``generate`` stops
+  on) and of ``config.json``, the chat template and the end-of-turn token it writes;
+* for each special token, the L2 norm of its input-embedding row and of its lm_head row, next to
+  the distribution of all rows' norms (mean, std, median). A row below ``mean − 2·std`` or below
+  half the median looks untrained: a token the model has (almost) never seen or never predicted.
+  The row norms come from one chunked ``pread`` pass over each matrix (about a million elements at
+  a time, float64 sums), so memory stays at one chunk plus one float per row.
+
+Flags: an untrained-looking special-token row; a chat template whose end-of-turn token is not among
+the eos ids (the seed's merge: ChatML turns end with ``<|im_end|>`` but ``generate`` only stopped on
+``<|endoftext|>``, so every answer ran to ``max_new_tokens``); an eos or special-token id outside
+the embedding matrix. The command exits 0 even with flags (it is a report) unless ``--strict``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from mergekitlite.budget import CACHE_CHUNK_ELEMENTS, human
+from mergekitlite.io.files import InputFiles
+from mergekitlite.io.safetensors_header import FLOAT_CODES, NAME_BY_CODE, TensorInfo, torch_dtype
+from mergekitlite.sources import ModelSource, index_model, resolve_model_path, split_layer
+from mergekitlite.tokens import TokenInfo, read_token_info
+
+# Name endings of input-embedding and output-projection matrices across families
+# (Llama/Qwen2, GPT-2/Qwen v1, Bloom, NeoX, InternLM/Mistral-original).
+_EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
+                   "tok_embeddings.weight")
+_HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight", "output.weight")
+# A row is "untrained-looking" below mean − STD_FACTOR·std or below MEDIAN_FACTOR × median.
+STD_FACTOR = 2.0
+MEDIAN_FACTOR = 0.5
+
+
+@dataclass(frozen=True)
+class RowStats:
+    """Distribution of the L2 norms of a matrix's rows."""
+
+    tensor: str
+    rows: int
+    mean: float
+    std: float
+    median: float
+    min: float
+    max: float
+
+    @property
+    def threshold(self) -> float:
+        """Norms below this look untrained."""
+        return max(self.mean - STD_FACTOR * self.std, MEDIAN_FACTOR * self.median)
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    """One special token: its id, what it is used for, and its rows' norms (None: no such row)."""
+
+    token: str
+    id: int
+    roles: tuple[str, ...]
+    embed_norm: float | None
+    lm_head_norm: float | None
+    untrained: tuple[str, ...] = ()  # "embedding" and/or "lm_head"
+
+
+@dataclass
+class InspectResult:
+    path: str
+    tensors: int
+    params: int
+    bytes: int
+    params_by_dtype: dict[str, int]
+    layers: int
+    tied_embeddings: bool
+    embed_tensor: str | None
+    lm_head_tensor: str | None
+    eos_token: str | None
+    generation_eos: list[int]
+    config_eos: list[int]
+    has_generation_config: bool
+    chat_template: bool
+    turn_end_tokens: list[str]
+    stop_ids: list[int]  # what generate() stops on: generation_config's eos, else config's
+    embed_stats: RowStats | None = None
+    lm_head_stats: RowStats | None = None
+    tokens: list[TokenRow] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        data = asdict(self)
+        for key, stats in (("embed_stats", self.embed_stats), ("lm_head_stats", self.lm_head_stats)):
+            if stats is not None:
+                data[key]["threshold"] = stats.threshold
+        return data
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+def find_matrix(source: ModelSource, suffixes: Sequence[str], rows: int | None = None) -> TensorInfo | None:
+    """The 2-D float tensor outside the layer stack whose name is, or ends with ``.``, one of
+    ``suffixes`` (and has ``rows`` rows when given); with several (multimodal models), the one
+    whose row count is the config's vocab_size, else the shortest name."""
+    found = [
+        info for name, info in source.tensors.items()
+        if len(info.shape) == 2 and info.dtype in FLOAT_CODES and split_layer(name) is None
+        and any(name == s or name.endswith("." + s) for s in suffixes)
+        and (rows is None or info.shape[0] == rows)
+    ]
+    if not found:
+        return None
+    vocab = source.config_value("vocab_size", "padded_vocab_size")
+    return min(found, key=lambda i: (i.shape[0] != vocab, len(i.name)))
+
+
+def row_norms(files: InputFiles, info: TensorInfo, chunk_elements: int = CACHE_CHUNK_ELEMENTS) -> torch.Tensor:
+    """L2 norm of every row of a 2-D tensor (float64), read in row chunks."""
+    rows, cols = info.shape
+    step = max(1, chunk_elements // max(cols, 1))
+    out = torch.empty(rows, dtype=torch.float64)
+    for first in range(0, rows, step):
+        count = min(step, rows - first)
+        raw = files.read(info, first * info.row_bytes, count * info.row_bytes)
+        chunk = torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).view(count, cols).to(torch.float64)
+        out[first : first + count] = torch.linalg.vector_norm(chunk, dim=1)
+    return out
+
+
+def norm_stats(name: str, norms: torch.Tensor) -> RowStats:
+    return RowStats(
+        tensor=name,
+        rows=len(norms),
+        mean=float(norms.mean()),
+        std=float(norms.std()) if len(norms) > 1 else 0.0,
+        median=float(norms.median()),
+        min=float(norms.min()),
+        max=float(norms.max()),
+    )
+
+
+def token_roles(tokens: TokenInfo) -> dict[int, list[str]]:
+    """id → what the model uses it for (eos ids first, then every special / added token)."""
+    roles: dict[int, list[str]] = {}
+
+    def add(token_id: int, role: str) -> None:
+        roles.setdefault(token_id, [])
+        if role not in roles[token_id]:
+            roles[token_id].append(role)
+
+    for i in tokens.generation_eos:
+        add(i, "generation eos")
+    for i in tokens.config_eos:
+        add(i, "config eos")
+    if tokens.eos_token in tokens.ids:
+        add(tokens.ids[tokens.eos_token], "tokenizer eos")
+    for t in tokens.turn_end_tokens():
+        add(tokens.ids[t], "chat-template end of turn")
+    for t, i in tokens.ids.items():
+        if tokens.chat_template and t in tokens.chat_template:
+            add(i, "in chat template")
+        add(i, "special" if t in tokens.special else "added")
+    return roles
+
+
+def stop_ids(tokens: TokenInfo, has_generation_config: bool) -> list[int]:
+    """What ``generate`` stops on: generation_config.json's eos ids when the file exists, else config.json's."""
+    return list(tokens.generation_eos) if has_generation_config and tokens.generation_eos else list(tokens.config_eos)
+
+
+def template_flags(tokens: TokenInfo, stops: Sequence[int]) -> list[str]:
+    """A chat template whose end-of-turn token generation does not stop on (the seed's failure)."""
+    if not tokens.chat_template:
+        return []
+    flags = []
+    for t in tokens.turn_end_tokens():
+        if tokens.ids[t] not in stops:
+            where = f"eos ids {list(stops)}" if stops else "no eos id at all"
+            flags.append(
+                f"the chat template ends turns with {t} (id {tokens.ids[t]}) but generation stops on {where}: "
+                f"chat answers will run to max_new_tokens (add {tokens.ids[t]} to eos_token_id in "
+                "generation_config.json)"
+            )
+    return flags
+
+
+def inspect_model(source: ModelSource, chunk_elements: int = CACHE_CHUNK_ELEMENTS) -> InspectResult:
+    """Everything the module docstring lists, for one indexed model."""
+    tokens = read_token_info(source.path)
+    has_gen = (source.path / "generation_config.json").is_file()
+    by_dtype: Counter[str] = Counter()
+    for info in source.tensors.values():
+        by_dtype[NAME_BY_CODE.get(info.dtype, info.dtype)] += info.numel
+    embed = find_matrix(source, _EMBED_SUFFIXES)
+    head = find_matrix(source, _HEAD_SUFFIXES, rows=embed.shape[0] if embed else None)
+    stops = stop_ids(tokens, has_gen)
+    result = InspectResult(
+        path=str(source.path),
+        tensors=len(source.tensors),
+        params=sum(by_dtype.values()),
+        bytes=sum(i.nbytes for i in source.tensors.values()),
+        params_by_dtype=dict(by_dtype),
+        layers=source.layer_counts.get(source.main_layer_prefix() or "", 0),
+        tied_embeddings=head is None and embed is not None,
+        embed_tensor=embed.name if embed else None,
+        lm_head_tensor=head.name if head else None,
+        eos_token=tokens.eos_token,
+        generation_eos=list(tokens.generation_eos),
+        config_eos=list(tokens.config_eos),
+        has_generation_config=has_gen,
+        chat_template=tokens.chat_template is not None,
+        turn_end_tokens=tokens.turn_end_tokens(),
+        stop_ids=stops,
+    )
+    norms: dict[str, torch.Tensor] = {}
+    with InputFiles() as files:
+        for label, info in (("embedding", embed), ("lm_head", head)):
+            if info is not None:
+                norms[label] = row_norms(files, info, chunk_elements)
+    result.embed_stats = norm_stats(embed.name, norms["embedding"]) if embed else None
+    result.lm_head_stats = norm_stats(head.name, norms["lm_head"]) if head else None
+    result.tokens = _token_rows(tokens, norms, result)
+    result.flags = _flags(tokens, stops, result)
+    return result
+
+
+def _token_rows(tokens: TokenInfo, norms: dict[str, torch.Tensor], result: InspectResult) -> list[TokenRow]:
+    names = {i: t for t, i in tokens.ids.items()}
+    stats = {"embedding": result.embed_stats, "lm_head": result.lm_head_stats}
+    rows = []
+    for token_id, roles in sorted(token_roles(tokens).items()):
+        values: dict[str, float | None] = {}
+        untrained = []
+        for label, vec in norms.items():
+            value = float(vec[token_id]) if 0 <= token_id < len(vec) else None
+            values[label] = value
+            st = stats[label]
+            if value is not None and st is not None and value < st.threshold:
+                untrained.append(label)
+        rows.append(TokenRow(
+            token=names.get(token_id, f"<id {token_id}>"),
+            id=token_id,
+            roles=tuple(roles),
+            embed_norm=values.get("embedding"),
+            lm_head_norm=values.get("lm_head"),
+            untrained=tuple(untrained),
+        ))
+    return rows
+
+
+def _flags(tokens: TokenInfo, stops: Sequence[int], result: InspectResult) -> list[str]:
+    flags = template_flags(tokens, stops)
+    rows = result.embed_stats.rows if result.embed_stats else None
+    for row in result.tokens:
+        if rows is not None and not 0 <= row.id < rows:
+            flags.append(f"{row.token} (id {row.id}, {', '.join(row.roles)}) is outside the embedding's {rows} rows")
+        for label in row.untrained:
+            st = result.embed_stats if label == "embedding" else result.lm_head_stats
+            value = row.embed_norm if label == "embedding" else row.lm_head_norm
+            flags.append(
+                f"{row.token} (id {row.id}, {', '.join(row.roles)}): its {label} row looks untrained "
+                f"(norm {_fmt(value)}; all rows: {_describe(st)})"
+            )
+    return flags
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None or math.isnan(value) else f"{value:.3g}"
+
+
+def _describe(st: RowStats | None) -> str:
+    if st is None:
+        return "no statistics"
+    return f"mean {st.mean:.3g}, std {st.std:.3g}, median {st.median:.3g}"
+
+
+def render(result: InspectResult, console: Console, all_tokens: bool = False) -> None:
+    """Summary, special tokens and flags as rich tables."""
+    summary = Table(title=f"inspect: {result.path}", show_header=False, title_justify="left")
+    summary.add_row("tensors", f"{result.tensors:,}")
+    summary.add_row("parameters", f"{result.params:,} ({human(result.bytes)})")
+    summary.add_row("dtypes", ", ".join(f"{d}: {n:,}" for d, n in sorted(result.params_by_dtype.items())))
+    summary.add_row("layers", str(result.layers))
+    summary.add_row("embedding / lm_head", f"{result.embed_tensor or '—'} / "
+                    f"{result.lm_head_tensor or ('tied to the embedding' if result.tied_embeddings else '—')}")
+    summary.add_row("tokenizer eos", result.eos_token or "—")
+    gen = str(result.generation_eos) if result.has_generation_config else "no generation_config.json"
+    summary.add_row("generation_config eos", gen)
+    summary.add_row("config eos", str(result.config_eos))
+    summary.add_row("generate() stops on", str(result.stop_ids))
+    template = "yes" if result.chat_template else "no"
+    if result.chat_template:
+        template += f", ends turns with {', '.join(result.turn_end_tokens) or 'no special token it writes literally'}"
+    summary.add_row("chat template", template)
+    for label, st in (("embedding", result.embed_stats), ("lm_head", result.lm_head_stats)):
+        if st is not None:
+            summary.add_row(f"{label} row norms", f"mean {st.mean:.3g}, std {st.std:.3g}, median {st.median:.3g}, "
+                            f"min {st.min:.3g}, max {st.max:.3g}; untrained below {st.threshold:.3g}")
+    console.print(summary)
+
+    table = Table(title="special tokens", title_justify="left")
+    for col, justify in (("id", "right"), ("token", "left"), ("used as", "left"), ("embedding norm", "right"),
+                         ("lm_head norm", "right"), ("", "left")):
+        table.add_column(col, justify=justify)
+    limit = None if all_tokens else 40
+    shown = [r for r in result.tokens if r.untrained or _important(r)] + [
+        r for r in result.tokens if not (r.untrained or _important(r))
+    ]
+    for row in shown[:limit]:
+        mark = "[red]looks untrained: " + ", ".join(row.untrained) + "[/]" if row.untrained else ""
+        table.add_row(str(row.id), row.token, ", ".join(row.roles), _fmt(row.embed_norm), _fmt(row.lm_head_norm), mark)
+    console.print(table)
+    if limit is not None and len(shown) > limit:
+        console.print(f"[dim]… {len(shown) - limit} more special tokens (--all-tokens lists them)[/]")
+    if result.flags:
+        console.print(f"[yellow]{len(result.flags)} flag(s):[/]")
+        for flag in result.flags:
+            console.print(f"  [yellow]•[/] {flag}", highlight=False)
+    else:
+        console.print("[green]no flags[/]")
+
+
+def _important(row: TokenRow) -> bool:
+    return any(r != "special" and r != "added" for r in row.roles)
+
+
+def write_json(result: InspectResult, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
+    """``mergekitlite inspect MODEL [--strict] [--json PATH] [--all-tokens]``."""
+    path, hub = resolve_model_path(args.model)
+    result = inspect_model(index_model(args.model, path, hub))
+    if not args.quiet:
+        render(result, console, all_tokens=args.all_tokens)
+    if args.json:
+        write_json(result, args.json)
+        console.print(f"wrote {args.json}", highlight=False)
+    return 1 if args.strict and result.flags else 0
