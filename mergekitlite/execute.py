@@ -11,6 +11,7 @@ The executor knows the methods' declared properties, never their maths.
 
 from __future__ import annotations
 
+import errno
 import math
 from collections import deque
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
-from mergekitlite.errors import MergekitliteError
+from mergekitlite.errors import MergekitliteError, OutputError
 from mergekitlite.io.files import InputFiles, ShardFile
 from mergekitlite.io.safetensors_header import CODE_BY_NAME, itemsize, torch_dtype
 from mergekitlite.methods import ChunkInfo, get_method
@@ -218,12 +219,21 @@ def run_tasks(plan: Plan, out_dir: Path, ctx: ExecContext, done: set[str] | None
     todo = [t for t in plan.tasks if t.name not in done]
     total = sum(t.nbytes + sum((r.end - r.start) * _row_bytes(t.out_dtype, t.shape) for r in t.row_rules) for t in todo)
     ctx.progress.start(total, len(todo))
-    shards = {layout.filename: ShardFile(out_dir / layout.filename, layout, reuse=bool(done)) for layout in plan.shards}
+    shards: dict[str, ShardFile] = {}
     threads = torch.get_num_threads()
     # Workers each run single-threaded torch ops on their own chunk (see budget.default_workers).
     torch.set_num_threads(1)
     try:
+        for layout in plan.shards:
+            shards[layout.filename] = ShardFile(out_dir / layout.filename, layout, reuse=bool(done))
         return _pipeline(plan, todo, shards, ctx)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(
+                f"the disk is full ({exc.strerror}) while writing {out_dir}; nothing named like the final output "
+                "exists. Free some space and run again with --resume to continue."
+            ) from None
+        raise
     finally:
         torch.set_num_threads(threads)
         for s in shards.values():
