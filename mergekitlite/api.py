@@ -179,7 +179,7 @@ def _run_step(
     if opts.hash_inputs:
         cache = (opts.cache_dir or default_cache_dir()) / "sha256.json"
         hasher = InputHasher(plan.sources, cache).start()
-    ctx = ExecContext(device=device, progress=progress or NullProgress(), on_durable=partial.record)
+    ctx = ExecContext(device=device, progress=progress or NullProgress(), on_done=partial.record)
     resumed = len(partial.done)
     merged = run_tasks(plan, partial.path, ctx, done=partial.done)
 

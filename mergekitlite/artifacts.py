@@ -20,17 +20,15 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mergekitlite import __version__
-from mergekitlite.errors import RecipeError
 from mergekitlite.plan import Plan
 from mergekitlite.sources import ModelSource
-from mergekitlite.tokens import chat_template_of, read_token_info
+from mergekitlite.tokens import builtin_chat_template, chat_template_of, read_token_info
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -131,11 +129,6 @@ def _copy(src: Path, dst_dir: Path) -> None:
     shutil.copyfile(src, dst_dir / src.name)
 
 
-def builtin_chat_template(name: str) -> str | None:
-    path = resources.files("mergekitlite") / "templates" / f"{name}.jinja"
-    return path.read_text(encoding="utf-8") if path.is_file() else None
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -151,12 +144,7 @@ def _resolve_chat_template(plan: Plan) -> str | None:
     if wanted == "auto":
         found = [t.strip() for src in plan.sources.values() if (t := chat_template_of(src.path))]
         return Counter(found).most_common(1)[0][0] if found else None
-    builtin = builtin_chat_template(wanted)
-    if builtin is not None:
-        return builtin
-    if "{" not in wanted:
-        raise RecipeError([f"chat_template: {wanted!r} is neither a built-in template name nor a Jinja template"])
-    return wanted
+    return builtin_chat_template(wanted) or wanted  # the recipe loader has checked it is one of the two
 
 
 @dataclass
@@ -303,15 +291,13 @@ def _card(plan: Plan, prov: Mapping[str, Any], name: str, recipe_text: str, side
             roles.append("config")
         if ref == plan.tokenizer_donor:
             roles.append("tokenizer, chat template, generation config")
-        files = "<br>".join(f"`{f}` {h[:16]}…" for f, h in entry["files"].items()) or "(not hashed)"
+        files = "<br>".join(f"`{f}` `{h}`" for f, h in entry["files"].items()) or "(not hashed)"
         lines.append(f"| `{ref}` | {', '.join(roles) or 'merged'} | {files} |")
     if side is not None and side.origins:
         lines += ["", "## Where each file came from", "", "| file | from |", "|---|---|"]
         lines += [f"| {what} | `{origin}` |" for what, origin in side.origins.items()]
         lines.append("| model*.safetensors | merged |")
     lines += [
-        "",
-        "Full sha256 digests are in `mergekitlite.json`.",
         "",
         "## Recipe",
         "",

@@ -327,8 +327,10 @@ def cmd_methods(args: argparse.Namespace, console: Console) -> int:
 
 
 def _run(handler, args: argparse.Namespace) -> int:
-    console = Console(stderr=False, quiet=getattr(args, "quiet", False))
-    errors = Console(stderr=True)
+    # soft_wrap: a message stays on one line whatever the width, so that `file:line:col: ...`
+    # lines remain parseable by editors and CI logs.
+    console = Console(stderr=False, quiet=getattr(args, "quiet", False), soft_wrap=True)
+    errors = Console(stderr=True, soft_wrap=True)
     try:
         return handler(args, console)
     except MergekitliteError as exc:

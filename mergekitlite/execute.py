@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import math
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,8 +56,10 @@ class ExecContext:
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: Progress = field(default_factory=NullProgress)
-    # Called with tensors whose bytes are synced to disk; the resume journal records them.
-    on_durable: Callable[[list[str]], None] | None = None
+    # Called with tensors whose bytes are written, and whether they (and all before) are fsynced;
+    # the resume journal records them (see output.py).
+    on_done: Callable[[list[str], bool], None] | None = None
+    journal_every_s: float = 1.0
     sync_every_bytes: int = 1 << 30
 
 
@@ -268,6 +271,7 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
     remaining: dict[str, int] = {}
     inflight: deque[tuple[_Chunk, Future[int]]] = deque()
     limit = plan.budget.inflight
+    last_journal = [time.monotonic()]
 
     with InputFiles() as files, ThreadPoolExecutor(plan.budget.workers, "mkl-chunk") as pool:
 
@@ -282,12 +286,23 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
                 merged += 1
                 finished.append(chunk.task.name)
                 ctx.progress.tensor_done(chunk.task.name)
-            if ctx.on_durable and finished and (unsynced >= ctx.sync_every_bytes or not inflight):
+            journal(final=False)
+
+        def journal(final: bool) -> None:
+            """Record finished tensors about every second; fsync every ``sync_every_bytes`` and at
+            the end, so that the finished output is on disk before it is renamed into place."""
+            nonlocal unsynced
+            sync = final or (unsynced >= ctx.sync_every_bytes and bool(finished))
+            if sync:
                 for s in shards.values():
                     s.sync()
-                ctx.on_durable(list(finished))
-                finished.clear()
                 unsynced = 0
+            if ctx.on_done is None or not (finished or sync):
+                return
+            if sync or time.monotonic() - last_journal[0] >= ctx.journal_every_s:
+                ctx.on_done(list(finished), sync)
+                finished.clear()
+                last_journal[0] = time.monotonic()
 
         try:
             for task in todo:
@@ -305,6 +320,7 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
                     inflight.append((_Chunk(task, plan.shard_of[task.name], ChunkInfo(0, 0, task.shape, 0)), _done(0)))
             while inflight:
                 complete_oldest()
+            journal(final=True)
         finally:
             for _, f in inflight:
                 f.cancel()

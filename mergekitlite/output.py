@@ -2,8 +2,13 @@
 
 A merge writes into ``OUT.partial/`` and renames it to ``OUT`` only when everything (weights,
 config, tokenizer, card) is in place, so a folder named ``OUT`` is always complete. The journal
-in the partial folder lists tensors whose bytes are on disk; ``--resume`` skips them, after
+in the partial folder lists tensors whose bytes are written; ``--resume`` skips them, after
 checking that the plan (recipe, inputs, layout) is the one the journal was written for.
+
+Journal entries are appended often (about every second) without fsync: after a killed process
+the page cache still holds both the data and the journal, in order. Only every ``sync`` (shards
+fsynced first, then a ``synced`` marker) are they safe from a power loss too. The journal records
+the kernel's boot id, so a resume after a reboot trusts only entries up to the last marker.
 """
 
 from __future__ import annotations
@@ -59,14 +64,17 @@ class PartialOutput:
     done: set[str] = field(default_factory=set)
     resumed: bool = False
 
-    def record(self, names: Iterable[str]) -> None:
-        """Append finished tensors to the journal (their data is already synced)."""
+    def record(self, names: Iterable[str], synced: bool) -> None:
+        """Append finished tensors; ``synced``: their data (and all earlier data) is fsynced."""
         with open(self.path / JOURNAL, "a", encoding="utf-8") as f:
             for name in names:
                 f.write(json.dumps({"done": name}) + "\n")
                 self.done.add(name)
+            if synced:
+                f.write(json.dumps({"synced": True}) + "\n")
             f.flush()
-            os.fsync(f.fileno())
+            if synced:
+                os.fsync(f.fileno())
 
     def commit(self, *, overwrite: bool) -> Path:
         """Remove the journal and move the finished folder into place."""
@@ -93,9 +101,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
 def _read_journal(path: Path) -> tuple[str | None, set[str]]:
+    """(fingerprint, tensors safely written). Entries not followed by a ``synced`` marker count only
+    when they were written since the last boot: a power loss may have dropped their data."""
     fingerprint = None
     done: set[str] = set()
+    pending: set[str] = set()
+    segment_boot = None
+    now = boot_id()
     try:
         lines = (path / JOURNAL).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -105,10 +125,20 @@ def _read_journal(path: Path) -> tuple[str | None, set[str]]:
             entry = json.loads(line)
         except json.JSONDecodeError:
             break  # a torn last line from a kill: everything before it is valid
+        if "boot_id" in entry:
+            if segment_boot == now:
+                done |= pending
+            pending = set()
+            segment_boot = entry["boot_id"]
         if "fingerprint" in entry:
             fingerprint = entry["fingerprint"]
-        elif "done" in entry:
-            done.add(entry["done"])
+        if "done" in entry:
+            pending.add(entry["done"])
+        elif entry.get("synced"):
+            done |= pending
+            pending = set()
+    if segment_boot == now:
+        done |= pending
     return fingerprint, done
 
 
@@ -130,6 +160,8 @@ def open_partial(out: Path, plan: Plan, *, resume: bool, overwrite: bool) -> Par
                 f"{partial} holds a merge of a different recipe or different inputs, so it cannot be "
                 "resumed; delete it to start over"
             )
+        with open(partial / JOURNAL, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"boot_id": boot_id()}) + "\n")
         return PartialOutput(out, partial, fingerprint, done, resumed=True)
 
     need = plan.bytes_written + DISK_MARGIN
@@ -142,7 +174,7 @@ def open_partial(out: Path, plan: Plan, *, resume: bool, overwrite: bool) -> Par
         )
     partial.mkdir()
     with open(partial / JOURNAL, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"fingerprint": fingerprint}) + "\n")
+        f.write(json.dumps({"fingerprint": fingerprint, "boot_id": boot_id()}) + "\n")
         f.flush()
         os.fsync(f.fileno())
     return PartialOutput(out, partial, fingerprint)

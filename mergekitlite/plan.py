@@ -28,8 +28,9 @@ from mergekitlite.io.safetensors_header import (
     itemsize,
     layout_shard,
 )
-from mergekitlite.methods import REQUIRED, MethodSpec, get_method
+from mergekitlite.methods import MethodSpec, get_method
 from mergekitlite.methods.apply import tensor_seed
+from mergekitlite.methods.registry import param_kind
 from mergekitlite.recipe import LoadedRecipe, Parameters, Recipe, Rule
 from mergekitlite.settings import evaluate, is_gradient, name_matches
 from mergekitlite.sources import ModelSource, open_sources, split_layer
@@ -278,14 +279,18 @@ def _normalize_slices(
     return [_Slice(tuple(_Source(m, 0, p) for m, p in models), n, recipe.base_model, None)]
 
 
-def _check_value(name: str, value: Any, default: Any, where: str, problems: _Problems) -> None:
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            problems.add_grouped(f"type:{name}", f"{where}: parameter '{name}' must be true or false, got {value!r}")
-    elif (default is REQUIRED or isinstance(default, (int, float)) or default is None) and (
-        isinstance(value, (bool, str))
-    ):
+def _coerce(name: str, value: Any, default: Any, where: str, problems: _Problems) -> Any:
+    """The value as the method wants it. Booleans written as 0/1 are accepted, as mergekit (whose
+    older tools wrote every parameter as a float) does; anything else of the wrong kind is a problem
+    (the recipe loader reports most of them earlier, with positions)."""
+    kind = param_kind(default)
+    if kind == "bool" and isinstance(value, (int, float)) and not isinstance(value, bool) and value in (0, 1):
+        return bool(value)
+    if kind == "bool" and not isinstance(value, bool):
+        problems.add_grouped(f"type:{name}", f"{where}: parameter '{name}' must be true or false, got {value!r}")
+    elif kind == "number" and isinstance(value, (bool, str)):
         problems.add_grouped(f"type:{name}", f"{where}: parameter '{name}' must be a number, got {value!r}")
+    return value
 
 
 def _first(levels: Sequence[Parameters | None], pname: str, tensor: str, t: float) -> Any | None:
@@ -315,7 +320,7 @@ def _resolve_params(
                 continue
             value = p.default
         else:
-            _check_value(p.name, value, p.default, out_name, problems)
+            value = _coerce(p.name, value, p.default, out_name, problems)
         resolved[p.name] = value
     for p in spec.model_params:
         values = []
@@ -330,7 +335,7 @@ def _resolve_params(
                     )
                 value = p.default
             else:
-                _check_value(p.name, value, p.default, f"{out_name} (model {model!r})", problems)
+                value = _coerce(p.name, value, p.default, f"{out_name} (model {model!r})", problems)
             values.append(value)
         resolved[p.name] = tuple(values)
     if spec.name == "linear" and resolved.get("normalize") and isinstance(resolved.get("weight"), tuple):

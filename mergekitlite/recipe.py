@@ -29,6 +29,8 @@ from pydantic import (
 
 from mergekitlite.errors import RecipeError, UnknownMethodError
 from mergekitlite.methods import REGISTRY
+from mergekitlite.methods.registry import param_kind
+from mergekitlite.tokens import builtin_chat_template, builtin_chat_templates
 from mergekitlite.yamlpos import Mark, PositionedYaml, YamlSyntaxError, load_positioned_all
 
 SCHEMA_URL_COMMENT = "# yaml-language-server: $schema=../schemas/recipe.schema.json"
@@ -414,6 +416,44 @@ def _check_filters(setting: Any, where: tuple[str | int, ...], problems: _Proble
                 problems.add(path, f"invalid regular expression: {exc}")
 
 
+_NUMBER_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _numeric_strings_to_floats(setting: Any) -> Any:
+    """YAML 1.1 reads ``5e-1`` (no dot) as a string; mergekit's float fields accept it, so do we."""
+    if isinstance(setting, str) and _NUMBER_RE.match(setting.strip()):
+        return float(setting)
+    if isinstance(setting, list):
+        return [_numeric_strings_to_floats(v) for v in setting]
+    if isinstance(setting, dict) and "value" in setting:
+        return {**setting, "value": _numeric_strings_to_floats(setting["value"])}
+    return setting
+
+
+def _normalize_numbers(data: dict[str, Any]) -> None:
+    for _where, params in _raw_param_locations(data):
+        for name in list(params):
+            params[name] = _numeric_strings_to_floats(params[name])
+
+
+def _check_kinds(setting: Any, where: tuple[str | int, ...], kind: str, problems: _Problems) -> None:
+    """Every value a setting can take must be of the parameter's kind (number, or true/false —
+    0 and 1 included, as mergekit's float-typed configs write them)."""
+    if isinstance(setting, dict):
+        if "value" in setting:
+            _check_kinds(setting["value"], (*where, "value"), kind, problems)
+        return
+    if isinstance(setting, list):
+        for i, item in enumerate(setting):
+            _check_kinds(item, (*where, i), kind, problems)
+        return
+    is_number = isinstance(setting, (int, float)) and not isinstance(setting, bool)
+    if kind == "bool" and not (isinstance(setting, bool) or (is_number and setting in (0, 1))):
+        problems.add(where, f"expected true or false, got {setting!r}")
+    elif kind == "number" and not is_number:
+        problems.add(where, f"expected a number, got {setting!r}")
+
+
 def _raw_checks(data: dict[str, Any], problems: _Problems, warnings: list[str]) -> None:
     """Method name and parameter names, checked on the raw mapping."""
     method = data.get("merge_method")
@@ -442,7 +482,9 @@ def _raw_checks(data: dict[str, Any], problems: _Problems, warnings: list[str]) 
         mine = {p.name for p in mine_spec.params}
         for name, setting in params.items():
             _check_filters(setting, (*where, name), problems)
-            if name in mine:
+            param = mine_spec.param(str(name))
+            if param is not None:
+                _check_kinds(setting, (*where, name), param_kind(param.default), problems)
                 continue
             if name in known_everywhere:
                 warnings.append(f"{_fmt_path((*where, name))}: {mine_spec.name} does not use '{name}'; ignored")
@@ -517,6 +559,13 @@ def _semantic_checks(recipe: Recipe, problems: _Problems) -> None:
             ("tokenizer_source",) if recipe.tokenizer_source else ("tokenizer", "source"),
             "'union' tokenizers are not supported yet; name the model whose tokenizer the output should use",
         )
+    template = recipe.chat_template
+    if template is not None and template != "auto" and builtin_chat_template(template) is None and "{" not in template:
+        names = ", ".join(builtin_chat_templates())
+        problems.add(
+            ("chat_template",),
+            f"{template!r} is neither a built-in template ({names}), 'auto', nor a Jinja template",
+        )
     if recipe.tokenizer and recipe.tokenizer.pad_to_multiple_of:
         problems.add(("tokenizer", "pad_to_multiple_of"), "padding the vocabulary is not supported yet")
     for key, spec_ in (recipe.tokenizer.tokens or {}).items() if recipe.tokenizer else ():
@@ -526,7 +575,7 @@ def _semantic_checks(recipe: Recipe, problems: _Problems) -> None:
 
 
 def _validate_document(
-    pos: PositionedYaml, text: str, source: str, path: Path | None
+    pos: PositionedYaml, text: str, source: str, path: Path | None, whole: bool
 ) -> tuple[LoadedRecipe | None, list[str]]:
     problems = _Problems(source, pos)
     for dup_path, _mark in pos.duplicates:
@@ -538,6 +587,7 @@ def _validate_document(
         return None, [f"{where}: expected a mapping with merge_method, models, ...; found {kind}"]
     warnings: list[str] = []
     recipe: Recipe | None = None
+    _normalize_numbers(pos.data)
     try:
         recipe = Recipe.model_validate(pos.data)
     except ValidationError as exc:
@@ -547,7 +597,7 @@ def _validate_document(
         _semantic_checks(recipe, problems)
     if problems.items or recipe is None:
         return None, problems.lines()
-    doc_text = text[pos.span[0] : pos.span[1]] if pos.span != (0, 0) else text
+    doc_text = text[pos.span[0] : pos.span[1]] if pos.span != (0, 0) and not whole else text
     loaded = LoadedRecipe(
         recipe=recipe,
         text=doc_text if doc_text.strip() else text,
@@ -572,7 +622,8 @@ def parse_recipes(text: str, source: str = "<recipe>", path: Path | None = None)
     steps: list[LoadedRecipe] = []
     lines: list[str] = []
     for pos in docs:
-        loaded, errs = _validate_document(pos, text, source, path)
+        # A single-step recipe keeps its whole text, comments included (the card quotes it).
+        loaded, errs = _validate_document(pos, text, source, path, whole=len(docs) == 1)
         lines += errs
         if loaded is not None:
             steps.append(loaded)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,17 @@ class TokenInfo:
             ids.append(self.ids[self.eos_token])
         ids += [self.ids[t] for t in self.turn_end_tokens()]
         return list(dict.fromkeys(ids))
+
+
+def builtin_chat_template(name: str) -> str | None:
+    """A chat template shipped with mergekitlite (``chat_template: chatml``), or None."""
+    path = resources.files("mergekitlite") / "templates" / f"{name}.jinja"
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def builtin_chat_templates() -> list[str]:
+    folder = resources.files("mergekitlite") / "templates"
+    return sorted(p.name.removesuffix(".jinja") for p in folder.iterdir() if p.name.endswith(".jinja"))
 
 
 def chat_template_of(folder: Path) -> str | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
@@ -68,7 +69,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
 
 
-def perturb(src: str | Path, dst: str | Path, seed: int, scale: float = 0.01, *, config_extra: Mapping[str, Any] | None = None) -> Path:
+def perturb(
+    src: str | Path, dst: str | Path, seed: int, scale: float = 0.01, *, config_extra: Mapping[str, Any] | None = None
+) -> Path:
     """A fine-tune-like child of ``src``: every float tensor plus seeded noise of std ``scale``
     (computed in float32, cast once to the tensor's dtype); other files are copied."""
     src, dst = Path(src), Path(dst)
@@ -143,8 +146,15 @@ def make_llama(
     return _save_hf_model(LlamaForCausalLM(cfg), Path(path), dtype, config_extra)
 
 
-def make_qwen2(path: str | Path, seed: int, dtype: torch.dtype = torch.bfloat16, layers: int = 3, *, tied: bool = False,
-               config_extra: Mapping[str, Any] | None = None) -> Path:
+def make_qwen2(
+    path: str | Path,
+    seed: int,
+    dtype: torch.dtype = torch.bfloat16,
+    layers: int = 3,
+    *,
+    tied: bool = False,
+    config_extra: Mapping[str, Any] | None = None,
+) -> Path:
     """A tiny Qwen2 (``model.layers.N...`` with q/k/v biases)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -164,14 +174,21 @@ def make_qwen2(path: str | Path, seed: int, dtype: torch.dtype = torch.bfloat16,
     return _save_hf_model(Qwen2ForCausalLM(cfg), Path(path), dtype, config_extra)
 
 
-def make_gpt2(path: str | Path, seed: int, dtype: torch.dtype = torch.float32, layers: int = 3, *,
-              config_extra: Mapping[str, Any] | None = None) -> Path:
+def make_gpt2(
+    path: str | Path,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    layers: int = 3,
+    *,
+    config_extra: Mapping[str, Any] | None = None,
+) -> Path:
     """A tiny GPT-2 (``transformer.h.N...``, tied embeddings, no lm_head in the file)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=layers, n_head=2, n_positions=64,
-                     bos_token_id=1, eos_token_id=2)
+    cfg = GPT2Config(
+        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=layers, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=2
+    )
     return _save_hf_model(GPT2LMHeadModel(cfg), Path(path), dtype, config_extra)
 
 
@@ -194,8 +211,15 @@ def qwen1_code(donor: str, sentinel: Path) -> dict[str, str]:
     }
 
 
-def make_qwen1(path: str | Path, seed: int, dtype: torch.dtype = torch.bfloat16, layers: int = 3, *,
-               donor: str = "?", sentinel: Path | None = None) -> Path:
+def make_qwen1(
+    path: str | Path,
+    seed: int,
+    dtype: torch.dtype = torch.bfloat16,
+    layers: int = 3,
+    *,
+    donor: str = "?",
+    sentinel: Path | None = None,
+) -> Path:
     """A Qwen v1 (Qwen-14B layout, trust_remote_code) checkpoint written directly: tensor names
     ``transformer.h.N.attn.c_attn.weight``, ``transformer.wte.weight``, ``lm_head.weight``..., an
     ``auto_map`` config and the repo's ``*.py`` / ``qwen.tiktoken`` files."""
@@ -246,8 +270,9 @@ def make_qwen1(path: str | Path, seed: int, dtype: torch.dtype = torch.bfloat16,
     return write_safetensors_model(path, tensors, config, extra_files=files)
 
 
-def make_family(root: str | Path, arch: str = "llama", seed: int = 0, *, children: int = 2, scale: float = 0.01,
-                **kwargs: Any) -> dict[str, Path]:
+def make_family(
+    root: str | Path, arch: str = "llama", seed: int = 0, *, children: int = 2, scale: float = 0.01, **kwargs: Any
+) -> dict[str, Path]:
     """A base model and ``children`` fine-tune-like perturbations of it: {"base", "a", "b", ...}."""
     root = Path(root)
     makers = {"llama": make_llama, "qwen2": make_qwen2, "gpt2": make_gpt2, "qwen1": make_qwen1}
@@ -259,8 +284,14 @@ def make_family(root: str | Path, arch: str = "llama", seed: int = 0, *, childre
     return out
 
 
-def make_tokenizer(path: str | Path, chat_template: str | None = None, eos: str = "</s>", *,
-                   generation_eos_id: int | None = None, words: Sequence[str] = ()) -> Path:
+def make_tokenizer(
+    path: str | Path,
+    chat_template: str | None = None,
+    eos: str = "</s>",
+    *,
+    generation_eos_id: int | None = None,
+    words: Sequence[str] = (),
+) -> Path:
     """A tiny word-level fast tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) that
     transformers loads with AutoTokenizer; optionally a ``generation_config.json``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -288,6 +319,51 @@ def make_tokenizer(path: str | Path, chat_template: str | None = None, eos: str 
         gen = {"bos_token_id": 1, "eos_token_id": generation_eos_id, "do_sample": True, "temperature": 0.7}
         (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a CLI subprocess: offline, quiet, the hash cache from the current test."""
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "200"})
+    env.update(extra)
+    return env
+
+
+def add_to_hub_cache(
+    cache: str | Path,
+    repo_id: str,
+    folder: str | Path,
+    *,
+    commit: str | None = None,
+    refs: Sequence[str] = ("main",),
+    blobs: bool = True,
+) -> Path:
+    """Put the files of ``folder`` into a huggingface_hub cache at ``cache`` as if downloaded:
+    ``models--org--name/refs/<ref>`` holds the commit hash, ``snapshots/<commit>/`` the files
+    (with ``blobs``: symlinks to ``blobs/<sha256>`` as the hub client lays them out). Returns the
+    snapshot folder."""
+    import hashlib
+
+    folder = Path(folder)
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    commit = commit or hashlib.sha1(repo_id.encode()).hexdigest()
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+    for f in sorted(folder.iterdir()):
+        if not f.is_file():
+            continue
+        if blobs:
+            data = f.read_bytes()
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.parent.mkdir(exist_ok=True)
+            blob.write_bytes(data)
+            (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+        else:
+            shutil.copyfile(f, snap / f.name)
+    return snap
 
 
 # ---------------------------------------------------------------- mergekit's parameter rules, restated
@@ -346,12 +422,19 @@ def expected_value(setting: Any, name: str, n_layers: int) -> float | None:
 # ---------------------------------------------------------------- reference arithmetic (float32 by default)
 
 
-def ref_task_arithmetic(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float], *,
-                        normalize: bool = False, lam: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def ref_task_arithmetic(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    normalize: bool = False,
+    lam: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """base + λ·Σ wᵢ(mᵢ − base), accumulated left to right in ``dtype``; normalize divides by Σw first."""
     b = base.to(dtype)
     total = (models[0].to(dtype) - b) * weights[0]
-    for m, w in zip(models[1:], weights[1:]):
+    for m, w in zip(models[1:], weights[1:], strict=True):
         total = total + (m.to(dtype) - b) * w
     if normalize and abs(sum(weights)) >= 1e-8:
         total = total / sum(weights)
@@ -360,22 +443,28 @@ def ref_task_arithmetic(base: torch.Tensor, models: Sequence[torch.Tensor], weig
     return total + b
 
 
-def ref_linear(models: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def ref_linear(
+    models: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    normalize: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     total = models[0].to(dtype) * weights[0]
-    for m, w in zip(models[1:], weights[1:]):
+    for m, w in zip(models[1:], weights[1:], strict=True):
         total = total + m.to(dtype) * w
     if normalize:
         total = total / sum(weights)
     return total
 
 
-def ref_add_difference(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float], *,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def ref_add_difference(
+    base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float], *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """models[0] + Σᵢ≥₁ wᵢ(modelsᵢ − base)."""
     b = base.to(dtype)
     total = (models[1].to(dtype) - b) * weights[1]
-    for m, w in zip(models[2:], weights[2:]):
+    for m, w in zip(models[2:], weights[2:], strict=True):
         total = total + (m.to(dtype) - b) * w
     return total + models[0].to(dtype)
 
@@ -390,12 +479,15 @@ def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, name: str = "")
         raise AssertionError(f"{name}: {n}/{actual.numel()} elements differ, max |diff| {float(diff.max()):.3g}")
 
 
-def assert_close_to_exact(actual: torch.Tensor, exact: torch.Tensor, name: str = "", ulps: float = 1.0,
-                          atol: float = 1e-7) -> None:
+def assert_close_to_exact(
+    actual: torch.Tensor, exact: torch.Tensor, name: str = "", ulps: float = 1.0, atol: float = 1e-7
+) -> None:
     """``actual`` is within ``ulps`` units in the last place (of its dtype) of the float64
     ``exact``, plus ``atol`` for the float32 rounding of intermediate results near zero."""
     eps = torch.finfo(actual.dtype).eps
     err = (actual.double() - exact.double()).abs()
     bound = exact.double().abs() * eps * ulps + atol
     bad = err > bound
-    assert not bool(bad.any()), f"{name}: {int(bad.sum())} element(s) off by more than {ulps} ulp, max err {float(err.max()):.3g}"
+    assert not bool(bad.any()), (
+        f"{name}: {int(bad.sum())} element(s) off by more than {ulps} ulp, max err {float(err.max()):.3g}"
+    )

@@ -13,9 +13,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import builders  # noqa: E402
+import builders
 
-REPO = Path(__file__).resolve().parent.parent
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache_session(tmp_path_factory: pytest.TempPathFactory):
+    """Session-wide default, so that module- and session-scoped fixtures (set up before any
+    function-scoped fixture) never hash into ~/.cache either."""
+    old = os.environ.get("MERGEKITLITE_CACHE")
+    os.environ["MERGEKITLITE_CACHE"] = str(tmp_path_factory.mktemp("mkl-cache-session"))
+    yield
+    if old is None:
+        os.environ.pop("MERGEKITLITE_CACHE", None)
+    else:
+        os.environ["MERGEKITLITE_CACHE"] = old
 
 
 @pytest.fixture(autouse=True)
@@ -59,16 +70,3 @@ def qwen2_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def gpt2_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """float32 GPT-2 (``transformer.h.N``), tied, 3 layers."""
     return builders.make_family(tmp_path_factory.mktemp("gpt2"), "gpt2", seed=4, dtype=torch.float32)
-
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """Environment for a CLI subprocess: offline, quiet, the hash cache from the current test."""
-    env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "200"})
-    env.update(extra)
-    return env

@@ -81,6 +81,11 @@ class Statistic(Protocol):
     def result(self, state: Any) -> Any: ...
 
 
+def param_kind(default: Any) -> str:
+    """'bool' or 'number' (what a recipe value must be), from the parameter's default."""
+    return "bool" if isinstance(default, bool) else "number"
+
+
 @dataclass(frozen=True)
 class Param:
     """A recipe parameter of a method. ``name`` is the recipe spelling (``lambda``, not ``lambda_``)."""

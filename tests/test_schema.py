@@ -1,0 +1,104 @@
+"""The recipe JSON schema: the committed file is what the code generates, the shipped recipes
+validate against it and load, and the schema rejects what the loader rejects."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from mergekitlite.cli import main
+from mergekitlite.recipe import load_recipes, recipe_json_schema
+
+REPO = Path(__file__).resolve().parent.parent
+SCHEMA_FILE = REPO / "schemas" / "recipe.schema.json"
+RECIPES = sorted((REPO / "recipes").glob("*.yaml")) + sorted((REPO / "recipes").glob("*.yml"))
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict:
+    return json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+
+
+def test_schema_file_is_up_to_date():
+    expected = json.dumps(recipe_json_schema(), indent=2, ensure_ascii=False) + "\n"
+    assert SCHEMA_FILE.read_text(encoding="utf-8") == expected, "run `mergekitlite schema` to regenerate it"
+
+
+def test_schema_command_check(tmp_path, capsys):
+    target = tmp_path / "schema.json"
+    assert main(["schema", "--output", str(target), "--check"]) == 1
+    assert main(["schema", "--output", str(target)]) == 0
+    assert json.loads(target.read_text()) == recipe_json_schema()
+    assert main(["schema", "--output", str(target), "--check"]) == 0
+
+
+def test_schema_is_a_valid_draft_2020_12_schema(schema):
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+
+
+def test_every_shipped_recipe_validates_and_loads(schema):
+    validator = jsonschema.Draft202012Validator(schema)
+    checked = 0
+    for path in RECIPES:
+        text = path.read_text(encoding="utf-8")
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        assert docs, f"{path} is empty"
+        for i, doc in enumerate(docs):
+            errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.path))
+            assert not errors, f"{path.name} document {i + 1}: " + "; ".join(
+                f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors
+            )
+        steps = load_recipes(path)
+        assert len(steps) == len(docs)
+        checked += 1
+    assert checked == len(RECIPES)  # an empty recipes/ folder passes, having checked nothing
+
+
+@pytest.mark.parametrize(
+    ("doc", "why"),
+    [
+        ({"merge_method": "linear", "modles": []}, "unknown top-level key"),
+        ({"models": [{"model": "a"}]}, "merge_method missing"),
+        ({"merge_method": "linear", "models": [{"model": "a", "paramters": {}}]}, "unknown model key"),
+        (
+            {
+                "merge_method": "linear",
+                "models": [{"model": "a", "parameters": {"weight": {"filtr": "x", "value": 1}}}],
+            },
+            "unknown rule key",
+        ),
+        ({"merge_method": "linear", "models": [{"model": "a"}], "dtype": "int8"}, "unknown dtype"),
+        ({"merge_method": "linear", "models": [{"model": "a"}], "compute_dtype": "float8"}, "unknown compute dtype"),
+    ],
+)
+def test_schema_rejects_invalid_recipes(schema, doc, why):
+    assert list(jsonschema.Draft202012Validator(schema).iter_errors(doc)), why
+
+
+def test_schema_accepts_mergekit_forms(schema):
+    doc = {
+        "merge_method": "task_arithmetic",
+        "base_model": "org/base",
+        "models": [
+            {"model": "org/a", "parameters": {"weight": [0, 0.5, 1]}},
+            {"model": "org/b", "parameters": {"weight": [{"filter": "self_attn", "value": 0.5}, {"value": 1}]}},
+        ],
+        "parameters": {"normalize": True, "int8_mask": True},
+        "dtype": "bfloat16",
+        "tokenizer_source": "base",
+    }
+    jsonschema.validate(doc, schema)
+    slices = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": "a", "layer_range": [0, 2]}]},
+            {"sources": [{"model": "b", "layer_range": [1, 3]}]},
+        ],
+        "dtype": "float16",
+    }
+    jsonschema.validate(slices, schema)
