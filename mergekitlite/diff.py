@@ -279,7 +279,8 @@ def short_labels(modules: Sequence[str]) -> dict[str, str]:
     stripped = {m: m.removesuffix(".weight").split(".") for m in modules}
     out: dict[str, str] = {}
     for m, parts in stripped.items():
-        for k in range(1, len(parts) + 1):
+        # "bias" alone says nothing: a bias keeps the name of its module.
+        for k in range(2 if parts[-1] == "bias" and len(parts) > 1 else 1, len(parts) + 1):
             label = ".".join(parts[-k:])
             clash = [o for o, p in stripped.items() if o != m and ".".join(p[-k:]) == label]
             if not clash or k == len(parts):
@@ -404,8 +405,9 @@ def cmd_diff(args: argparse.Namespace, console: Console) -> int:
     if not result.tensors:
         raise MergekitliteError(f"{args.a} and {args.b} have no tensor in common that can be compared")
     if not args.quiet:
-        console.print(f"A = {result.a}\nB = {result.b}" + (f"\nbase = {result.base}" if result.base else ""),
-                      highlight=False)
+        console.print(
+            f"A = {result.a}\nB = {result.b}" + (f"\nbase = {result.base}" if result.base else ""), highlight=False
+        )
         for table in [long_table(result)] if args.long else layer_tables(result):
             console.print(table)
         if result.skipped:

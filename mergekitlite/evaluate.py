@@ -4,9 +4,10 @@ Every model is fed the same token ids, made by one tokenizer (the merged model's
 are comparable; every model must therefore share the merged model's vocabulary. Measured for each:
 
 * **perplexity** of a text file: ``exp`` of the token-weighted mean negative log-likelihood. The
-  text is cut into sliding windows of ``max_length`` tokens moved by ``stride``; each token is
-  scored once, in the first window that reaches it, so it has at least ``max_length − stride``
-  tokens of context (except near the start). The first token has no context and is not scored.
+  text is cut into sliding windows of ``max_length`` tokens whose ends are ``stride`` apart; each
+  token is scored once, in the first window that reaches it, so it has at least
+  ``max_length − stride`` tokens of context (except near the start). The first token has no
+  context and is not scored.
 * **EOS-termination rate**: each prompt is rendered with the chat template as a user turn plus the
   assistant header, then greedily continued (argmax, no sampling, no repetition penalty) for at most
   ``max_new_tokens``; a generation terminates if it emits one of the model's own stop ids (its
@@ -113,17 +114,19 @@ class Window:
 
 
 def plan_windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
-    """Sliding windows that score every token but the first exactly once (see the module docstring)."""
-    if max_length < 2 or not 1 <= stride <= max_length:
-        raise MergekitliteError(f"need 2 ≤ max_length and 1 ≤ stride ≤ max_length (got {max_length}, {stride})")
+    """Windows ending ``stride`` tokens apart, each the last ``max_length`` tokens up to its end, each
+    scoring the tokens after the previous window's end: every token but the first is scored exactly
+    once, with at least ``max_length − stride`` tokens of context (fewer only at the start)."""
+    if max_length < 2 or not 1 <= stride < max_length:
+        raise MergekitliteError(
+            f"need max_length ≥ 2 and 1 ≤ stride < max_length, so that every scored token has context "
+            f"(got max_length {max_length}, stride {stride})"
+        )
     windows: list[Window] = []
-    scored_to = 1
-    for begin in range(0, max(n_tokens - 1, 0), stride):
-        end = min(begin + max_length, n_tokens)
-        windows.append(Window(begin, end, max(scored_to, begin + 1)))
-        scored_to = end
-        if end == n_tokens:
-            break
+    scored_to, end = 1, min(max_length, n_tokens)
+    while scored_to < n_tokens:
+        windows.append(Window(max(0, end - max_length), end, scored_to))
+        scored_to, end = end, min(end + stride, n_tokens)
     return windows
 
 
@@ -257,8 +260,14 @@ def input_device(model: Any) -> torch.device:
 # ------------------------------------------------------------------------------------------ vocabulary
 
 
-def vocabulary_problems(merged_name: str, merged_vocab: dict[str, int], merged_rows: int | None,
-                        name: str, vocab: dict[str, int], rows: int | None) -> list[str]:
+def vocabulary_problems(
+    merged_name: str,
+    merged_vocab: dict[str, int],
+    merged_rows: int | None,
+    name: str,
+    vocab: dict[str, int],
+    rows: int | None,
+) -> list[str]:
     """Why ``name`` cannot be compared token for token with the merged model (empty: it can)."""
     problems = []
     if vocab != merged_vocab:
@@ -335,10 +344,11 @@ def score_text(
     *,
     kl_tokens: int,
     reference: torch.Tensor | None = None,
-    on_window: Callable[[int], None] | None = None,
+    on_tokens: Callable[[int], None] | None = None,
 ) -> TextScore:
     """Negative log-likelihood over the windows, plus, for the first ``kl_tokens`` scored positions,
-    either the log-probs themselves (``reference`` None) or KL(reference ‖ model) at each position."""
+    either the log-probs themselves (``reference`` None) or KL(reference ‖ model) at each position.
+    ``on_tokens(n)`` is called as each n scored positions are done (for a progress bar)."""
     score = TextScore()
     kept, kl = [], []
     pos = 0
@@ -354,8 +364,8 @@ def score_text(
                 ref = reference[pos : pos + take]
                 kl.append(torch.nn.functional.kl_div(rows, ref, reduction="none", log_target=True).sum(-1))
             pos += take
-        if on_window is not None:
-            on_window(len(targets))
+        if on_tokens is not None:
+            on_tokens(len(targets))
     if kept:
         score.kept = torch.cat(kept)
     if kl:
@@ -389,8 +399,9 @@ def greedy_generate(model: Any, prompt_ids: Sequence[int], config: Any, device: 
     return out[0, len(prompt_ids) :].tolist()
 
 
-def end_probability(model: Any, prompt_ids: Sequence[int], answer_ids: Sequence[int], end_id: int,
-                    device: torch.device) -> float:
+def end_probability(
+    model: Any, prompt_ids: Sequence[int], answer_ids: Sequence[int], end_id: int, device: torch.device
+) -> float:
     """P(end_id | prompt + answer): the probability of closing the turn right after the reference answer."""
     logits = last_logits(model, torch.tensor([*prompt_ids, *answer_ids]), 1, device)
     return float(torch.softmax(logits[-1].float(), dim=-1)[end_id])
@@ -462,8 +473,9 @@ class NullProgress:
         pass
 
 
-def measure_generations(model: Any, tokenizer: Any, setup: EvalSetup, stops: Sequence[int],
-                        device: torch.device, progress: EvalProgress) -> list[Generation]:
+def measure_generations(
+    model: Any, tokenizer: Any, setup: EvalSetup, stops: Sequence[int], device: torch.device, progress: EvalProgress
+) -> list[Generation]:
     config = greedy_config(stops, tokenizer.pad_token_id, setup.max_new_tokens)
     # generate() fills unset fields from model.generation_config: the greedy config must be the model's own.
     model.generation_config = config
@@ -479,8 +491,16 @@ def measure_generations(model: Any, tokenizer: Any, setup: EvalSetup, stops: Seq
     return results
 
 
-def evaluate_model(model: Any, tokenizer: Any, name: str, path: Path, role: str, setup: EvalSetup,
-                   reference: torch.Tensor | None, progress: EvalProgress) -> tuple[ModelResult, torch.Tensor | None]:
+def evaluate_model(
+    model: Any,
+    tokenizer: Any,
+    name: str,
+    path: Path,
+    role: str,
+    setup: EvalSetup,
+    reference: torch.Tensor | None,
+    progress: EvalProgress,
+) -> tuple[ModelResult, torch.Tensor | None]:
     """All measurements of one loaded model; also returns its KL-position log-probs when ``reference`` is None."""
     start = time.perf_counter()
     device = input_device(model)
@@ -490,8 +510,15 @@ def evaluate_model(model: Any, tokenizer: Any, name: str, path: Path, role: str,
     kept = None
     if setup.text_ids is not None:
         progress.start("perplexity", int(sum(w.end - w.first_target for w in setup.windows)))
-        score = score_text(model, setup.text_ids, setup.windows, device, kl_tokens=setup.kl_tokens,
-                           reference=reference, on_window=progress.advance)
+        score = score_text(
+            model,
+            setup.text_ids,
+            setup.windows,
+            device,
+            kl_tokens=setup.kl_tokens,
+            reference=reference,
+            on_tokens=progress.advance,
+        )
         result.perplexity, result.text_tokens = score.perplexity, score.tokens
         kept = score.kept
         if score.kl is not None and len(score.kl):
@@ -579,16 +606,39 @@ def choose_chat_template(explicit: str | None, models: Sequence[tuple[str, Path]
     return None, "none of the models has one: prompts are fed as plain text"
 
 
-def end_token_of(tokens: TokenInfo, template: str | None, tokenizer: Any) -> tuple[str, int]:
-    """The chat template's end-of-turn token (the one it writes first), else the tokenizer's eos."""
-    ends = dataclasses.replace(tokens, chat_template=template).turn_end_tokens() if template else []
-    if ends:
-        first = min(ends, key=lambda t: template.index(t) if template else 0)
-        return first, tokens.ids[first]
-    if tokenizer.eos_token_id is None:
-        raise MergekitliteError("the chat template writes no end-of-turn token and the tokenizer has no eos token: "
-                                "nothing to measure termination against")
-    return tokenizer.eos_token, int(tokenizer.eos_token_id)
+def _looks_special(token: str) -> bool:
+    return (token.startswith("<") and token.endswith(">")) or (token.startswith("[") and token.endswith("]"))
+
+
+def end_token_of(tokens: TokenInfo, template: str | None, tokenizer: Any, stops: Sequence[int]) -> tuple[str, int]:
+    """The token whose probability is measured after each answer: the chat template's end-of-turn
+    token (the first it writes), else the tokenizer's eos, else the merged model's first stop id.
+
+    The template's special tokens are looked up in the loaded tokenizer too: tokenizers without a
+    tokenizer.json (Qwen-14B's tiktoken) list them nowhere in their JSON files.
+    """
+    if template:
+        marked = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()) | tokens.special
+        literal = {
+            t: i
+            for t, i in tokenizer.get_vocab().items()
+            if isinstance(t, str) and len(t) > 1 and t in template and (t in marked or _looks_special(t))
+        }
+        found = dataclasses.replace(
+            tokens, ids={**literal, **tokens.ids}, special=tokens.special | set(literal), chat_template=template
+        )
+        ends = found.turn_end_tokens()
+        if ends:
+            first = min(ends, key=template.index)
+            return first, found.ids[first]
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token, int(tokenizer.eos_token_id)
+    if stops:
+        return str(tokenizer.convert_ids_to_tokens(stops[0])), stops[0]
+    raise MergekitliteError(
+        "the merged model has no end token: no chat-template end of turn, no tokenizer eos and no "
+        "eos id in generation_config.json or config.json"
+    )
 
 
 def render_prompt(tokenizer: Any, template: str | None, prompt: str) -> list[int]:
@@ -599,8 +649,9 @@ def render_prompt(tokenizer: Any, template: str | None, prompt: str) -> list[int
     from jinja2 import TemplateError
 
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], chat_template=template,
-                                             add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], chat_template=template, add_generation_prompt=True, tokenize=False
+        )
     except TemplateError as exc:
         raise MergekitliteError(f"the chat template cannot render a user turn: {exc}") from None
     # The template writes any BOS itself.
@@ -611,8 +662,11 @@ def prepare_prompts(tokenizer: Any, template: str | None, cases: Sequence[Prompt
     out = []
     for case in cases:
         answer = tokenizer(case.reference, add_special_tokens=False)["input_ids"] if case.reference else []
-        out.append(PreparedPrompt(case.prompt, case.reference, tuple(render_prompt(tokenizer, template, case.prompt)),
-                                  tuple(answer)))
+        out.append(
+            PreparedPrompt(
+                case.prompt, case.reference, tuple(render_prompt(tokenizer, template, case.prompt)), tuple(answer)
+            )
+        )
     return tuple(out)
 
 
@@ -645,8 +699,9 @@ def open_models(merged: str, against: Sequence[str]) -> list[tuple[str, ModelSou
     return sources
 
 
-def prepare(options: EvalOptions, models: Sequence[tuple[str, ModelSource]],
-            tokenizers: Sequence[Any]) -> tuple[EvalSetup, dict[str, Any]]:
+def prepare(
+    options: EvalOptions, models: Sequence[tuple[str, ModelSource]], tokenizers: Sequence[Any]
+) -> tuple[EvalSetup, dict[str, Any]]:
     """Token ids, windows and prompts shared by every model, and the settings to report."""
     merged_name, merged = models[0]
     tokenizer = tokenizers[0]
@@ -654,8 +709,9 @@ def prepare(options: EvalOptions, models: Sequence[tuple[str, ModelSource]],
     merged_vocab = tokenizer.get_vocab()
     merged_rows = merged.config_value("vocab_size")
     for (name, source), tok in zip(models[1:], tokenizers[1:], strict=True):
-        problems += vocabulary_problems(merged_name, merged_vocab, merged_rows, name, tok.get_vocab(),
-                                        source.config_value("vocab_size"))
+        problems += vocabulary_problems(
+            merged_name, merged_vocab, merged_rows, name, tok.get_vocab(), source.config_value("vocab_size")
+        )
     if problems:
         raise MergekitliteError("\n".join(problems))
 
@@ -668,9 +724,18 @@ def prepare(options: EvalOptions, models: Sequence[tuple[str, ModelSource]],
     template, template_source = choose_chat_template(options.chat_template_from, [(n, s.path) for n, s in models])
     prompts_path = options.prompts or default_prompts()
     cases = load_prompts(prompts_path)[: options.max_prompts]
-    end_token, end_id = end_token_of(read_token_info(merged.path), template, tokenizer)
-    setup = EvalSetup(ids, windows, prepare_prompts(tokenizer, template, cases), end_token, end_id,
-                      options.max_new_tokens, options.kl_tokens)
+    merged_tokens = read_token_info(merged.path)
+    merged_stops = stop_ids(merged_tokens, (merged.path / "generation_config.json").is_file())
+    end_token, end_id = end_token_of(merged_tokens, template, tokenizer, merged_stops)
+    setup = EvalSetup(
+        ids,
+        windows,
+        prepare_prompts(tokenizer, template, cases),
+        end_token,
+        end_id,
+        options.max_new_tokens,
+        options.kl_tokens,
+    )
     settings = {
         "text": str(options.text) if options.text else None,
         "text_tokens": len(ids) - 1 if ids is not None else 0,
@@ -694,8 +759,9 @@ def prepare(options: EvalOptions, models: Sequence[tuple[str, ModelSource]],
     return setup, settings
 
 
-def run_eval(merged: str, against: Sequence[str], options: EvalOptions,
-             progress: EvalProgress | None = None) -> EvalReport:
+def run_eval(
+    merged: str, against: Sequence[str], options: EvalOptions, progress: EvalProgress | None = None
+) -> EvalReport:
     """Measure the merged model, then each model in ``against``, one loaded at a time."""
     progress = progress or NullProgress()
     check_device(options.load)
@@ -731,13 +797,29 @@ def _terminated(r: ModelResult) -> str:
     return f"{r.termination_rate:.0%} ({done}/{len(r.generations)})"
 
 
-_COLUMNS = ("model", "role", "perplexity", "ends its answer", "mean new tokens", "P(end) mean", "P(end) min",
-            "KL(merged‖model)")
+_COLUMNS = (
+    "model",
+    "role",
+    "perplexity",
+    "ends its answer",
+    "mean new tokens",
+    "P(end) mean",
+    "P(end) min",
+    "KL(merged‖model)",
+)
 
 
 def _row(r: ModelResult) -> list[str]:
-    return [r.name, r.role, _num(r.perplexity, "{:.3f}"), _terminated(r), _num(r.mean_new_tokens, "{:.1f}"),
-            _num(r.end_prob_mean, "{:.3f}"), _num(r.end_prob_min, "{:.3f}"), _num(r.kl_mean, "{:.4f}")]
+    return [
+        r.name,
+        r.role,
+        _num(r.perplexity, "{:.3f}"),
+        _terminated(r),
+        _num(r.mean_new_tokens, "{:.1f}"),
+        _num(r.end_prob_mean, "{:.3f}"),
+        _num(r.end_prob_min, "{:.3f}"),
+        _num(r.kl_mean, "{:.4f}"),
+    ]
 
 
 def _clip(text: str, chars: int) -> str:
@@ -752,8 +834,9 @@ def _shown(g: Generation, chars: int) -> str:
 def results_table(report: EvalReport) -> Table:
     s = report.settings
     caption = f"end token {s['end_token']!r} (id {s['end_token_id']}); chat template: {s['chat_template_from']}"
-    table = Table(title=Text(f"eval: {report.merged}"), title_justify="left", caption=Text(caption),
-                  caption_justify="left")
+    table = Table(
+        title=Text(f"eval: {report.merged}"), title_justify="left", caption=Text(caption), caption_justify="left"
+    )
     for col in _COLUMNS:
         table.add_column(col, justify="left" if col in ("model", "role") else "right")
     for r in report.models:
@@ -764,8 +847,9 @@ def results_table(report: EvalReport) -> Table:
 def generations_table(report: EvalReport, show: int, chars: int) -> Table | None:
     if show <= 0 or not report.models or not report.models[0].generations:
         return None
-    table = Table(title=f"generations (first {show}, greedy; ⏹ = ended its turn)", title_justify="left",
-                  show_lines=True)
+    table = Table(
+        title=f"generations (first {show}, greedy; ⏹ = ended its turn)", title_justify="left", show_lines=True
+    )
     table.add_column("prompt")
     for r in report.models:
         table.add_column(Text(r.name))
@@ -821,8 +905,10 @@ def report_paths(path: Path) -> tuple[Path | None, Path | None]:
 def write_report(report: EvalReport, path: Path, show: int, chars: int) -> list[Path]:
     md, js = report_paths(path)
     written = []
-    for target, text in ((md, lambda: to_markdown(report, show, chars)),
-                         (js, lambda: json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")):
+    for target, text in (
+        (md, lambda: to_markdown(report, show, chars)),
+        (js, lambda: json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n"),
+    ):
         if target is not None:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text(), encoding="utf-8")
@@ -838,8 +924,14 @@ class RichEvalProgress:
 
     def __init__(self, console: Console):
         self.console = console
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=console, transient=True)
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
         self.task: Any = None
 
     def start(self, label: str, total: int) -> None:
@@ -853,7 +945,7 @@ class RichEvalProgress:
             self.bar.advance(self.task, n)
 
     def note(self, message: str) -> None:
-        self.console.print(f"[dim]{message}[/]", highlight=False)
+        self.console.print(Text(message, style="dim"), highlight=False)
 
     def stop(self) -> None:
         self.bar.stop()
@@ -870,8 +962,14 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
         stride=args.stride,
         max_text_tokens=args.max_text_tokens,
         kl_tokens=args.kl_tokens,
-        load=LoadOptions(device=args.device, dtype=args.dtype, max_ram=args.max_ram, max_vram=args.max_vram,
-                         offload_folder=args.offload_folder, trust_remote_code=args.trust_remote_code),
+        load=LoadOptions(
+            device=args.device,
+            dtype=args.dtype,
+            max_ram=args.max_ram,
+            max_vram=args.max_vram,
+            offload_folder=args.offload_folder,
+            trust_remote_code=args.trust_remote_code,
+        ),
     )
 
 
@@ -891,6 +989,8 @@ def transformers_progress_bars(enabled: bool) -> Iterator[None]:
 
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     """``mergekitlite eval OUT --against MODEL ...``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)  # process-wide, like merge's --threads: this process is the command
     progress = RichEvalProgress(console) if not args.quiet else None
     try:
         with transformers_progress_bars(not args.quiet):

@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from mergekitlite.budget import CACHE_CHUNK_ELEMENTS, human
 from mergekitlite.io.files import InputFiles
@@ -39,8 +41,13 @@ from mergekitlite.tokens import TokenInfo, read_token_info
 
 # Name endings of input-embedding and output-projection matrices across families
 # (Llama/Qwen2, GPT-2/Qwen v1, Bloom, NeoX, InternLM/Mistral-original).
-_EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
-                   "tok_embeddings.weight")
+_EMBED_SUFFIXES = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "embed_in.weight",
+    "tok_embeddings.weight",
+)
 _HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight", "output.weight")
 # A row is "untrained-looking" below mean − STD_FACTOR·std or below MEDIAN_FACTOR × median.
 STD_FACTOR = 2.0
@@ -75,6 +82,7 @@ class TokenRow:
     embed_norm: float | None
     lm_head_norm: float | None
     untrained: tuple[str, ...] = ()  # "embedding" and/or "lm_head"
+    notes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -116,8 +124,11 @@ def find_matrix(source: ModelSource, suffixes: Sequence[str], rows: int | None =
     ``suffixes`` (and has ``rows`` rows when given); with several (multimodal models), the one
     whose row count is the config's vocab_size, else the shortest name."""
     found = [
-        info for name, info in source.tensors.items()
-        if len(info.shape) == 2 and info.dtype in FLOAT_CODES and split_layer(name) is None
+        info
+        for name, info in source.tensors.items()
+        if len(info.shape) == 2
+        and info.dtype in FLOAT_CODES
+        and split_layer(name) is None
         and any(name == s or name.endswith("." + s) for s in suffixes)
         and (rows is None or info.shape[0] == rows)
     ]
@@ -152,7 +163,7 @@ def norm_stats(name: str, norms: torch.Tensor) -> RowStats:
     )
 
 
-def token_roles(tokens: TokenInfo) -> dict[int, list[str]]:
+def token_roles(tokens: TokenInfo, pad_id: int | None = None) -> dict[int, list[str]]:
     """id → what the model uses it for (eos ids first, then every special / added token)."""
     roles: dict[int, list[str]] = {}
 
@@ -169,6 +180,8 @@ def token_roles(tokens: TokenInfo) -> dict[int, list[str]]:
         add(tokens.ids[tokens.eos_token], "tokenizer eos")
     for t in tokens.turn_end_tokens():
         add(tokens.ids[t], "chat-template end of turn")
+    if pad_id is not None:
+        add(pad_id, "config pad")
     for t, i in tokens.ids.items():
         if tokens.chat_template and t in tokens.chat_template:
             add(i, "in chat template")
@@ -232,32 +245,43 @@ def inspect_model(source: ModelSource, chunk_elements: int = CACHE_CHUNK_ELEMENT
                 norms[label] = row_norms(files, info, chunk_elements)
     result.embed_stats = norm_stats(embed.name, norms["embedding"]) if embed else None
     result.lm_head_stats = norm_stats(head.name, norms["lm_head"]) if head else None
-    result.tokens = _token_rows(tokens, norms, result)
+    pad = source.config_value("pad_token_id")
+    result.tokens = _token_rows(tokens, norms, result, pad if isinstance(pad, int) else None)
     result.flags = _flags(tokens, stops, result)
     return result
 
 
-def _token_rows(tokens: TokenInfo, norms: dict[str, torch.Tensor], result: InspectResult) -> list[TokenRow]:
+def _token_rows(
+    tokens: TokenInfo, norms: dict[str, torch.Tensor], result: InspectResult, pad_id: int | None
+) -> list[TokenRow]:
     names = {i: t for t, i in tokens.ids.items()}
     stats = {"embedding": result.embed_stats, "lm_head": result.lm_head_stats}
     rows = []
-    for token_id, roles in sorted(token_roles(tokens).items()):
+    for token_id, roles in sorted(token_roles(tokens, pad_id).items()):
         values: dict[str, float | None] = {}
-        untrained = []
+        untrained, notes = [], []
         for label, vec in norms.items():
             value = float(vec[token_id]) if 0 <= token_id < len(vec) else None
             values[label] = value
             st = stats[label]
-            if value is not None and st is not None and value < st.threshold:
+            if value is None or st is None or value >= st.threshold:
+                continue
+            if label == "embedding" and token_id == pad_id:
+                # nn.Embedding(padding_idx=pad) keeps that row at zero and never updates it: by design.
+                notes.append("pad row: small by design")
+            else:
                 untrained.append(label)
-        rows.append(TokenRow(
-            token=names.get(token_id, f"<id {token_id}>"),
-            id=token_id,
-            roles=tuple(roles),
-            embed_norm=values.get("embedding"),
-            lm_head_norm=values.get("lm_head"),
-            untrained=tuple(untrained),
-        ))
+        rows.append(
+            TokenRow(
+                token=names.get(token_id, f"<id {token_id}>"),
+                id=token_id,
+                roles=tuple(roles),
+                embed_norm=values.get("embedding"),
+                lm_head_norm=values.get("lm_head"),
+                untrained=tuple(untrained),
+                notes=tuple(notes),
+            )
+        )
     return rows
 
 
@@ -270,9 +294,10 @@ def _flags(tokens: TokenInfo, stops: Sequence[int], result: InspectResult) -> li
         for label in row.untrained:
             st = result.embed_stats if label == "embedding" else result.lm_head_stats
             value = row.embed_norm if label == "embedding" else row.lm_head_norm
+            effect = "the model barely reads it as input" if label == "embedding" else "the model can hardly emit it"
             flags.append(
                 f"{row.token} (id {row.id}, {', '.join(row.roles)}): its {label} row looks untrained "
-                f"(norm {_fmt(value)}; all rows: {_describe(st)})"
+                f"(norm {_fmt(value)}; all rows: {_describe(st)}): {effect}"
             )
     return flags
 
@@ -292,14 +317,18 @@ def _describe(st: RowStats | None) -> str:
 
 def render(result: InspectResult, console: Console, all_tokens: bool = False) -> None:
     """Summary, special tokens and flags as rich tables."""
-    summary = Table(title=f"inspect: {result.path}", show_header=False, title_justify="left")
+    # Token texts such as Mistral's "[INST]" would read as rich markup: cells are Text, messages escaped.
+    summary = Table(title=Text(f"inspect: {result.path}"), show_header=False, title_justify="left")
     summary.add_row("tensors", f"{result.tensors:,}")
     summary.add_row("parameters", f"{result.params:,} ({human(result.bytes)})")
     summary.add_row("dtypes", ", ".join(f"{d}: {n:,}" for d, n in sorted(result.params_by_dtype.items())))
     summary.add_row("layers", str(result.layers))
-    summary.add_row("embedding / lm_head", f"{result.embed_tensor or '—'} / "
-                    f"{result.lm_head_tensor or ('tied to the embedding' if result.tied_embeddings else '—')}")
-    summary.add_row("tokenizer eos", result.eos_token or "—")
+    summary.add_row(
+        "embedding / lm_head",
+        f"{result.embed_tensor or '—'} / "
+        f"{result.lm_head_tensor or ('tied to the embedding' if result.tied_embeddings else '—')}",
+    )
+    summary.add_row("tokenizer eos", Text(result.eos_token or "—"))
     gen = str(result.generation_eos) if result.has_generation_config else "no generation_config.json"
     summary.add_row("generation_config eos", gen)
     summary.add_row("config eos", str(result.config_eos))
@@ -307,31 +336,46 @@ def render(result: InspectResult, console: Console, all_tokens: bool = False) ->
     template = "yes" if result.chat_template else "no"
     if result.chat_template:
         template += f", ends turns with {', '.join(result.turn_end_tokens) or 'no special token it writes literally'}"
-    summary.add_row("chat template", template)
+    summary.add_row("chat template", Text(template))
     for label, st in (("embedding", result.embed_stats), ("lm_head", result.lm_head_stats)):
         if st is not None:
-            summary.add_row(f"{label} row norms", f"mean {st.mean:.3g}, std {st.std:.3g}, median {st.median:.3g}, "
-                            f"min {st.min:.3g}, max {st.max:.3g}; untrained below {st.threshold:.3g}")
+            summary.add_row(
+                f"{label} row norms",
+                f"mean {st.mean:.3g}, std {st.std:.3g}, median {st.median:.3g}, "
+                f"min {st.min:.3g}, max {st.max:.3g}; untrained below {st.threshold:.3g}",
+            )
     console.print(summary)
 
     table = Table(title="special tokens", title_justify="left")
-    for col, justify in (("id", "right"), ("token", "left"), ("used as", "left"), ("embedding norm", "right"),
-                         ("lm_head norm", "right"), ("", "left")):
+    for col, justify in (
+        ("id", "right"),
+        ("token", "left"),
+        ("used as", "left"),
+        ("embedding norm", "right"),
+        ("lm_head norm", "right"),
+        ("", "left"),
+    ):
         table.add_column(col, justify=justify)
     limit = None if all_tokens else 40
     shown = [r for r in result.tokens if r.untrained or _important(r)] + [
         r for r in result.tokens if not (r.untrained or _important(r))
     ]
     for row in shown[:limit]:
-        mark = "[red]looks untrained: " + ", ".join(row.untrained) + "[/]" if row.untrained else ""
-        table.add_row(str(row.id), row.token, ", ".join(row.roles), _fmt(row.embed_norm), _fmt(row.lm_head_norm), mark)
+        mark = (
+            Text("looks untrained: " + ", ".join(row.untrained), style="red")
+            if row.untrained
+            else Text("; ".join(row.notes), style="dim")
+        )
+        table.add_row(
+            str(row.id), Text(row.token), ", ".join(row.roles), _fmt(row.embed_norm), _fmt(row.lm_head_norm), mark
+        )
     console.print(table)
     if limit is not None and len(shown) > limit:
         console.print(f"[dim]… {len(shown) - limit} more special tokens (--all-tokens lists them)[/]")
     if result.flags:
         console.print(f"[yellow]{len(result.flags)} flag(s):[/]")
         for flag in result.flags:
-            console.print(f"  [yellow]•[/] {flag}", highlight=False)
+            console.print(f"  [yellow]•[/] {escape(flag)}", highlight=False)
     else:
         console.print("[green]no flags[/]")
 

@@ -63,32 +63,88 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     )
     p.add_argument("out", help="the merged model (folder or hub id)")
     p.add_argument("--against", nargs="+", default=[], metavar="MODEL", help="parents to compare with")
-    p.add_argument("--text", type=Path, help="UTF-8 text file for perplexity and KL (without it both are skipped)")
-    p.add_argument("--prompts", type=Path,
-                   help="YAML list of {prompt, reference} (default: the packaged Japanese+English set)")
-    p.add_argument("--max-prompts", type=_positive, help="use only the first N prompts")
-    p.add_argument("--chat-template-from", metavar="MODEL",
-                   help="model folder, .jinja file or built-in template name whose chat template renders the prompts "
-                        "(default: the merged model's, else the first parent's that has one)")
-    p.add_argument("--max-new-tokens", type=_positive, default=256, help="generation limit per prompt (default 256)")
-    p.add_argument("--max-length", type=_positive,
-                   help="perplexity window in tokens (default: the models' context, at most 2048)")
-    p.add_argument("--stride", type=_positive, help="window step in tokens (default: half the window)")
-    p.add_argument("--max-text-tokens", type=_positive, help="score only the first N tokens of --text")
-    p.add_argument("--kl-tokens", type=_positive, default=512,
-                   help="text positions the KL is averaged over (default 512; memory: N × vocab floats)")
-    p.add_argument("--show", type=int, default=3, help="generations shown side by side (default 3)")
-    p.add_argument("--show-chars", type=_positive, default=200, help="characters shown per generation (default 200)")
-    p.add_argument("--device", default="cpu",
-                   help="cpu (default), cuda, cuda:N, mps, or auto (accelerate places layers on GPU, CPU and disk)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype when loading (default: the checkpoint's)")
-    p.add_argument("--max-ram", type=_size, help="RAM for weights, e.g. 24GB; the rest is offloaded to disk")
-    p.add_argument("--max-vram", type=_size, help="GPU memory for weights, e.g. 7GB; the rest stays in RAM or on disk")
-    p.add_argument("--offload-folder", type=Path, help="where offloaded weights go (default: a temporary folder)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow models that ship their own Python code (Qwen-14B) to run it")
-    p.add_argument("--report", type=Path, help="write PATH.md and PATH.json (or only PATH if it ends in .md/.json)")
+    p.add_argument(
+        "--text", type=Path, metavar="FILE", help="UTF-8 text file for perplexity and KL (without it both are skipped)"
+    )
+    p.add_argument(
+        "--prompts",
+        type=Path,
+        metavar="FILE",
+        help="YAML list of {prompt, reference} (default: the packaged Japanese+English set)",
+    )
+    p.add_argument("--max-prompts", type=_positive, metavar="N", help="use only the first N prompts")
+    p.add_argument(
+        "--chat-template-from",
+        metavar="MODEL",
+        help="model folder, .jinja file or built-in template name whose chat template renders the prompts "
+        "(default: the merged model's, else the first parent's that has one)",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=_positive, default=256, metavar="N", help="generation limit per prompt (default 256)"
+    )
+    p.add_argument(
+        "--max-length",
+        type=_positive,
+        metavar="N",
+        help="perplexity window in tokens (default: the models' context, at most 2048)",
+    )
+    p.add_argument(
+        "--stride",
+        type=_positive,
+        metavar="N",
+        help="window step in tokens, less than the window (default: half the window)",
+    )
+    p.add_argument("--max-text-tokens", type=_positive, metavar="N", help="score only the first N tokens of --text")
+    p.add_argument(
+        "--kl-tokens",
+        type=_positive,
+        default=512,
+        metavar="N",
+        help="text positions the KL is averaged over (default 512; memory: N × vocab floats)",
+    )
+    p.add_argument("--show", type=int, default=3, metavar="N", help="generations shown side by side (default 3)")
+    p.add_argument(
+        "--show-chars", type=_positive, default=200, metavar="N", help="characters shown per generation (default 200)"
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default), cuda, cuda:N, mps, or auto (accelerate places layers on GPU, CPU and disk)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype when loading (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--max-ram", type=_size, metavar="SIZE", help="RAM for weights, e.g. 24GB; the rest is offloaded to disk"
+    )
+    p.add_argument(
+        "--max-vram",
+        type=_size,
+        metavar="SIZE",
+        help="GPU memory for weights, e.g. 7GB; the rest stays in RAM or on disk",
+    )
+    p.add_argument(
+        "--offload-folder", type=Path, metavar="DIR", help="where offloaded weights go (default: a temporary folder)"
+    )
+    p.add_argument(
+        "-j",
+        "--threads",
+        type=_positive,
+        metavar="N",
+        help="CPU threads for the forward passes (default: torch's choice; 1 is fastest for tiny models "
+        "on a busy machine)",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow models that ship their own Python code (Qwen-14B) to run it",
+    )
+    p.add_argument(
+        "--report", type=Path, metavar="PATH", help="write PATH.md and PATH.json (or only PATH if it ends in .md/.json)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     p.set_defaults(handler=_eval)
 
@@ -107,10 +163,12 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     )
     p.add_argument("a", help="model A (folder or hub id)")
     p.add_argument("b", help="model B")
-    p.add_argument("--base", help="common base model: compare each model's delta from it")
+    p.add_argument("--base", metavar="MODEL", help="common base model: compare each model's delta from it")
     p.add_argument("--long", action="store_true", help="one row per tensor instead of a layer × module grid")
-    p.add_argument("--png", type=Path, help="write a heatmap (x = module, y = layer, one panel per metric)")
-    p.add_argument("--json", type=Path, help="write every tensor's numbers as JSON")
+    p.add_argument(
+        "--png", type=Path, metavar="PATH", help="write a heatmap (x = module, y = layer, one panel per metric)"
+    )
+    p.add_argument("--json", type=Path, metavar="PATH", help="write every tensor's numbers as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     p.set_defaults(handler=_diff)
 
@@ -129,7 +187,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("model", help="model folder or hub id")
     p.add_argument("--strict", action="store_true", help="exit 1 if anything is flagged")
     p.add_argument("--all-tokens", action="store_true", help="list every special token (default: the first 40)")
-    p.add_argument("--json", type=Path, help="write the report as JSON")
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     p.set_defaults(handler=_inspect)
 

@@ -24,4 +24,14 @@ def get_method(name: str) -> MethodSpec:
     return REGISTRY.get(name)
 
 
-__all__ = ["REGISTRY", "REQUIRED", "ChunkInfo", "MethodSpec", "Statistic", "Param", "Registry", "get_method", "merge_method"]
+__all__ = [
+    "REGISTRY",
+    "REQUIRED",
+    "ChunkInfo",
+    "MethodSpec",
+    "Param",
+    "Registry",
+    "Statistic",
+    "get_method",
+    "merge_method",
+]

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from mergekitlite.methods.primitives import divide_
 from mergekitlite.methods.registry import REQUIRED, merge_method
 
 
@@ -45,7 +46,7 @@ def task_arithmetic(
     if normalize:
         divisor = sum(weight)
         if abs(divisor) >= 1e-8:
-            delta.div_(divisor)
+            divide_(delta, divisor)
     if lambda_ != 1:
         delta.mul_(lambda_)
     return delta.add_(base)
@@ -80,7 +81,7 @@ def linear(base: Tensor | None, models: Sequence[Tensor], *, weight: Sequence[fl
     for m, w in zip(models[1:], weight[1:]):
         total.add_(m * w)
     if normalize:
-        total.div_(sum(weight))
+        divide_(total, sum(weight))
     return total
 
 

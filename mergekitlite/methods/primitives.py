@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -75,6 +76,12 @@ class RowPartials:
         return float(pairwise_sum(self.values[index]))
 
 
+def divide_(x: Tensor, divisor: float) -> Tensor:
+    """x /= divisor in place, correctly rounded on every device. CUDA turns division by a Python scalar
+    into multiplication by its reciprocal (two roundings); a divisor on the tensor's device is divided."""
+    return x.div_(torch.tensor(divisor, dtype=x.dtype, device=x.device))
+
+
 # ---------------------------------------------------------------------------------------------
 # Counter-based random numbers (splitmix64)
 
@@ -104,23 +111,34 @@ def stream_key(seed: int, stream: int) -> int:
 
 def _shr(x: Tensor, s: int) -> Tensor:
     # torch's >> on int64 is arithmetic: clear the copies of the sign bit to make it logical.
-    return (x >> s) & ((1 << (64 - s)) - 1)
+    return (x >> s).bitwise_and_((1 << (64 - s)) - 1)
+
+
+def random_bits(key: int, flat_start: int, count: int, device: torch.device | str = "cpu") -> Tensor:
+    """53 random bits (int64 in [0, 2⁵³)) for flat indices ``flat_start ..``: element i gets the top 53 bits
+    of splitmix64(key + i·γ). int64 products wrap mod 2⁶⁴, as the hash needs."""
+    z = torch.arange(flat_start, flat_start + count, dtype=torch.int64, device=device)
+    z.mul_(_signed(_GAMMA)).add_(_signed((key + _GAMMA) & _M64))
+    z.bitwise_xor_(_shr(z, 30)).mul_(_signed(_MIX1))
+    z.bitwise_xor_(_shr(z, 27)).mul_(_signed(_MIX2))
+    z.bitwise_xor_(_shr(z, 31))
+    return _shr(z, 11)
 
 
 def uniform(key: int, flat_start: int, count: int, device: torch.device | str = "cpu") -> Tensor:
-    """``count`` float64 uniforms in [0, 1) for flat indices ``flat_start ..``: element i gets
-    splitmix64(key + i·γ) >> 11, times 2⁻⁵³. int64 products wrap mod 2⁶⁴, as the hash needs."""
-    z = torch.arange(flat_start, flat_start + count, dtype=torch.int64, device=device)
-    z = z * _signed(_GAMMA) + _signed((key + _GAMMA) & _M64)
-    z = (z ^ _shr(z, 30)) * _signed(_MIX1)
-    z = (z ^ _shr(z, 27)) * _signed(_MIX2)
-    z = z ^ _shr(z, 31)
-    return _shr(z, 11).to(torch.float64) * 2.0**-53
+    """float64 uniforms in [0, 1): ``random_bits`` · 2⁻⁵³."""
+    return random_bits(key, flat_start, count, device).to(torch.float64).mul_(2.0**-53)
 
 
 def chunk_uniform(key: int, like: Tensor, chunk: ChunkInfo) -> Tensor:
     """Uniforms for the elements of a chunk ``like`` (same shape), from their flat indices in the tensor."""
     return uniform(key, chunk.flat_start, like.numel(), like.device).reshape(like.shape)
+
+
+def chunk_bernoulli(key: int, like: Tensor, chunk: ChunkInfo, p: float) -> Tensor:
+    """Where the chunk's uniforms are < p, compared as integers: u < p ⟺ bits < ⌈p·2⁵³⌉ (p·2⁵³ is exact)."""
+    bits = random_bits(key, chunk.flat_start, like.numel(), like.device).reshape(like.shape)
+    return bits < math.ceil(min(max(p, 0.0), 1.0) * 2.0**53)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,10 +158,17 @@ def float_key(x: Tensor) -> Tensor:
     return x.to(torch.float32).contiguous().view(torch.int32)
 
 
-def _top_bin(hist: Tensor, k: int) -> tuple[int, int]:
+def _histogram(values: Tensor) -> np.ndarray:
+    """Counts of each 16-bit value, as int64 on the CPU (numpy: single-threaded, cheap for small chunks)."""
+    if values.device.type != "cpu":
+        return torch.bincount(values.reshape(-1).long(), minlength=_BINS).cpu().numpy()
+    return np.bincount(values.reshape(-1).numpy(), minlength=_BINS).astype(np.int64)
+
+
+def _top_bin(hist: np.ndarray, k: int) -> tuple[int, int]:
     """Bin holding the k-th largest of a histogram, and how many lie in higher bins."""
-    at_or_above = hist.flip(0).cumsum(0).flip(0)
-    b = int(torch.nonzero(at_or_above >= k).max())
+    at_or_above = hist[::-1].cumsum()[::-1]
+    b = int(np.flatnonzero(at_or_above >= k).max())
     return b, int(at_or_above[b] - hist[b])
 
 
@@ -155,7 +180,7 @@ class _Query:
     threshold: int = 0  # bit pattern of the k-th largest key
     ties_allowed: int = 0  # how many keys equal to the threshold are kept
     ties_total: int = 0  # how many keys equal the threshold
-    hist_low: Tensor = field(default_factory=lambda: torch.zeros(_BINS, dtype=torch.int64))
+    hist_low: np.ndarray = field(default_factory=lambda: np.zeros(_BINS, dtype=np.int64))
 
 
 class TopK:
@@ -170,7 +195,7 @@ class TopK:
     def __init__(self, n: int, rows: int, ks: Sequence[int]) -> None:
         self.n = n
         self.queries = [_Query(min(max(k, 0), n)) for k in ks]
-        self.hist_high = torch.zeros(_BINS, dtype=torch.int64)
+        self.hist_high = np.zeros(_BINS, dtype=np.int64)
         self.row_ties = torch.zeros(len(ks), rows, dtype=torch.int64)
 
     def _selecting(self) -> list[tuple[int, _Query]]:
@@ -183,7 +208,7 @@ class TopK:
 
     def count_high(self, keys: Tensor) -> None:
         if not self.queries or self._selecting():  # no queries yet: they will be chosen from this pass
-            self.hist_high += torch.bincount((keys.reshape(-1) >> 16).long(), minlength=_BINS).cpu()
+            self.hist_high += _histogram(keys >> 16)
 
     def settle_high(self) -> None:
         for _, q in self._selecting():
@@ -194,7 +219,7 @@ class TopK:
         flat = keys.reshape(-1)
         for _, q in self._selecting():
             low = flat[(flat >> 16) == q.high] & 0xFFFF
-            q.hist_low += torch.bincount(low.long(), minlength=_BINS).cpu()
+            q.hist_low += _histogram(low)
 
     def settle_low(self) -> None:
         for _, q in self._selecting():
@@ -213,16 +238,19 @@ class TopK:
             return torch.zeros_like(keys, dtype=torch.bool)
         if q.k == self.n:
             return torch.ones_like(keys, dtype=torch.bool)
-        tie = keys == q.threshold
         if q.ties_allowed == q.ties_total:  # no partial tie: every key equal to T is kept
             return keys >= q.threshold
+        tie = keys == q.threshold
         if record:
             self.row_ties[i, row_start : row_start + rows] = tie.reshape(rows, -1).sum(1).cpu()
-        keep = keys > q.threshold
         before = int(self.row_ties[i, :row_start].sum())
-        if before < q.ties_allowed:
+        here = int(self.row_ties[i, row_start : row_start + rows].sum())
+        if before + here <= q.ties_allowed:
+            return keys >= q.threshold
+        keep = keys > q.threshold
+        if before < q.ties_allowed:  # the chunk where the allowance runs out: count its ties in flat order
             flat = tie.reshape(-1).long()
-            rank = torch.cumsum(flat, 0) - flat  # ties earlier in this chunk, in flat (row-major) order
+            rank = torch.cumsum(flat, 0) - flat
             keep |= tie & (rank + before < q.ties_allowed).reshape(tie.shape)
         return keep
 

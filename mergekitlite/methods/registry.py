@@ -55,7 +55,8 @@ class ChunkInfo:
 class Statistic(Protocol):
     """Whole-tensor statistics for methods that are not elementwise (top-k thresholds, norms...).
 
-    The executor makes ``passes`` passes over the tensor's row chunks before the merge pass,
+    The executor makes ``passes`` passes (read after ``begin``, which may set it for this tensor:
+    e.g. none when every density is 1) over the tensor's row chunks before the merge pass,
     calling ``update`` for every chunk and ``finish_pass`` after each pass; ``result`` is then given
     to the method as ``stats=``. Chunks always hold whole rows and arrive in row order. For the
     result to be identical however the tensor is cut, ``update`` must only record per-row or

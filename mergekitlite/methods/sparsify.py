@@ -30,8 +30,10 @@ from torch import Tensor
 from mergekitlite.methods.primitives import (
     RowPartials,
     TopK,
+    chunk_bernoulli,
     chunk_rows,
     chunk_uniform,
+    divide_,
     float_key,
     magnitude_key,
     row_sums,
@@ -81,7 +83,7 @@ class RankWindowSparsifier:
 
     @classmethod
     def window(cls, shape: Sequence[int], lo: int, hi: int) -> RankWindowSparsifier:
-        return cls(TopK(_numel(shape), _rows(shape), [hi, lo]))
+        return cls(TopK(_numel(shape), _rows(shape), [hi, lo] if lo > 0 else [hi]))
 
     def observe(self, phase: str, delta: Tensor, chunk: ChunkInfo) -> None:
         keys = magnitude_key(delta)
@@ -91,8 +93,8 @@ class RankWindowSparsifier:
         (self.selector.settle_high if phase == "high" else self.selector.settle_low)()
 
     def keep(self, delta: Tensor, chunk: ChunkInfo, *, record: bool = False) -> Tensor:
-        top_hi, top_lo = self.selector.keep(magnitude_key(delta), chunk.row_start, chunk_rows(chunk), record=record)
-        return top_hi & ~top_lo
+        tops = self.selector.keep(magnitude_key(delta), chunk.row_start, chunk_rows(chunk), record=record)
+        return tops[0] & ~tops[1] if len(tops) == 2 else tops[0]
 
 
 def magnitude_window(n: int, density: float) -> tuple[int, int]:
@@ -129,7 +131,7 @@ class RandomSparsifier:
         pass
 
     def keep(self, delta: Tensor, chunk: ChunkInfo, *, record: bool = False) -> Tensor:
-        return chunk_uniform(stream_key(chunk.seed, self.stream), delta, chunk) < self.density
+        return chunk_bernoulli(stream_key(chunk.seed, self.stream), delta, chunk, self.density)
 
 
 @dataclass
@@ -171,7 +173,7 @@ class DellaSparsifier:
         else:
             ranks = _ranks(delta.abs(), 1)
             n = delta.shape[1]
-        rel = ranks.to(torch.float64) / (n - 1) if n > 1 else torch.full_like(ranks, 0.5, dtype=torch.float64)
+        rel = divide_(ranks.to(torch.float64), n - 1) if n > 1 else torch.full_like(ranks, 0.5, dtype=torch.float64)
         probability = (self.density - self.epsilon) + rel * (2 * self.epsilon)
         return chunk_uniform(stream_key(chunk.seed, self.stream), delta, chunk) < probability
 
@@ -210,7 +212,7 @@ class SparseStatistic:
     """Statistic passes for the family: the sparsifiers' own phases, then (if any sparsifier needs it,
     or to rescale) a final pass in row order recording tie counts and the per-row L1 norms."""
 
-    passes = 4  # the most any kind needs; ``begin`` lowers it for the tensor at hand
+    passes = 3  # the most any kind needs; ``begin`` lowers it for the tensor at hand
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -327,7 +329,7 @@ def mix(weighted: Sequence[Tensor], weight: Sequence[float], *, consensus: bool,
             total.add_(d)
         divisor = math.fsum(weight)
         if normalize and abs(divisor) >= 1e-8:
-            total.div_(divisor)
+            divide_(total, divisor)
         return total
     agree = sign_agreement(weighted)
     total = torch.where(agree[0], weighted[0], 0.0)
@@ -584,12 +586,12 @@ def variance_key(deltas: Sequence[Tensor]) -> Tensor:
     mean = wide[0].clone()
     for d in wide[1:]:
         mean.add_(d)
-    mean.div_(len(wide))
+    divide_(mean, len(wide))
     var = torch.zeros_like(mean)
     for d in wide:
         centred = d - mean
         var.add_(centred * centred)
-    return float_key(var.div_(len(wide)))
+    return float_key(divide_(var, len(wide)))
 
 
 @dataclass(frozen=True)
@@ -642,20 +644,20 @@ class SceStatistic:
         deltas = [m - base for m in models]
         phase = state.phases[pass_index]
         selector = state.selector
-        keys = variance_key(deltas) if selector is not None else None
-        if phase == "high":
-            assert selector is not None and keys is not None
-            selector.count_high(keys)
-            state.nonzero += int(torch.count_nonzero(keys))
-        elif phase == "low":
-            assert selector is not None and keys is not None
-            selector.count_low(keys)
-        else:
-            rows = chunk_rows(chunk)
-            keep = None if selector is None else selector.keep(keys, chunk.row_start, rows, record=True)[0]  # type: ignore[arg-type]
-            for i, d in enumerate(deltas):
-                square = d.to(torch.float64) * d.to(torch.float64)
-                state.energy.put(i, chunk.row_start, row_sums(square if keep is None else square * keep, rows))
+        keep: Tensor | None = None
+        if selector is not None:
+            keys = variance_key(deltas)
+            if phase == "high":
+                selector.count_high(keys)
+                state.nonzero += int(torch.count_nonzero(keys))
+                return
+            if phase == "low":
+                selector.count_low(keys)
+                return
+            keep = selector.keep(keys, chunk.row_start, chunk_rows(chunk), record=True)[0]
+        for i, d in enumerate(deltas):
+            square = d.to(torch.float64) * d.to(torch.float64)
+            state.energy.put(i, chunk.row_start, row_sums(square if keep is None else square * keep, chunk_rows(chunk)))
 
     def finish_pass(self, state: _SceState, pass_index: int) -> None:
         phase = state.phases[pass_index] if pass_index < len(state.phases) else None

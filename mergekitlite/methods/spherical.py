@@ -190,7 +190,6 @@ def nuslerp(
     weight: Sequence[float],
     nuslerp_row_wise: bool = False,
     nuslerp_flatten: bool = True,
-    chunk: ChunkInfo | None = None,
     stats: tuple[float, float] | tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """SLERP of two models with t = w₁/(w₀ + w₁), of their task vectors when a base is given (base + slerp(δ₀, δ₁)).

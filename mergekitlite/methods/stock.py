@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mergekitlite.methods.primitives import GramStatistic, fiber_dot
+from mergekitlite.methods.primitives import GramStatistic, divide_, fiber_dot
 from mergekitlite.methods.registry import merge_method
 
 
@@ -48,7 +48,7 @@ def _average(models: Sequence[Tensor]) -> Tensor:
     total = models[0].clone()
     for m in models[1:]:
         total.add_(m)
-    return total.div_(len(models))
+    return divide_(total, len(models))
 
 
 @merge_method(
@@ -96,7 +96,7 @@ def _row_ratios(offsets: Sequence[Tensor], n: int) -> Tensor:
             cosine = fiber_dot(offsets[i], offsets[j]) / (norms[i] * norms[j]).clamp_(min=1e-6)
             total.add_(cosine.clamp_(-1.0, 1.0))
             pairs += 1
-    cos_theta = total / pairs
+    cos_theta = divide_(total, pairs)
     denominator = 1 + (n - 1) * cos_theta
     if bool((denominator == 0).any()):
         raise ValueError("model_stock: a row's offsets have mean cosine −1/(N−1), so t is infinite")
