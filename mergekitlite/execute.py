@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -112,38 +113,91 @@ def _row_bytes(code: str, shape: tuple[int, ...]) -> int:
     return math.prod(shape[1:]) * itemsize(code) if shape else itemsize(code)
 
 
-def _read_rows(files: InputFiles, refs: tuple[InputRef, ...], first_row: int, rows: int) -> list[bytearray]:
+class ChunkBuffers:
+    """One worker's reusable buffers: the raw input bytes, their compute-dtype copies and the
+    output bytes of the chunk it is working on. Reusing them instead of allocating per chunk
+    saves the page faults and zero-filling of fresh memory (measured ~30% of the CPU time of
+    task_arithmetic on bf16 inputs). Only the chunk being merged uses them, so nothing outlives it."""
+
+    def __init__(self) -> None:
+        self._store: dict[tuple[str, int, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, slot: str, index: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (slot, index, dtype, device)
+        buf = self._store.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._store[key] = buf
+        return buf[:numel]
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def _read_rows(
+    files: InputFiles, refs: tuple[InputRef, ...], first_row: int, rows: int, bufs: ChunkBuffers | None
+) -> list[torch.Tensor]:
+    """The rows of each input as uint8 tensors (in ``bufs`` when given)."""
     out = []
-    for ref in refs:
+    for i, ref in enumerate(refs):
         rb = _row_bytes(ref.tensor.dtype, ref.tensor.shape)
-        out.append(files.read(ref.tensor, first_row * rb, rows * rb))
+        n = rows * rb
+        if bufs is None:
+            raw = torch.empty(n, dtype=torch.uint8)
+        else:
+            raw = bufs.get("raw", i, n, torch.uint8, torch.device("cpu"))
+        if n:
+            files.read_into(ref.tensor, first_row * rb, _bytes_view(raw))
+        out.append(raw)
     return out
 
 
-def read_chunk(files: InputFiles, task: TensorTask, info: ChunkInfo) -> list[bytearray]:
-    return _read_rows(files, task.inputs, info.row_start, info.row_end - info.row_start)
+def read_chunk(
+    files: InputFiles, task: TensorTask, info: ChunkInfo, bufs: ChunkBuffers | None = None
+) -> list[torch.Tensor]:
+    return _read_rows(files, task.inputs, info.row_start, info.row_end - info.row_start, bufs)
 
 
-def _read_part(files: InputFiles, chunk: _Chunk) -> list[bytearray]:
+def _read_part(files: InputFiles, chunk: _Chunk, bufs: ChunkBuffers | None) -> list[torch.Tensor]:
     rule = chunk.rule
     if rule is None:
-        return read_chunk(files, chunk.task, chunk.info)
+        return read_chunk(files, chunk.task, chunk.info, bufs)
     offset = (rule.src_start if rule.src_start is not None else rule.start) - rule.start
-    return _read_rows(files, rule.sources, chunk.info.row_start + offset, chunk.info.row_end - chunk.info.row_start)
+    rows = chunk.info.row_end - chunk.info.row_start
+    return _read_rows(files, rule.sources, chunk.info.row_start + offset, rows, bufs)
 
 
-def apply_rule(task: TensorTask, rule: RowRule, raw: list[bytearray], rows: int, compute: torch.dtype) -> memoryview:
+def _typed(raw: torch.Tensor, code: str, shape: tuple[int, ...]) -> torch.Tensor:
+    return raw.view(torch_dtype(code)).view(shape)
+
+
+def _to_output(result: torch.Tensor, code: str, bufs: ChunkBuffers | None) -> memoryview:
+    """Cast once to the output dtype, on the host, as bytes."""
+    dtype = torch_dtype(code)
+    if bufs is None:
+        return _bytes_view(result.to(dtype=dtype, device="cpu").contiguous().reshape(-1))
+    out = bufs.get("out", 0, result.numel(), dtype, torch.device("cpu"))
+    out.view(result.shape).copy_(result)
+    return _bytes_view(out)
+
+
+def apply_rule(
+    task: TensorTask,
+    rule: RowRule,
+    raw: list[torch.Tensor],
+    rows: int,
+    compute: torch.dtype,
+    bufs: ChunkBuffers | None = None,
+) -> memoryview:
     """Rows set by a row rule: a zero row, a row taken from a model, or the mean of models' rows."""
-    out_row = _row_bytes(task.out_dtype, task.shape)
-    if rule.kind == "zero":
-        return memoryview(bytearray(rows * out_row))
     shape = (rows, *task.shape[1:])
-    tensors = [
-        torch.frombuffer(buf, dtype=torch_dtype(ref.tensor.dtype)).view(shape) for buf, ref in zip(raw, rule.sources)
-    ]
+    if rule.kind == "zero":
+        return _bytes_view(torch.zeros(shape, dtype=torch_dtype(task.out_dtype)).reshape(-1))
+    tensors = [_typed(buf, ref.tensor.dtype, shape) for buf, ref in zip(raw, rule.sources)]
     if rule.kind == "take":
         if rule.sources[0].tensor.dtype == task.out_dtype:
-            return memoryview(raw[0])
+            return _bytes_view(raw[0])
         result = tensors[0].to(compute)
     elif rule.kind == "mean":
         result = tensors[0].to(compute)
@@ -152,20 +206,28 @@ def apply_rule(task: TensorTask, rule: RowRule, raw: list[bytearray], rows: int,
         result.div_(len(tensors))
     else:  # pragma: no cover - the planner only makes the kinds above
         raise ValueError(f"unknown row rule {rule.kind!r}")
-    out = result.to(torch_dtype(task.out_dtype)).contiguous()
-    return memoryview(out.view(torch.uint8).numpy()).cast("B")
+    return _to_output(result, task.out_dtype, bufs)
 
 
 def to_compute(
-    task: TensorTask, raw: list[bytearray], info: ChunkInfo, compute: torch.dtype, device: torch.device
+    task: TensorTask,
+    raw: list[torch.Tensor],
+    info: ChunkInfo,
+    compute: torch.dtype,
+    device: torch.device,
+    bufs: ChunkBuffers | None = None,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """Input bytes → (base, models) tensors in the compute dtype on the compute device."""
     rows = info.row_end - info.row_start
     shape = (rows, *task.shape[1:]) if task.shape else ()
-    tensors = [
-        torch.frombuffer(buf, dtype=torch_dtype(ref.tensor.dtype)).view(shape).to(device=device, dtype=compute)
-        for buf, ref in zip(raw, task.inputs)
-    ]
+    tensors = []
+    for i, (buf, ref) in enumerate(zip(raw, task.inputs)):
+        src = _typed(buf, ref.tensor.dtype, shape)
+        if bufs is None:
+            tensors.append(src.to(device=device, dtype=compute))
+        else:
+            dst = bufs.get("compute", i, src.numel(), compute, device).view(shape)
+            tensors.append(dst.copy_(src))
     if task.base is not None:
         return tensors[0], tensors[1:]
     return None, tensors
@@ -173,25 +235,25 @@ def to_compute(
 
 def merge_chunk(
     task: TensorTask,
-    raw: list[bytearray],
+    raw: list[torch.Tensor],
     info: ChunkInfo,
     compute: torch.dtype,
     device: torch.device,
     stats: Any = None,
+    bufs: ChunkBuffers | None = None,
 ) -> memoryview:
     """Merge one row chunk: raw input bytes in, raw output bytes out."""
     if task.copy_of is not None:
-        return memoryview(raw[0])
+        return _bytes_view(raw[0])
     rows = info.row_end - info.row_start
     if rows == 0 or math.prod(task.shape) == 0:
         return memoryview(b"")
-    base, models = to_compute(task, raw, info, compute, device)
+    base, models = to_compute(task, raw, info, compute, device, bufs)
     result = get_method(task.method)(base, models, task.param_dict, chunk=info, stats=stats)
     expected = torch.Size((rows, *task.shape[1:]) if task.shape else ())
     if result.shape != expected:
         raise RuntimeError(f"{task.method} returned shape {list(result.shape)} for a {list(expected)} chunk")
-    out = result.to(dtype=torch_dtype(task.out_dtype)).to("cpu").contiguous()
-    return memoryview(out.view(torch.uint8).numpy()).cast("B")
+    return _to_output(result, task.out_dtype, bufs)
 
 
 def task_stats(files: InputFiles, task: TensorTask, compute: torch.dtype, device: torch.device) -> Any:
@@ -250,15 +312,17 @@ def _process(
     compute: torch.dtype,
     device: torch.device,
     stats: Any,
+    local: threading.local,
 ) -> int:
     """One worker's job: read a chunk's inputs, merge (or apply the row rule), write the result."""
-    raw = _read_part(files, chunk)
+    bufs = local.__dict__.setdefault("buffers", ChunkBuffers())
+    raw = _read_part(files, chunk, bufs)
     rows = chunk.info.row_end - chunk.info.row_start
     task = chunk.task
     if chunk.rule is not None:
-        data = apply_rule(task, chunk.rule, raw, rows, compute)
+        data = apply_rule(task, chunk.rule, raw, rows, compute, bufs)
     else:
-        data = merge_chunk(task, raw, chunk.info, compute, device, stats)
+        data = merge_chunk(task, raw, chunk.info, compute, device, stats, bufs)
     shards[chunk.shard].write(task.name, chunk.info.row_start * _row_bytes(task.out_dtype, task.shape), data)
     return len(data)
 
@@ -272,6 +336,7 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
     inflight: deque[tuple[_Chunk, Future[int]]] = deque()
     limit = plan.budget.inflight
     last_journal = [time.monotonic()]
+    local = threading.local()  # each worker's ChunkBuffers
 
     with InputFiles() as files, ThreadPoolExecutor(plan.budget.workers, "mkl-chunk") as pool:
 
@@ -314,7 +379,8 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
                 for chunk in parts:
                     while len(inflight) >= limit:
                         complete_oldest()
-                    inflight.append((chunk, pool.submit(_process, files, shards, chunk, compute, ctx.device, stats)))
+                    job = pool.submit(_process, files, shards, chunk, compute, ctx.device, stats, local)
+                    inflight.append((chunk, job))
                 if not parts:  # an empty tensor: its header entry is all there is
                     remaining[task.name] = 1
                     inflight.append((_Chunk(task, plan.shard_of[task.name], ChunkInfo(0, 0, task.shape, 0)), _done(0)))

@@ -22,16 +22,17 @@ from mergekitlite.cli import merge_main
 JOURNAL = "mergekitlite-journal.jsonl"
 N_LAYERS = 12
 
-# Runs the real CLI entry point. With a journal cadence given, the executor syncs and journals
-# after every finished tensor instead of every ``sync_every_bytes`` (1 GiB by default), so that a
-# ~100 MB merge has journal entries to resume from.
+# Runs the real CLI entry point. The executor journals finished tensors about every second; a
+# ~300 MB merge takes about that long, so the hook journals after every finished tensor instead
+# (``journal_every_s=0``), and with a cadence given also fsyncs every ``cadence`` bytes instead of
+# every ``sync_every_bytes`` (1 GiB by default).
 RUNNER = """
 import functools, sys
 cadence = sys.argv[1]
-if cadence != "default":
-    import mergekitlite.api as api
-    assert hasattr(api, "ExecContext"), "test hook: mergekitlite.api no longer uses ExecContext"
-    api.ExecContext = functools.partial(api.ExecContext, sync_every_bytes=int(cadence))
+import mergekitlite.api as api
+assert hasattr(api, "ExecContext"), "test hook: mergekitlite.api no longer uses ExecContext"
+extra = {} if cadence == "default" else {"sync_every_bytes": int(cadence)}
+api.ExecContext = functools.partial(api.ExecContext, journal_every_s=0.0, **extra)
 from mergekitlite.cli import merge_main
 sys.exit(merge_main(sys.argv[2:]))
 """

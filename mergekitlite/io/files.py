@@ -36,16 +36,19 @@ class InputFiles:
     def read(self, info: TensorInfo, start: int, length: int) -> bytearray:
         """``length`` bytes of ``info``'s data starting ``start`` bytes into it."""
         buf = bytearray(length)
-        view = memoryview(buf)
+        self.read_into(info, start, memoryview(buf))
+        return buf
+
+    def read_into(self, info: TensorInfo, start: int, out: memoryview) -> None:
+        """Fill ``out`` with ``info``'s data starting ``start`` bytes into it."""
         fd = self._fd(info.file)
         pos = info.begin + start
         done = 0
-        while done < length:
-            n = os.preadv(fd, [view[done:]], pos + done)
+        while done < len(out):
+            n = os.preadv(fd, [out[done:]], pos + done)
             if n == 0:
                 raise CheckpointError(f"{info.file}: unexpected end of file reading {info.name!r} (file changed?)")
             done += n
-        return buf
 
     def close(self) -> None:
         with self._lock:

@@ -14,11 +14,16 @@ from mergekitlite.methods.primitives import divide_
 from mergekitlite.methods.registry import REQUIRED, merge_method
 
 
+def _scaled(x: Tensor, w: float) -> Tensor:
+    # x·1 == x bit for bit (signed zeros and NaN included): skip a full pass over the data.
+    return x if w == 1 else x.mul_(w)
+
+
 def weighted_delta_sum(base: Tensor, models: Sequence[Tensor], weight: Sequence[float]) -> Tensor:
     """Σ wᵢ·(mᵢ − base), accumulated left to right."""
-    total = (models[0] - base).mul_(weight[0])
+    total = _scaled(models[0] - base, weight[0])
     for m, w in zip(models[1:], weight[1:]):
-        total.add_((m - base).mul_(w))
+        total.add_(_scaled(m - base, w))
     return total
 
 
