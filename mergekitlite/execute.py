@@ -256,26 +256,41 @@ def merge_chunk(
     return _to_output(result, task.out_dtype, bufs)
 
 
-def task_stats(files: InputFiles, task: TensorTask, compute: torch.dtype, device: torch.device) -> Any:
-    """Run the statistic passes of ``task``'s method, re-reading its chunks for every pass."""
+def task_stats(
+    files: InputFiles,
+    task: TensorTask,
+    compute: torch.dtype,
+    device: torch.device,
+    pool: ThreadPoolExecutor | None = None,
+    lookahead: int = 2,
+) -> Any:
+    """Run the statistic passes of ``task``'s method. Chunks are re-read for every pass (from the
+    page cache, cheaper than holding the tensor); with a ``pool``, the next chunks are read and
+    converted by the workers while this thread updates the statistic."""
     spec = get_method(task.method)
     if spec.statistic is None or math.prod(task.shape) == 0:
         return None
     infos = task_chunks(task)
-    cached: dict[int, tuple[torch.Tensor | None, list[torch.Tensor]]] = {}
+    index = {info.row_start: i for i, info in enumerate(infos)}
+    pending: dict[int, Future[tuple[torch.Tensor | None, list[torch.Tensor]]]] = {}
+    concurrent = pool is not None and getattr(spec.statistic, "concurrent", False)
+
+    def fetch(i: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        return to_compute(task, read_chunk(files, task, infos[i]), infos[i], compute, device)
 
     def load(info: ChunkInfo) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        # A single-chunk task is read once for all passes; larger ones are re-read per pass so
-        # that memory stays at one chunk.
-        if len(infos) == 1 and info.row_start in cached:
-            return cached[info.row_start]
-        loaded = to_compute(task, read_chunk(files, task, info), info, compute, device)
-        if len(infos) == 1:
-            cached[info.row_start] = loaded
-        return loaded
+        i = index[info.row_start]
+        if pool is None or concurrent:  # concurrent: already on a worker, which reads its own chunk
+            return fetch(i)
+        for j in range(i, min(len(infos), i + lookahead + 1)):
+            if j not in pending:
+                pending[j] = pool.submit(fetch, j)
+        return pending.pop(i).result()
 
     shape = (task.merged_rows, *task.shape[1:]) if task.shape else ()
-    return compute_stats(spec, shape, task.param_dict, len(task.models), infos, load)
+    return compute_stats(
+        spec, shape, task.param_dict, len(task.models), infos, load, pool if concurrent else None, lookahead + 1
+    )
 
 
 def run_tasks(plan: Plan, out_dir: Path, ctx: ExecContext, done: set[str] | None = None) -> int:
@@ -375,7 +390,7 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
                 remaining[task.name] = len(parts)
                 stats = None
                 if get_method(task.method).statistic is not None and task.copy_of is None:
-                    stats = task_stats(files, task, compute, ctx.device)
+                    stats = task_stats(files, task, compute, ctx.device, pool, lookahead=plan.budget.workers)
                 for chunk in parts:
                     while len(inflight) >= limit:
                         complete_oldest()

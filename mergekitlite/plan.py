@@ -651,7 +651,7 @@ def build_plan(
     for task in tasks:
         spec = get_method(task.method)
         cost = task.row_cost(cdtype, budget.on_gpu)
-        rows = rows_per_chunk(task.rows, task.row_elements, cost, budget, elementwise=spec.elementwise, name=task.name)
+        rows = rows_per_chunk(task.rows, task.row_elements, cost, budget, name=task.name)
         sized.append(replace(task, chunk_rows=rows, seed=tensor_seed(seed, task.name) if spec.random else 0))
     tasks = sized
 

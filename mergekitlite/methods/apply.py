@@ -8,7 +8,9 @@ any chunking gives the result of a single chunk, bit for bit.
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Executor, Future
 from typing import Any
 
 import torch
@@ -37,16 +39,34 @@ def compute_stats(
     n_models: int,
     chunks: Sequence[ChunkInfo],
     load: Any,  # Callable[[ChunkInfo], tuple[Tensor | None, list[Tensor]]]
+    pool: Executor | None = None,
+    window: int = 4,
 ) -> Any:
-    """Run the method's statistic passes; ``load(chunk)`` returns (base, models) for the chunk."""
+    """Run the method's statistic passes; ``load(chunk)`` returns (base, models) for the chunk.
+
+    With a ``pool`` and a statistic that declares ``concurrent = True``, each pass's chunks are
+    loaded and folded in by the pool's workers, at most ``window`` at a time, in any order."""
     if spec.statistic is None:
         return None
     stat = spec.statistic()
     state = stat.begin(tuple(shape), n_models, params)
+
+    def fold(p: int, c: ChunkInfo) -> None:
+        base, models = load(c)
+        stat.update(state, p, base, models, params, c)
+
     for p in range(stat.passes):
-        for c in chunks:
-            base, models = load(c)
-            stat.update(state, p, base, models, params, c)
+        if pool is not None and getattr(stat, "concurrent", False):
+            inflight: deque[Future[None]] = deque()
+            for c in chunks:
+                if len(inflight) >= window:
+                    inflight.popleft().result()
+                inflight.append(pool.submit(fold, p, c))
+            while inflight:
+                inflight.popleft().result()
+        else:
+            for c in chunks:
+                fold(p, c)
         stat.finish_pass(state, p)
     return stat.result(state)
 

@@ -64,6 +64,9 @@ class Statistic(Protocol):
     """
 
     passes: int
+    # True when ``update`` may run for different chunks of a pass at the same time, in any order,
+    # from several threads (the executor then spreads a pass over its workers).
+    concurrent: bool
 
     def begin(self, shape: tuple[int, ...], n_models: int, params: Mapping[str, Any]) -> Any: ...
 

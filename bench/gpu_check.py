@@ -1,0 +1,174 @@
+"""The CUDA path on a real GPU, in one short run: outputs bit-identical to the CPU path, VRAM held
+under --max-vram, and timings of CPU vs GPU on the same machine.
+
+    python bench/gpu_check.py --out RESULTS_DIR          # on a machine with a GPU
+
+Generates a bf16 Llama-layout family (base + two noisy fine-tunes), merges it with several
+methods on ``cpu`` and on ``cuda`` through the Python API, compares every output tensor bitwise,
+and writes ``gpu_check.json`` and ``gpu_check.md`` into RESULTS_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mergekitlite import MergeOptions, run_merge
+from mergekitlite.budget import parse_size
+
+METHODS = {
+    "task_arithmetic": "merge_method: task_arithmetic\nparameters: {normalize: false}\n",
+    "ties": "merge_method: ties\nparameters: {density: 0.5, normalize: true}\n",
+    "dare_ties": "merge_method: dare_ties\nparameters: {density: 0.5}\nrandom_seed: 7\n",
+    "slerp": "merge_method: slerp\nparameters: {t: [0.2, 0.8]}\n",
+}
+
+
+def make_family(root: Path, hidden: int, layers: int, vocab: int, inter: int) -> dict[str, Path]:
+    names: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            names.append((p + f"self_attn.{n}.weight", (hidden, hidden)))
+        names += [
+            (p + "mlp.gate_proj.weight", (inter, hidden)),
+            (p + "mlp.up_proj.weight", (inter, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, inter)),
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+        ]
+    names += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "vocab_size": vocab,
+        "torch_dtype": "bfloat16",
+        "tie_word_embeddings": False,
+    }
+    out = {}
+    gen = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu")
+    for k, name in enumerate(("base", "ft1", "ft2")):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        out[name] = folder
+        if (folder / "model.safetensors").exists():
+            continue
+        tensors = {}
+        for j, (tname, shape) in enumerate(names):
+            gen.manual_seed(j)
+            t = torch.randn(shape, generator=gen, device=gen.device) * 0.02
+            if k:
+                gen.manual_seed(1000 * k + j)
+                t += torch.randn(shape, generator=gen, device=gen.device) * 0.002
+            tensors[tname] = t.to(torch.bfloat16).cpu()
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def recipe(fam: dict[str, Path], method: str) -> str:
+    head = METHODS[method]
+    if method == "slerp":
+        models = f"models:\n  - model: {fam['ft1']}\n"
+    else:
+        models = "".join(f"  - model: {fam[m]}\n    parameters: {{weight: 0.5}}\n" for m in ("ft1", "ft2"))
+        models = "models:\n" + models
+    return f"{head}base_model: {fam['base']}\n{models}dtype: bfloat16\n"
+
+
+def same_weights(a: Path, b: Path) -> tuple[bool, int]:
+    differing = 0
+    with safe_open(str(a / "model.safetensors"), "pt") as fa, safe_open(str(b / "model.safetensors"), "pt") as fb:
+        for k in fa.keys():  # noqa: SIM118 - safe_open is not a mapping
+            x, y = fa.get_tensor(k), fb.get_tensor(k)
+            differing += int((x.view(torch.int16) != y.view(torch.int16)).sum())
+    return differing == 0, differing
+
+
+def timed(recipe_path: Path, out: Path, opts: MergeOptions) -> tuple[float, int]:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    run_merge(recipe_path, out, opts)
+    wall = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    return wall, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/mkl-gpu"))
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--max-vram", default="2GB")
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    fam = make_family(args.work / "family", 2048, args.layers, 32000, 5504)
+    report: dict[str, object] = {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "cpus": __import__("os").cpu_count(),
+        "python": platform.python_version(),
+        "max_vram": args.max_vram,
+        "methods": {},
+    }
+    for method in METHODS:
+        path = args.work / f"{method}.yaml"
+        path.write_text(recipe(fam, method))
+        row: dict[str, object] = {}
+        for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+            opts = MergeOptions(
+                device=device,
+                overwrite=True,
+                hash_inputs=False,
+                max_vram=parse_size(args.max_vram) if device == "cuda" else None,
+            )
+            runs = [timed(path, args.work / f"out-{method}-{device}", opts) for _ in range(args.repeat)]
+            row[device] = {
+                "wall_median_s": statistics.median(r[0] for r in runs),
+                "walls_s": [r[0] for r in runs],
+                "peak_vram_bytes": max(r[1] for r in runs),
+            }
+        if "cuda" not in row:
+            print(method, json.dumps(row), flush=True)
+            continue
+        ok, differing = same_weights(args.work / f"out-{method}-cpu", args.work / f"out-{method}-cuda")
+        row["bitwise_equal"] = ok
+        row["differing_elements"] = differing
+        report["methods"][method] = row  # type: ignore[index]
+        print(method, json.dumps(row), flush=True)
+    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    if not torch.cuda.is_available():
+        return
+    lines = [
+        f"GPU {report['gpu']}, torch {report['torch']}, {report['cpus']} CPUs, --max-vram {args.max_vram}",
+        "",
+        "| method | cpu median (s) | cuda median (s) | peak VRAM (MB) | cpu == cuda bitwise |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for method, row in report["methods"].items():  # type: ignore[union-attr]
+        lines.append(
+            f"| {method} | {row['cpu']['wall_median_s']:.2f} | {row['cuda']['wall_median_s']:.2f} | "
+            f"{row['cuda']['peak_vram_bytes'] / 1e6:.0f} | "
+            f"{row['bitwise_equal']} ({row['differing_elements']} differ) |"
+        )
+    (args.out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
