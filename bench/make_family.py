@@ -23,8 +23,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 WORK = Path(__file__).resolve().parent / ".work"
 MODELS = ("base", "ft1", "ft2")
@@ -47,10 +49,12 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # Tiny shards so the quick check still exercises multi-shard inputs.
     "tiny": Preset(hidden=256, layers=4, vocab=1000, intermediate=688, heads=8, kv_heads=8, shard_bytes=4_000_000),
-    "1.3b": Preset(hidden=2048, layers=24, vocab=32000, intermediate=5504, heads=16, kv_heads=16,
-                   shard_bytes=2_000_000_000),
-    "2.6b": Preset(hidden=2048, layers=48, vocab=32000, intermediate=5504, heads=16, kv_heads=16,
-                   shard_bytes=2_000_000_000),
+    "1.3b": Preset(
+        hidden=2048, layers=24, vocab=32000, intermediate=5504, heads=16, kv_heads=16, shard_bytes=2_000_000_000
+    ),
+    "2.6b": Preset(
+        hidden=2048, layers=48, vocab=32000, intermediate=5504, heads=16, kv_heads=16, shard_bytes=2_000_000_000
+    ),
 }
 
 
@@ -147,6 +151,46 @@ def llama_config(p: Preset) -> dict[str, object]:
     }
 
 
+def tokenizer_files() -> dict[str, dict[str, object]]:
+    """A minimal valid fast tokenizer (WordLevel over the special tokens).
+
+    Both tools copy the tokenizer from the base; without one mergekit falls back to loading it with
+    AutoTokenizer and fails after the merge. Its vocabulary need not match vocab_size for this.
+    """
+    specials = ["<unk>", "<s>", "</s>"]
+    added = [
+        {
+            "id": i,
+            "content": t,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for i, t in enumerate(specials)
+    ]
+    tokenizer = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(specials)}, "unk_token": "<unk>"},
+    }
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "model_max_length": 4096,
+    }
+    return {"tokenizer.json": tokenizer, "tokenizer_config.json": config}
+
+
 def row_blocks(spec: TensorSpec) -> Iterator[tuple[int, ...]]:
     """Shapes of successive row blocks of at most BLOCK_ELEMENTS elements."""
     if len(spec.shape) < 2:
@@ -159,17 +203,24 @@ def row_blocks(spec: TensorSpec) -> Iterator[tuple[int, ...]]:
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:
+    import torch
+
     return memoryview(t.contiguous().view(torch.int16).numpy()).cast("B")
 
 
 def write_tensor(spec: TensorSpec, index: int, seed: int, noise: float, files: list) -> None:
     """Write ``spec``'s bytes for base, ft1, ft2 (in that order in ``files``)."""
+    # Imported here so that run_bench.py can import this module without torch: a benchmark
+    # harness that has touched hundreds of MB passes that high-water mark on to every child's
+    # ru_maxrss (Linux keeps it across fork+exec), which would inflate the measured peaks.
+    import torch
+
     # One generator per (tensor, model): a tensor's values do not depend on the shard layout.
     gens = [torch.Generator().manual_seed(seed * 1_000_003 + index * 8 + m) for m in range(len(files))]
     for shape in row_blocks(spec):
         base = torch.randn(shape, generator=gens[0]).mul_(spec.std).add_(spec.mean)
         files[0].write(as_bytes(base.to(torch.bfloat16)))
-        for gen, f in zip(gens[1:], files[1:]):
+        for gen, f in zip(gens[1:], files[1:], strict=True):
             # The delta is relative to the weight scale (std), like a real fine-tune's small update.
             ft = torch.randn(shape, generator=gen).mul_(spec.std * noise).add_(base)
             f.write(as_bytes(ft.to(torch.bfloat16)))
@@ -188,8 +239,10 @@ def write_family(out: Path, preset: Preset, seed: int, noise: float) -> None:
             "weight_map": {s.name: names[k] for k, shard in enumerate(shards) for s in shard},
         }
         (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for fname, content in tokenizer_files().items():
+            (d / fname).write_text(json.dumps(content, indent=2) + "\n")
     order = {s.name: i for i, s in enumerate(specs)}
-    for shard, fname in zip(shards, names):
+    for shard, fname in zip(shards, names, strict=True):
         header = safetensors_header(shard)
         files = [open(d / fname, "wb", buffering=8 * 1024 * 1024) for d in dirs]  # noqa: SIM115 - closed below
         try:
@@ -207,13 +260,21 @@ def family_dir(preset: str) -> Path:
     return WORK / preset
 
 
+def wanted_marker(preset: str, seed: int, noise: float) -> dict[str, object]:
+    return {"format": FORMAT_VERSION, "preset": preset, **asdict(PRESETS[preset]), "seed": seed, "noise": noise}
+
+
+def is_current(preset: str, seed: int = 0, noise: float = 0.05) -> bool:
+    marker = family_dir(preset) / MARKER
+    return marker.exists() and json.loads(marker.read_text()) == wanted_marker(preset, seed, noise)
+
+
 def ensure_family(preset: str, seed: int = 0, noise: float = 0.05, force: bool = False) -> Path:
     """Generate (or reuse) bench/.work/<preset>/{base,ft1,ft2}; returns bench/.work/<preset>."""
     p = PRESETS[preset]
     out = family_dir(preset)
-    wanted = {"format": FORMAT_VERSION, "preset": preset, **asdict(p), "seed": seed, "noise": noise}
     marker = out / MARKER
-    if not force and marker.exists() and json.loads(marker.read_text()) == wanted:
+    if not force and is_current(preset, seed, noise):
         print(f"reusing {out} (preset {preset}, seed {seed}, noise {noise})")
         return out
     if out.exists():
@@ -223,7 +284,7 @@ def ensure_family(preset: str, seed: int = 0, noise: float = 0.05, force: bool =
     print(f"generating {out}: {params / 1e9:.3f}B params, {params * 2 / 1e9:.2f} GB per model, 3 models", flush=True)
     started = time.perf_counter()
     write_family(out, p, seed, noise)
-    marker.write_text(json.dumps(wanted, indent=2) + "\n")
+    marker.write_text(json.dumps(wanted_marker(preset, seed, noise), indent=2) + "\n")
     print(f"done in {time.perf_counter() - started:.1f} s")
     return out
 
