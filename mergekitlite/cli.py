@@ -13,18 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 from rich.table import Table
 
 from mergekitlite.budget import human, parse_size
 from mergekitlite.errors import MergekitliteError
+from mergekitlite.progress import byte_progress
 
 SCHEMA_PATH = Path("schemas/recipe.schema.json")
 
@@ -40,16 +33,7 @@ class RichProgress:
     """Renders executor progress as one rich bar with bytes/s and ETA."""
 
     def __init__(self, console: Console):
-        self.bar = Progress(
-            TextColumn("[bold]merging"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[tensor]}", style="dim"),
-            console=console,
-            transient=True,
-        )
+        self.bar = byte_progress(console, "merging")
         self.task = None
 
     def start(self, total_bytes: int, total_tensors: int) -> None:

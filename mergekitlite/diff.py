@@ -382,21 +382,11 @@ def plot_heatmap(result: DiffResult, path: Path) -> None:
 
 def cmd_diff(args: argparse.Namespace, console: Console) -> int:
     """``mergekitlite diff A B [--base BASE] [--long] [--png PATH] [--json PATH]``."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from mergekitlite.progress import byte_progress
 
     a, b = open_model(args.a), open_model(args.b)
     base = open_model(args.base) if args.base else None
-    progress = Progress(
-        TextColumn("[bold]comparing"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[tensor]}", style="dim"),
-        console=console,
-        transient=True,
-        disable=args.quiet,
-    )
+    progress = byte_progress(console, "comparing", disable=args.quiet)
     with progress:
         task = progress.add_task("diff", total=diff_bytes(a, b, base), tensor="")
         result = diff_models(
