@@ -122,7 +122,7 @@ def _plan_table(plan, console: Console, show_tensors: bool) -> None:
     console.print(summary)
     if show_tensors:
         t = Table(title="tensors")
-        for col in ("tensor", "method", "inputs", "params", "dtype", "shard"):
+        for col in ("tensor", "method", "inputs", "params", "dtype", "rows/chunk", "working set", "shard"):
             t.add_column(col)
         for task in plan.tasks:
             params = ", ".join(f"{k}={_fmt_param(v)}" for k, v in task.params)
@@ -132,6 +132,8 @@ def _plan_table(plan, console: Console, show_tensors: bool) -> None:
                 ", ".join(i.model for i in task.inputs),
                 params,
                 task.out_dtype,
+                f"{task.chunk_rows}/{task.rows}",
+                human(plan.task_working_set(task)[0]),
                 plan.shard_of[task.name],
             )
         console.print(t)
