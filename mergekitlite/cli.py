@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -18,6 +19,11 @@ from rich.table import Table
 from mergekitlite.budget import human, parse_size
 from mergekitlite.errors import MergekitliteError
 from mergekitlite.progress import byte_progress
+
+if TYPE_CHECKING:  # the commands import torch-heavy modules only when they run
+    from mergekitlite.api import MergeOptions
+    from mergekitlite.plan import Plan
+    from mergekitlite.recipe import LoadedRecipe
 
 SCHEMA_PATH = Path("schemas/recipe.schema.json")
 
@@ -84,7 +90,7 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
 
 
-def _options(args: argparse.Namespace):  # -> MergeOptions (import deferred: torch is slow to import)
+def _options(args: argparse.Namespace) -> MergeOptions:
     from mergekitlite.api import MergeOptions
 
     return MergeOptions(
@@ -107,7 +113,7 @@ def _print_warnings(console: Console, warnings: Sequence[str]) -> None:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
 
 
-def _plan_table(plan, console: Console, show_tensors: bool) -> None:
+def _plan_table(plan: Plan, console: Console, show_tensors: bool) -> None:
     summary = Table(title=f"plan: {plan.recipe.merge_method}", show_header=False)
     summary.add_row("models", ", ".join(plan.sources))
     summary.add_row("tensors", str(len(plan.tasks)))
@@ -147,11 +153,17 @@ def _fmt_param(v: object) -> str:
     return str(v)
 
 
-def _plan_steps(steps, out: Path, options, console: Console, show_tensors: bool, quiet: bool = False):
+def _plan_steps(
+    steps: list[LoadedRecipe],
+    out: Path,
+    options: MergeOptions,
+    console: Console,
+    show_tensors: bool,
+    quiet: bool = False,
+) -> list[Plan | None]:
     """Plan every step whose inputs exist; later steps of a pipeline can only be planned once
     the steps they use have run."""
     from mergekitlite.api import plan_merge, step_outputs
-    from mergekitlite.errors import PlanError
 
     where = step_outputs(steps, out, options) if len(steps) > 1 else {}
     plans = []
@@ -164,10 +176,7 @@ def _plan_steps(steps, out: Path, options, console: Console, show_tensors: bool,
                 console.print(f"[dim]planned when {', '.join(missing)} exist(s) (made by an earlier step)[/]")
             plans.append(None)
             continue
-        try:
-            plan = plan_merge(step, options, aliases=where)
-        except PlanError:
-            raise
+        plan = plan_merge(step, options, aliases=where)
         plans.append(plan)
         if not quiet:
             _print_warnings(console, plan.warnings)
@@ -193,7 +202,7 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
                 _print_warnings(console, plan.warnings)
     progress = RichProgress(console) if not args.quiet else None
 
-    def on_step(i: int, n: int, step, dest: Path) -> None:
+    def on_step(i: int, n: int, step: LoadedRecipe, dest: Path) -> None:
         if not args.quiet:
             console.print(f"[bold]step {i + 1}/{n}[/] {step.recipe.name or 'final'} → {dest}", highlight=False)
 
@@ -225,39 +234,50 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _plan_json(plan: Plan) -> dict[str, Any]:
+    return {
+        "tensors": [
+            {
+                "name": t.name,
+                "method": t.method,
+                "inputs": [i.model for i in t.inputs],
+                "params": {k: list(v) if isinstance(v, tuple) else v for k, v in t.params},
+                "dtype": t.out_dtype,
+                "shape": list(t.shape),
+                "shard": plan.shard_of[t.name],
+                "chunk_rows": t.chunk_rows,
+                "working_set": plan.task_working_set(t)[0],
+            }
+            for t in plan.tasks
+        ],
+        "bytes_read": plan.bytes_read,
+        "bytes_written": plan.bytes_written,
+        "estimated_peak": plan.estimated_peak(),
+        "shards": [s.filename for s in plan.shards],
+        "warnings": list(plan.warnings),
+    }
+
+
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
-    from mergekitlite.api import MergeOptions, default_output, plan_merge
+    from mergekitlite.api import MergeOptions, default_output, plan_merge, step_outputs
     from mergekitlite.recipe import load_recipes
 
     opts = MergeOptions(shard_size=args.shard_size, device=args.device, max_ram=args.max_ram, max_vram=args.max_vram)
     steps = load_recipes(args.recipe)
-    if len(steps) > 1 or not args.json:
+    if not args.json:
         _plan_steps(steps, default_output(steps[-1]), opts, console, show_tensors=args.tensors)
         return 0
-    plan = plan_merge(steps[0], opts)
-    _print_warnings(console, plan.warnings)
-    if args.json:
-        data = {
-            "tensors": [
-                {
-                    "name": t.name,
-                    "method": t.method,
-                    "inputs": [i.model for i in t.inputs],
-                    "params": {k: list(v) if isinstance(v, tuple) else v for k, v in t.params},
-                    "dtype": t.out_dtype,
-                    "shape": list(t.shape),
-                    "shard": plan.shard_of[t.name],
-                    "chunk_rows": t.chunk_rows,
-                    "working_set": plan.task_working_set(t)[0],
-                }
-                for t in plan.tasks
-            ],
-            "bytes_read": plan.bytes_read,
-            "bytes_written": plan.bytes_written,
-            "estimated_peak": plan.estimated_peak(),
-            "shards": [s.filename for s in plan.shards],
-        }
-        print(json.dumps(data, indent=2))
+    # JSON on stdout and nothing else (warnings go inside it), so that it can be piped.
+    if len(steps) == 1:
+        print(json.dumps(_plan_json(plan_merge(steps[0], opts)), indent=2))
+        return 0
+    where = step_outputs(steps, default_output(steps[-1]), opts)
+    out = []
+    for step in steps:
+        missing = [r for r in step.recipe.referenced_models() if r in where and not where[r].is_dir()]
+        plan = None if missing else _plan_json(plan_merge(step, opts, aliases=where))
+        out.append({"name": step.recipe.name, "plan": plan, "waits_for": missing})
+    print(json.dumps({"steps": out}, indent=2))
     return 0
 
 
@@ -312,7 +332,7 @@ def cmd_methods(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _run(handler, args: argparse.Namespace) -> int:
+def _run(handler: Callable[[argparse.Namespace, Console], int], args: argparse.Namespace) -> int:
     # soft_wrap: a message stays on one line whatever the width, so that `file:line:col: ...`
     # lines remain parseable by editors and CI logs.
     console = Console(stderr=False, quiet=getattr(args, "quiet", False), soft_wrap=True)

@@ -391,7 +391,14 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
                 stats = None
                 if get_method(task.method).statistic is not None and task.copy_of is None:
                     stats = task_stats(files, task, compute, ctx.device, pool, lookahead=plan.budget.workers)
+                rule = None
                 for chunk in parts:
+                    if chunk.rule is not rule:
+                        # Row rules overwrite rows the merge (or an earlier rule) wrote: everything
+                        # before a rule must have landed before its first chunk is written.
+                        while inflight:
+                            complete_oldest()
+                        rule = chunk.rule
                     while len(inflight) >= limit:
                         complete_oldest()
                     job = pool.submit(_process, files, shards, chunk, compute, ctx.device, stats, local)

@@ -166,12 +166,13 @@ def open_partial(out: Path, plan: Plan, *, resume: bool, overwrite: bool) -> Par
 
     need = plan.bytes_written + DISK_MARGIN
     parent = out.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(parent).free
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(existing).free
     if free < need:
         raise OutputError(
             f"not enough disk space in {parent}: the merge writes {need / 1e9:.2f} GB, {free / 1e9:.2f} GB are free"
         )
+    parent.mkdir(parents=True, exist_ok=True)
     partial.mkdir()
     with open(partial / JOURNAL, "w", encoding="utf-8") as f:
         f.write(json.dumps({"fingerprint": fingerprint, "boot_id": boot_id()}) + "\n")

@@ -634,6 +634,23 @@ def parse_recipes(text: str, source: str = "<recipe>", path: Path | None = None)
     return steps
 
 
+def _path_of_model(recipe: Recipe, ref: str) -> tuple[str | int, ...]:
+    """Where in the recipe ``ref`` is named first (for error positions)."""
+    if recipe.base_model == ref:
+        return ("base_model",)
+    for i, m in enumerate(recipe.models or ()):
+        if m.model == ref:
+            return ("models", i, "model")
+    for i, sl in enumerate(recipe.slices or ()):
+        for j, src in enumerate(sl.sources):
+            if src.model == ref:
+                return ("slices", i, "sources", j, "model")
+    for i, r in enumerate(recipe.rules or ()):
+        if r.take == ref:
+            return ("rules", i, "take")
+    return ("tokenizer_source",) if recipe.tokenizer_source == ref else ()
+
+
 def _check_steps(steps: list[LoadedRecipe], source: str) -> list[str]:
     """Cross-step rules: names unique, only the last step unnamed, no reference to a later step."""
     lines: list[str] = []
@@ -656,7 +673,7 @@ def _check_steps(steps: list[LoadedRecipe], source: str) -> list[str]:
         for ref in step.recipe.referenced_models():
             if ref in names[i:]:
                 lines.append(
-                    f"{where(step, ('name',) if ref == name else ())}: step {i + 1} uses {ref!r}, "
+                    f"{where(step, _path_of_model(step.recipe, ref))}: step {i + 1} uses {ref!r}, "
                     "which is made by a later step (or itself)"
                 )
         if name is not None:

@@ -71,12 +71,16 @@ class ShardFile:
         self.layout = layout
         exists = path.exists()
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        if not (reuse and exists):
-            os.ftruncate(self.fd, 0)
-            _preallocate(self.fd, layout.size)
-            os.pwrite(self.fd, layout.header, 0)
-        elif os.fstat(self.fd).st_size != layout.size:
-            os.ftruncate(self.fd, layout.size)
+        try:
+            if not (reuse and exists):
+                os.ftruncate(self.fd, 0)
+                _preallocate(self.fd, layout.size)
+                os.pwrite(self.fd, layout.header, 0)
+            elif os.fstat(self.fd).st_size != layout.size:
+                os.ftruncate(self.fd, layout.size)
+        except BaseException:
+            self.close()
+            raise
 
     def write(self, name: str, start: int, data: memoryview) -> None:
         begin, end = self.layout.offsets[name]
