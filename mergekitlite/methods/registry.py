@@ -55,12 +55,25 @@ class ChunkInfo:
 class Statistic(Protocol):
     """Whole-tensor statistics for methods that are not elementwise (top-k thresholds, norms...).
 
-    The executor makes ``passes`` passes (read after ``begin``, which may set it for this tensor:
-    e.g. none when every density is 1) over the tensor's row chunks before the merge pass,
-    calling ``update`` for every chunk and ``finish_pass`` after each pass; ``result`` is then given
-    to the method as ``stats=``. Chunks always hold whole rows and arrive in row order. For the
-    result to be identical however the tensor is cut, ``update`` must only record per-row or
-    integer (count/histogram) quantities, and combine them in ``finish_pass``/``result``.
+    The executor makes passes over the tensor's row chunks before the merge pass, calling ``update``
+    for every chunk and ``finish_pass`` after each pass; ``result`` is then given to the method as
+    ``stats=``. ``passes`` is read after ``begin`` (which may set it for this tensor: e.g. none when
+    every density is 1) and again after every ``finish_pass``, which may lower it when a later pass
+    turns out to be unneeded (e.g. no tie to break at a top-k threshold): pass p is made while
+    p < ``passes``. Chunks always hold whole rows.
+
+    With ``concurrent`` set, ``update`` calls for the chunks of one pass may run at the same time on
+    several threads and in any order; ``finish_pass`` runs once all of them have returned, and the
+    result must be the one of the chunks taken one after the other in row order. So ``update`` only
+    records per-row quantities (to disjoint slices: no lock needed) or integer counts and histograms
+    (added under a lock held only for the addition); float partials are reduced once, in a fixed
+    order, in ``finish_pass``/``result``, and anything that needs the rows in order (how many ties
+    precede a row) is derived there from per-row counts. The same rules make the result identical
+    however the tensor is cut. Shared state is created in ``begin``, never lazily in ``update``.
+
+    ``MethodSpec.statistic`` is a factory; the executor reads ``concurrent`` off the factory before
+    making a statistic, so a factory that is not the class itself must carry the flag too
+    (``primitives.StatisticFactory`` does).
     """
 
     passes: int

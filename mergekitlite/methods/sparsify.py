@@ -15,27 +15,34 @@ Every method of the family computes, per tensor, with δᵢ = mᵢ − base:
 The masks need whole-tensor quantities (a top-k threshold, an L1 norm, ranks of a 1-D tensor), so every
 method has a statistic. Masks are a pure function of the statistic, the chunk's values and their flat
 indices; random masks draw from ``chunk.seed`` (one stream per model index), never from torch's RNG.
+Masks are int32 bit masks (see ``primitives``); the statistics are concurrent.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from mergekitlite.methods.primitives import (
     RowPartials,
+    StatisticFactory,
     TopK,
-    chunk_bernoulli,
+    agreeing_weight_sum,
+    agreement_masks,
+    apply_keep_,
+    bernoulli_mask,
     chunk_rows,
-    chunk_uniform,
     divide_,
     float_key,
-    magnitude_key,
+    keep_factor,
+    random_bits,
     row_sums,
     sign_agreement,
     stream_key,
@@ -48,19 +55,26 @@ _RESCALE_EPS = 1e-7  # mergekit's threshold below which an L1 norm is treated as
 # ---------------------------------------------------------------------------------------------
 # Sparsifiers: one per model whose density is < 1
 
+# Every statistic phase a sparsifier may need before its mask is known, in the order they run.
+_PHASES = ("rank", "high", "low", "ties")
+
 
 class Sparsifier(Protocol):
-    """The mask of one model's task vector. ``phases`` are the statistic passes it needs before the
-    final one; in the final pass ``keep(..., record=True)`` runs over the rows in order."""
+    """The mask of one model's task vector. ``phases``: the statistic passes it may need (a subset of
+    ``_PHASES``); ``wants`` says, once the earlier phases are settled, whether a phase is still needed.
+    ``observe`` may run concurrently for different chunks of a phase, in any order. ``keep_mask`` gives
+    an int32 bit mask (``None``: keep all); it depends only on |δ| and positions, so it may be given
+    either δ or |δ| (and ``magnitude`` = |δ| when already computed)."""
 
     phases: tuple[str, ...]
-    needs_final: bool
 
-    def observe(self, phase: str, delta: Tensor, chunk: ChunkInfo) -> None: ...
+    def wants(self, phase: str) -> bool: ...
+
+    def observe(self, phase: str, magnitude: Tensor, chunk: ChunkInfo) -> None: ...
 
     def settle(self, phase: str) -> None: ...
 
-    def keep(self, delta: Tensor, chunk: ChunkInfo, *, record: bool = False) -> Tensor: ...
+    def keep_mask(self, delta: Tensor, chunk: ChunkInfo, magnitude: Tensor | None = None) -> Tensor | None: ...
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -78,23 +92,34 @@ class RankWindowSparsifier:
     the largest and the smallest."""
 
     selector: TopK
-    phases: tuple[str, ...] = ("high", "low")
-    needs_final: bool = True
+    phases: tuple[str, ...] = ("high", "low", "ties")
 
     @classmethod
     def window(cls, shape: Sequence[int], lo: int, hi: int) -> RankWindowSparsifier:
         return cls(TopK(_numel(shape), _rows(shape), [hi, lo] if lo > 0 else [hi]))
 
-    def observe(self, phase: str, delta: Tensor, chunk: ChunkInfo) -> None:
-        keys = magnitude_key(delta)
-        (self.selector.count_high if phase == "high" else self.selector.count_low)(keys)
+    def wants(self, phase: str) -> bool:
+        return self.selector.wants(phase)
+
+    def observe(self, phase: str, magnitude: Tensor, chunk: ChunkInfo) -> None:
+        keys = float_key(magnitude)
+        if phase == "high":
+            self.selector.count_high(keys)
+        elif phase == "low":
+            self.selector.count_low(keys)
+        else:
+            self.selector.count_ties(keys, chunk.row_start, chunk_rows(chunk))
 
     def settle(self, phase: str) -> None:
-        (self.selector.settle_high if phase == "high" else self.selector.settle_low)()
+        {"high": self.selector.settle_high, "low": self.selector.settle_low, "ties": self.selector.settle_ties}[phase]()
 
-    def keep(self, delta: Tensor, chunk: ChunkInfo, *, record: bool = False) -> Tensor:
-        tops = self.selector.keep(magnitude_key(delta), chunk.row_start, chunk_rows(chunk), record=record)
-        return tops[0] & ~tops[1] if len(tops) == 2 else tops[0]
+    def keep_mask(self, delta: Tensor, chunk: ChunkInfo, magnitude: Tensor | None = None) -> Tensor | None:
+        keys = float_key(delta.abs() if magnitude is None else magnitude)
+        tops = self.selector.masks(keys, chunk.row_start, chunk_rows(chunk))
+        if len(tops) == 1 or tops[1] is None:
+            return tops[0] if len(tops) == 1 else torch.zeros_like(keys)  # dropping all n largest drops all
+        inside = tops[1].bitwise_not_()
+        return inside if tops[0] is None else tops[0].bitwise_and_(inside)
 
 
 def magnitude_window(n: int, density: float) -> tuple[int, int]:
@@ -122,16 +147,18 @@ class RandomSparsifier:
     stream: int
     density: float
     phases: tuple[str, ...] = ()
-    needs_final: bool = False
 
-    def observe(self, phase: str, delta: Tensor, chunk: ChunkInfo) -> None:
+    def wants(self, phase: str) -> bool:
+        return False
+
+    def observe(self, phase: str, magnitude: Tensor, chunk: ChunkInfo) -> None:
         pass
 
     def settle(self, phase: str) -> None:
         pass
 
-    def keep(self, delta: Tensor, chunk: ChunkInfo, *, record: bool = False) -> Tensor:
-        return chunk_bernoulli(stream_key(chunk.seed, self.stream), delta, chunk, self.density)
+    def keep_mask(self, delta: Tensor, chunk: ChunkInfo, magnitude: Tensor | None = None) -> Tensor | None:
+        return bernoulli_mask(stream_key(chunk.seed, self.stream), delta, chunk, self.density)
 
 
 @dataclass
@@ -139,43 +166,53 @@ class DellaSparsifier:
     """DELLA (MAGPRUNE): keep each element with probability (d − ε) + 2ε·r/(n − 1), where r is its rank
     by |δ| (0 = smallest; equal magnitudes: lower index first) among the n elements of its fiber along
     dim 1 — the whole vector for 1-D tensors, whose ranks therefore take a statistic pass. A fiber of
-    one element gets probability d."""
+    one element gets probability d.
+
+    The probabilities only depend on r, so each rank's integer bound ⌈p(r)·2⁵³⌉ is computed once per
+    tensor (by the same float64 operations as p itself) and compared with the element's random bits."""
 
     stream: int
     density: float
     epsilon: float
     whole: bool  # rank over the whole (1-D or scalar) tensor
     rows: int = 0
+    fiber: int = 1  # n: elements ranked together
     magnitudes: Tensor | None = None
-    ranks: Tensor | None = None
+    ranks: Tensor | None = None  # whole: each element's bound, from its rank in the tensor
+    bounds: Tensor | None = None  # int64 [n]: u < p(r) ⟺ bits < bounds[r]
     phases: tuple[str, ...] = ()
-    needs_final: bool = False
 
     def __post_init__(self) -> None:
         if self.whole:
             self.phases = ("rank",)
             self.magnitudes = torch.zeros(self.rows, dtype=torch.float64)
+        n = self.fiber
+        ranks = torch.arange(n, dtype=torch.float64)
+        rel = divide_(ranks, n - 1) if n > 1 else torch.full_like(ranks, 0.5)
+        probability = (self.density - self.epsilon) + rel * (2 * self.epsilon)
+        self.bounds = probability.mul_(2.0**53).ceil_().clamp_(0.0, 2.0**53).to(torch.int64)
 
-    def observe(self, phase: str, delta: Tensor, chunk: ChunkInfo) -> None:
+    def wants(self, phase: str) -> bool:
+        return phase in self.phases
+
+    def observe(self, phase: str, magnitude: Tensor, chunk: ChunkInfo) -> None:
         assert self.magnitudes is not None
-        self.magnitudes[chunk.row_start : chunk.row_end] = delta.reshape(-1).abs().to("cpu", torch.float64)
+        self.magnitudes[chunk.row_start : chunk.row_end] = magnitude.reshape(-1).to("cpu", torch.float64)
 
     def settle(self, phase: str) -> None:
-        assert self.magnitudes is not None
-        self.ranks = _ranks(self.magnitudes, 0)
+        assert self.magnitudes is not None and self.bounds is not None
+        self.ranks = self.bounds[_ranks(self.magnitudes, 0)]  # each element's bound, by its rank
         self.magnitudes = None
 
-    def keep(self, delta: Tensor, chunk: ChunkInfo, *, record: bool = False) -> Tensor:
+    def keep_mask(self, delta: Tensor, chunk: ChunkInfo, magnitude: Tensor | None = None) -> Tensor | None:
+        assert self.bounds is not None
         if self.whole:
             assert self.ranks is not None, "DELLA on a 1-D tensor needs its rank pass"
-            ranks = self.ranks[chunk.row_start : chunk.row_end].to(delta.device).reshape(delta.shape)
-            n = self.ranks.numel()
+            bound = self.ranks[chunk.row_start : chunk.row_end].to(delta.device).reshape(delta.shape)
         else:
-            ranks = _ranks(delta.abs(), 1)
-            n = delta.shape[1]
-        rel = divide_(ranks.to(torch.float64), n - 1) if n > 1 else torch.full_like(ranks, 0.5, dtype=torch.float64)
-        probability = (self.density - self.epsilon) + rel * (2 * self.epsilon)
-        return chunk_uniform(stream_key(chunk.seed, self.stream), delta, chunk) < probability
+            bound = by_fiber_rank(delta.abs() if magnitude is None else magnitude, self.bounds)
+        bits = random_bits(stream_key(chunk.seed, self.stream), chunk.flat_start, delta.numel(), delta.device)
+        return bits.lt_(bound.reshape(-1)).to(torch.int32).neg_().reshape(delta.shape)
 
 
 def _ranks(magnitudes: Tensor, dim: int) -> Tensor:
@@ -185,6 +222,30 @@ def _ranks(magnitudes: Tensor, dim: int) -> Tensor:
     shape[dim] = magnitudes.shape[dim]
     positions = torch.arange(magnitudes.shape[dim], device=magnitudes.device).reshape(shape).expand_as(order)
     return torch.empty_like(order).scatter_(dim, order, positions)
+
+
+def by_fiber_rank(magnitude: Tensor, values: Tensor) -> Tensor:
+    """``values[r]`` (int64) for each element, r its rank by magnitude along dim 1 (as ``_ranks``).
+
+    float32 magnitudes are ranked by sorting unique int64 keys (bit pattern·2³² + position): equal
+    magnitudes then rank by position without a stable sort, numpy's vectorised integer sort is about ten
+    times faster than torch's stable float argsort, and scattering ``values`` into the sorted positions
+    needs no rank tensor. Every NaN gets one key above +inf, as torch's sort puts NaNs last, in order."""
+    n = magnitude.shape[1]
+    values = values.to(magnitude.device)
+    if magnitude.dtype != torch.float32 or n >= 1 << 31:
+        return values[_ranks(magnitude, 1)]
+    fibers = magnitude.movedim(1, -1)
+    keys = fibers.contiguous().view(torch.int32).clamp(max=0x7F800001).to(torch.int64)
+    position = torch.arange(n, device=magnitude.device)
+    composite = keys.bitwise_left_shift_(32).bitwise_or_(position).reshape(-1, n)
+    if composite.device.type == "cpu":
+        ordered = torch.from_numpy(np.sort(composite.numpy(), axis=1))  # numpy's sort releases the GIL
+    else:
+        ordered = torch.sort(composite, dim=1).values
+    order = ordered.bitwise_and_(0xFFFFFFFF)  # the positions, smallest magnitude first
+    out = torch.empty_like(order).scatter_(1, order, values.expand_as(order))
+    return out.reshape(fibers.shape).movedim(-1, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,12 +268,23 @@ class _SparseState:
     l1: RowPartials  # rows: 2i = ‖δᵢ‖₁ per row, 2i + 1 = ‖δᵢ·maskᵢ‖₁ per row
     active: list[int] = field(default_factory=list)
 
+    def wanting(self, phase: str) -> list[tuple[int, Sparsifier]]:
+        out = []
+        for i in self.active:
+            sparsifier = self.sparsifiers[i]
+            assert sparsifier is not None
+            if phase == "rescale" or sparsifier.wants(phase):
+                out.append((i, sparsifier))
+        return out
+
 
 class SparseStatistic:
-    """Statistic passes for the family: the sparsifiers' own phases, then (if any sparsifier needs it,
-    or to rescale) a final pass in row order recording tie counts and the per-row L1 norms."""
+    """Statistic passes for the family: the sparsifiers' own phases (those still wanted once the
+    earlier ones are settled: TopK's tie pass only when a threshold splits tied magnitudes), then, to
+    rescale, a pass recording the per-row L1 norms before and after masking."""
 
-    passes = 3  # the most any kind needs; ``begin`` lowers it for the tensor at hand
+    passes = 4  # the most any kind needs; ``begin`` and ``finish_pass`` set it for the tensor at hand
+    concurrent = True
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -220,16 +292,10 @@ class SparseStatistic:
     def begin(self, shape: tuple[int, ...], n_models: int, params: Mapping[str, Any]) -> _SparseState:
         sparsifiers = [make_sparsifier(self.kind, shape, params, i) for i in range(n_models)]
         active = [i for i, s in enumerate(sparsifiers) if s is not None]
-        phases: list[str] = []
-        if active:
-            first = sparsifiers[active[0]]
-            assert first is not None
-            phases = list(first.phases)
-            if first.needs_final or params["rescale"]:
-                phases.append("final")
-        self.passes = len(phases)
-        l1 = RowPartials(2 * n_models, _rows(shape))
-        return _SparseState(sparsifiers, phases, bool(params["rescale"]), l1, active)
+        state = _SparseState(sparsifiers, [], bool(params["rescale"]), RowPartials(2 * n_models, _rows(shape)), active)
+        state.phases = [p for p in _PHASES if state.wanting(p)] + (["rescale"] if active and state.rescale else [])
+        self.passes = len(state.phases)
+        return state
 
     def update(
         self,
@@ -245,25 +311,26 @@ class SparseStatistic:
         assert base is not None
         phase = state.phases[pass_index]
         rows = chunk_rows(chunk)
-        for i in state.active:
-            sparsifier = state.sparsifiers[i]
-            assert sparsifier is not None
-            delta = models[i] - base
-            if phase != "final":
-                sparsifier.observe(phase, delta, chunk)
+        for i, sparsifier in state.wanting(phase):
+            magnitude = (models[i] - base).abs_()  # |δ|: computed once; the keys are its bit patterns
+            if phase != "rescale":
+                sparsifier.observe(phase, magnitude, chunk)
                 continue
-            keep = sparsifier.keep(delta, chunk, record=True)
-            if state.rescale:
-                magnitude = delta.abs()
-                state.l1.put(2 * i, chunk.row_start, row_sums(magnitude, rows))
-                state.l1.put(2 * i + 1, chunk.row_start, row_sums(magnitude * keep, rows))
+            keep = sparsifier.keep_mask(magnitude, chunk, magnitude)  # masks depend on |δ| only
+            state.l1.put(2 * i, chunk.row_start, row_sums(magnitude, rows))
+            kept = magnitude if keep is None else magnitude.mul_(_factor(keep, magnitude))
+            state.l1.put(2 * i + 1, chunk.row_start, row_sums(kept, rows))
 
     def finish_pass(self, state: _SparseState, pass_index: int) -> None:
-        if pass_index < len(state.phases) and state.phases[pass_index] != "final":
-            for i in state.active:
-                sparsifier = state.sparsifiers[i]
-                assert sparsifier is not None
-                sparsifier.settle(state.phases[pass_index])
+        phase = state.phases[pass_index] if pass_index < len(state.phases) else "rescale"
+        if phase == "rescale":
+            return
+        for _, sparsifier in state.wanting(phase):
+            sparsifier.settle(phase)
+        # Later phases that no sparsifier wants any more are not made.
+        later = [p for p in state.phases[pass_index + 1 :] if state.wanting(p)]
+        state.phases[pass_index + 1 :] = later
+        self.passes = len(state.phases)
 
     def result(self, state: _SparseState) -> SparseStats:
         scales: list[float | None] = [None] * len(state.sparsifiers)
@@ -273,6 +340,11 @@ class SparseStatistic:
                 if before >= _RESCALE_EPS and after >= _RESCALE_EPS:
                     scales[i] = before / after
         return SparseStats(tuple(state.sparsifiers), tuple(scales))
+
+
+def _factor(keep: Tensor, like: Tensor) -> Tensor:
+    """The mask as the 1.0/0.0 multiplier a boolean mask would be (NaN·0 stays NaN, as before)."""
+    return keep_factor(keep) if like.dtype == torch.float32 else (keep != 0)
 
 
 def make_sparsifier(kind: str, shape: Sequence[int], params: Mapping[str, Any], i: int) -> Sparsifier | None:
@@ -295,7 +367,9 @@ def make_sparsifier(kind: str, shape: Sequence[int], params: Mapping[str, Any], 
             raise ValueError(
                 f"della: epsilon must keep density ± epsilon inside (0, 1); got density {density}, epsilon {epsilon}"
             )
-        return DellaSparsifier(i, density, epsilon, whole=len(shape) < 2, rows=_rows(shape))
+        whole = len(shape) < 2
+        fiber = n if whole else shape[1]
+        return DellaSparsifier(i, density, epsilon, whole=whole, rows=_rows(shape), fiber=fiber)
     raise ValueError(f"unknown sparsification {kind!r}")
 
 
@@ -313,24 +387,41 @@ def sparse_deltas(
         if stats is not None and (sparsifier := stats.sparsifiers[i]) is not None:
             if chunk is None:
                 raise TypeError("a sparsified method needs the chunk it is given (call it through its MethodSpec)")
-            delta.masked_fill_(~sparsifier.keep(delta, chunk), 0.0)
+            apply_keep_(delta, sparsifier.keep_mask(delta, chunk))
             if (scale := stats.scales[i]) is not None:
                 delta.mul_(scale)
-        out.append(delta.mul_(weight[i]))
+        if weight[i] != 1:  # x·1 == x bit for bit: skip a pass over the data
+            delta.mul_(weight[i])
+        out.append(delta)
     return out
 
 
 def mix(weighted: Sequence[Tensor], weight: Sequence[float], *, consensus: bool, normalize: bool) -> Tensor:
     """Σ of the weighted deltas: all of them, or (``consensus``) only those agreeing with the elected
-    sign; divided, when ``normalize``, by Σ wᵢ (resp. by the agreeing wᵢ per element)."""
+    sign; divided, when ``normalize``, by Σ wᵢ (resp. by the agreeing wᵢ per element). Works in place:
+    the deltas are consumed."""
     if not consensus:
-        total = weighted[0].clone()
+        total = weighted[0]
         for d in weighted[1:]:
             total.add_(d)
         divisor = math.fsum(weight)
         if normalize and abs(divisor) >= 1e-8:
             divide_(total, divisor)
         return total
+    masks = agreement_masks(weighted) if all(map(math.isfinite, weight)) else None  # 0·inf must stay NaN
+    if masks is None:
+        return _agreeing_mix(weighted, weight, normalize=normalize)
+    total = apply_keep_(weighted[0], masks[0])
+    for d, m in zip(weighted[1:], masks[1:], strict=True):
+        total.add_(apply_keep_(d, m))
+    if normalize:
+        total.div_(agreeing_weight_sum(masks, weight, zero_as_one=True))
+    return total
+
+
+def _agreeing_mix(weighted: Sequence[Tensor], weight: Sequence[float], *, normalize: bool) -> Tensor:
+    """The consensus mix by its definition, on booleans: for deltas that are not float32 or whose
+    vote is not finite (``agreement_masks`` gives the same bits for the others, faster)."""
     agree = sign_agreement(weighted)
     total = torch.where(agree[0], weighted[0], 0.0)
     divisor = agree[0].to(total.dtype) * weight[0]
@@ -365,8 +456,8 @@ def _merge(
 # The generalized task arithmetic methods (mergekit's names, parameters and defaults)
 
 
-def _statistic(kind: str) -> Any:
-    return lambda: SparseStatistic(kind)
+def _statistic(kind: str) -> StatisticFactory:
+    return StatisticFactory(SparseStatistic, kind)
 
 
 @merge_method(
@@ -580,17 +671,23 @@ def della_linear(
 # SCE: select by variance across models, weight by energy, erase minority signs
 
 
-def variance_key(deltas: Sequence[Tensor]) -> Tensor:
-    """Bit patterns (float32) of the population variance across models, per element, computed in float64."""
-    wide = [d.to(torch.float64) for d in deltas]
-    mean = wide[0].clone()
-    for d in wide[1:]:
-        mean.add_(d)
+def variance_key(deltas: Sequence[Tensor], wide: Sequence[Tensor] | None = None) -> Tensor:
+    """Bit patterns (float32) of the population variance across models, per element, computed in float64:
+    mean = Σ δᵢ / n, var = Σ (δᵢ − mean)² / n. ``wide``: the deltas already widened to float64 (not
+    modified); widening once and then working in one dtype avoids torch's slower mixed-dtype kernels."""
+    if wide is None:
+        wide = [d.to(torch.float64) for d in deltas]
+    mean = wide[0].clone() if len(wide) == 1 else torch.add(wide[0], wide[1])
+    for w in wide[2:]:
+        mean.add_(w)
     divide_(mean, len(wide))
-    var = torch.zeros_like(mean)
-    for d in wide:
-        centred = d - mean
-        var.add_(centred * centred)
+    var = torch.sub(wide[0], mean)
+    var.mul_(var)  # 0 + c² == c²: the first term needs no zero to start from
+    if len(wide) > 1:
+        centred = torch.empty_like(mean)
+        for w in wide[1:]:
+            torch.sub(w, mean, out=centred)
+            var.add_(centred.mul_(centred))
     return float_key(divide_(var, len(wide)))
 
 
@@ -609,23 +706,26 @@ class _SceState:
     selector: TopK | None
     energy: RowPartials  # per model, per row: Σ (masked δᵢ)²
     nonzero: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class SceStatistic:
     """Passes: (select_topk in (0, 1)) histogram of the variance's high bits and count of non-zero
-    variances, then its low bits; finally, in row order, tie counts and each model's Σ δ² after selection."""
+    variances, then its low bits, then (only if the threshold splits tied variances) per-row tie counts;
+    finally each model's per-row Σ δ² after selection."""
 
-    passes = 3
+    passes = 4
+    concurrent = True
 
     def begin(self, shape: tuple[int, ...], n_models: int, params: Mapping[str, Any]) -> _SceState:
         select = float(params["select_topk"])
         n, rows = _numel(shape), _rows(shape)
         if select >= 1:
-            phases, selector = ["final"], None
+            phases, selector = ["energy"], None
         elif select <= 0:
             phases, selector = [], TopK(n, rows, [0])
         else:
-            phases, selector = ["high", "low", "final"], TopK(n, rows, [])
+            phases, selector = ["high", "low", "ties", "energy"], TopK(n, rows, [])
         self.passes = len(phases)
         return _SceState(n, rows, select, phases, selector, RowPartials(n_models, rows))
 
@@ -641,37 +741,53 @@ class SceStatistic:
         if pass_index >= len(state.phases):
             return
         assert base is not None
-        deltas = [m - base for m in models]
+        wide = [(m - base).to(torch.float64) for m in models]  # δᵢ exactly, widened once
         phase = state.phases[pass_index]
         selector = state.selector
+        rows = chunk_rows(chunk)
         keep: Tensor | None = None
         if selector is not None:
-            keys = variance_key(deltas)
+            keys = variance_key(wide, wide)
             if phase == "high":
                 selector.count_high(keys)
-                state.nonzero += int(torch.count_nonzero(keys))
+                nonzero = int(torch.count_nonzero(keys))
+                with state.lock:
+                    state.nonzero += nonzero
                 return
             if phase == "low":
                 selector.count_low(keys)
                 return
-            keep = selector.keep(keys, chunk.row_start, chunk_rows(chunk), record=True)[0]
-        for i, d in enumerate(deltas):
-            square = d.to(torch.float64) * d.to(torch.float64)
-            state.energy.put(i, chunk.row_start, row_sums(square if keep is None else square * keep, chunk_rows(chunk)))
+            if phase == "ties":
+                selector.count_ties(keys, chunk.row_start, rows)
+                return
+            keep = selector.masks(keys, chunk.row_start, rows)[0]
+        factor = None if keep is None else _factor(keep, models[0]).to(torch.float64)
+        for i, w in enumerate(wide):
+            square = w.mul_(w)  # exact for float32 deltas, as δ.double()·δ.double()
+            if factor is not None:
+                square.mul_(factor)  # ·1.0 or ·0.0, as by a boolean mask (NaN·0 stays NaN)
+            state.energy.put(i, chunk.row_start, row_sums(square, rows))
 
     def finish_pass(self, state: _SceState, pass_index: int) -> None:
         phase = state.phases[pass_index] if pass_index < len(state.phases) else None
+        selector = state.selector
+        if selector is None or phase not in ("high", "low", "ties"):
+            return
         if phase == "high":
-            assert state.selector is not None
-            state.selector.choose([int(state.nonzero * state.select)])
-            state.selector.settle_high()
+            selector.choose([int(state.nonzero * state.select)])
+            selector.settle_high()
         elif phase == "low":
-            assert state.selector is not None
-            state.selector.settle_low()
+            selector.settle_low()
+        else:
+            selector.settle_ties()
+        # Selection passes the chosen k no longer needs (all or nothing selected, no split tie) are not made.
+        later = state.phases[pass_index + 1 :]
+        state.phases[pass_index + 1 :] = [p for p in later if p == "energy" or selector.wants(p)]
+        self.passes = len(state.phases)
 
     def result(self, state: _SceState) -> SceStats:
         count = state.energy.values.shape[0]
-        means = [state.energy.total(i) / state.n for i in range(count)] if "final" in state.phases else [0.0] * count
+        means = [state.energy.total(i) / state.n for i in range(count)] if "energy" in state.phases else [0.0] * count
         total = math.fsum(means)
         weights = [1.0 / count] * count if abs(total) < 1e-6 else [m / total for m in means]
         return SceStats(state.selector, tuple(weights))
@@ -704,13 +820,28 @@ def sce(
         raise TypeError("sce needs its statistic and chunk: run it through its MethodSpec (executor, merge_in_chunks)")
     deltas = [m - base for m in models]
     if stats.selector is not None:
-        keep = stats.selector.keep(variance_key(deltas), chunk.row_start, chunk_rows(chunk))[0]
+        keep = stats.selector.masks(variance_key(deltas), chunk.row_start, chunk_rows(chunk))[0]
         for d in deltas:
-            d.masked_fill_(~keep, 0.0)
+            apply_keep_(d, keep)
+    masks = agreement_masks(deltas) if all(map(math.isfinite, stats.weights)) else None  # 0·NaN must stay NaN
+    if masks is None:
+        return _sce_mix_by_definition(deltas, stats.weights).add_(base)
+    for d, m, w in zip(deltas, masks, stats.weights, strict=True):
+        if w != 1:
+            d.mul_(w)
+        apply_keep_(d, m)  # ωᵢ·δᵢ where it agrees, +0.0 elsewhere
+    total = deltas[0]
+    for d in deltas[1:]:
+        total.add_(d)
+    return total.div_(agreeing_weight_sum(masks, stats.weights, zero_as_one=False).clamp_(min=1e-6)).add_(base)
+
+
+def _sce_mix_by_definition(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """Σᵢ ωᵢ·[agrees]·δᵢ / max(Σᵢ ωᵢ·[agrees], 1e-6) on booleans, for deltas ``agreement_masks`` does not take."""
     agree = sign_agreement(deltas)
-    total = torch.where(agree[0], deltas[0] * stats.weights[0], 0.0)
-    divisor = agree[0].to(total.dtype) * stats.weights[0]
-    for d, a, w in zip(deltas[1:], agree[1:], stats.weights[1:], strict=True):
+    total = torch.where(agree[0], deltas[0] * weights[0], 0.0)
+    divisor = agree[0].to(total.dtype) * weights[0]
+    for d, a, w in zip(deltas[1:], agree[1:], weights[1:], strict=True):
         total.add_(torch.where(a, d * w, 0.0))
         divisor.add_(a.to(total.dtype) * w)
-    return total.div_(divisor.clamp_(min=1e-6)).add_(base)
+    return total.div_(divisor.clamp_(min=1e-6))

@@ -11,8 +11,9 @@ flattening), each fiber's dot products come from its own chunk and its coefficie
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -20,12 +21,13 @@ from torch import Tensor
 from mergekitlite.methods.primitives import (
     GramStatistic,
     RowPartials,
+    StatisticFactory,
     chunk_rows,
     combine,
     fiber_dot,
     matvec,
     quad,
-    row_dots,
+    row_sums,
 )
 from mergekitlite.methods.registry import REQUIRED, ChunkInfo, merge_method
 
@@ -60,7 +62,7 @@ def slerp_coefficients(
     base="required",
     max_models=1,
     elementwise=False,
-    statistic=lambda: GramStatistic(lambda base, models, params: [base, models[0]]),
+    statistic=StatisticFactory(GramStatistic, lambda base, models, params: [base, models[0]]),
     reference="https://en.wikipedia.org/wiki/Slerp",
 )
 def slerp(base: Tensor, models: Sequence[Tensor], *, t: float, stats: Gram | None = None) -> Tensor:
@@ -115,21 +117,33 @@ class _NuState:
     t: float
     rows: int
     whole: RowPartials
-    columns: Tensor | None = None  # [3, *shape[1:]] float64: Σ over rows of v₀², v₁², v₀v₁
+    columns: Tensor | None = None  # [3, *shape[1:]] float64 on the CPU: Σ over rows of v₀², v₁², v₀v₁
+    folded: int = 0  # rows [0, folded) are in ``columns``
+    pending: dict[int, Tensor] = field(default_factory=dict)  # row_start → [3, rows, ...] products not yet folded
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class NuSlerpStatistic:
     """'whole': the Gram matrix of the two vectors; 'columns': per dim-0 fiber sums accumulated row by
-    row in row order (a fixed sequential order); 'rows': nothing (``passes`` = 0)."""
+    row in row order (a fixed sequential order); 'rows': nothing (``passes`` = 0).
+
+    For 'columns', updates compute their chunk's products concurrently and hand them over; the products
+    are added to the sums strictly in row order, as soon as every earlier row has been added, so only
+    the chunks that arrived ahead of an earlier one wait (at most the executor's window of them)."""
 
     passes = 1
+    concurrent = True
 
     def begin(self, shape: tuple[int, ...], n_models: int, params: Mapping[str, object]) -> _NuState:
         mode = _nuslerp_mode(shape, params)
         self.passes = 0 if mode == "rows" else 1
         weight = params["weight"]
         assert isinstance(weight, Sequence)
-        return _NuState(mode, nuslerp_t(weight), shape[0] if shape else 1, RowPartials(3, shape[0] if shape else 1))
+        rows = shape[0] if shape else 1
+        state = _NuState(mode, nuslerp_t(weight), rows, RowPartials(3, rows))
+        if mode == "columns":
+            state.columns = torch.zeros((3, *shape[1:]), dtype=torch.float64)
+        return state
 
     def update(
         self,
@@ -144,27 +158,38 @@ class NuSlerpStatistic:
             return
         v0, v1 = _nuslerp_vectors(base, models)
         rows = chunk_rows(chunk)
+        w0, w1 = v0.to(torch.float64), v1.to(torch.float64)  # widened once for the three products
         if state.mode == "whole":
-            for idx, (a, b) in enumerate(((v0, v0), (v1, v1), (v0, v1))):
-                state.whole.put(idx, chunk.row_start, row_dots(a, b, rows))
+            for idx, (a, b) in enumerate(((w0, w0), (w1, w1), (w0, w1))):
+                state.whole.put(idx, chunk.row_start, row_sums(a * b, rows))
             return
-        w0, w1 = v0.to(torch.float64), v1.to(torch.float64)
-        products = torch.stack([w0 * w0, w1 * w1, w0 * w1])
-        if state.columns is None:
-            state.columns = torch.zeros_like(products[:, 0])
-        for r in range(rows):
-            state.columns.add_(products[:, r])
+        products = torch.stack([w0 * w0, w1 * w1, w0 * w1]).cpu()
+        with state.lock:
+            state.pending[chunk.row_start] = products
+            _fold_in_order(state)
 
     def finish_pass(self, state: _NuState, pass_index: int) -> None:
-        pass
+        if state.mode == "columns":
+            _fold_in_order(state)
+            assert not state.pending and state.folded == state.rows, "nuslerp: a chunk of the pass is missing"
 
     def result(self, state: _NuState) -> tuple[float, float] | tuple[Tensor, Tensor] | None:
         if state.mode == "whole":
             return nuslerp_coefficients(state.t, *(state.whole.total(i) for i in range(3)))
         if state.mode == "columns":
             assert state.columns is not None
-            return _coefficient_arrays(state.t, state.columns.cpu())
+            return _coefficient_arrays(state.t, state.columns)
         return None
+
+
+def _fold_in_order(state: _NuState) -> None:
+    """Add the pending products of the rows that come next, one row after the other (the caller holds the lock).
+    ``cumsum`` along the rows adds them sequentially, in float64, as a loop of row additions would."""
+    while (products := state.pending.pop(state.folded, None)) is not None:
+        assert state.columns is not None
+        stacked = torch.cat([state.columns.unsqueeze(1), products], dim=1)
+        state.columns = torch.cumsum(stacked, dim=1)[:, -1]
+        state.folded += products.shape[1]
 
 
 def _coefficient_arrays(t: float, sums: Tensor) -> tuple[Tensor, Tensor]:
@@ -247,7 +272,7 @@ def multislerp_coefficients(gram: Gram, weight: Sequence[float], eps: float) -> 
     base="optional",
     per_model={"weight": REQUIRED},
     elementwise=False,
-    statistic=lambda: GramStatistic(lambda base, models, params: _nuslerp_vectors(base, models)),
+    statistic=StatisticFactory(GramStatistic, lambda base, models, params: _nuslerp_vectors(base, models)),
     reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
 )
 def multislerp(
@@ -339,7 +364,7 @@ def _karcher_points(base: Tensor | None, models: Sequence[Tensor]) -> list[Tenso
     "karcher",
     base="optional",
     elementwise=False,
-    statistic=lambda: GramStatistic(lambda base, models, params: _karcher_points(base, models)),
+    statistic=StatisticFactory(GramStatistic, lambda base, models, params: _karcher_points(base, models)),
     reference="https://en.wikipedia.org/wiki/Karcher_mean",
 )
 def karcher(

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mergekitlite.methods.primitives import GramStatistic, divide_, fiber_dot
+from mergekitlite.methods.primitives import GramStatistic, StatisticFactory, divide_, fiber_dot
 from mergekitlite.methods.registry import merge_method
 
 
@@ -56,7 +56,7 @@ def _average(models: Sequence[Tensor]) -> Tensor:
     base="required",
     min_models=2,
     elementwise=False,
-    statistic=lambda: GramStatistic(_offsets, wanted=_whole_tensor),
+    statistic=StatisticFactory(GramStatistic, _offsets, _whole_tensor),
     reference="https://arxiv.org/abs/2403.19522",
 )
 def model_stock(
