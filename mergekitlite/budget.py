@@ -103,9 +103,16 @@ class RowCost:
 
 
 def row_cost(
-    input_row_bytes: list[int], row_elements: int, out_row_bytes: int, compute_bytes: int, on_gpu: bool
+    input_row_bytes: list[int],
+    row_elements: int,
+    out_row_bytes: int,
+    compute_bytes: int,
+    on_gpu: bool,
+    temporaries: int = 2,
 ) -> RowCost:
-    work = row_elements * compute_bytes * (len(input_row_bytes) + 2)
+    """``temporaries``: compute-dtype arrays of the chunk's size the method holds besides its inputs
+    (a method's declared working space, see MethodSpec.temporaries)."""
+    work = row_elements * compute_bytes * (len(input_row_bytes) + temporaries)
     return RowCost(sum(input_row_bytes), work, out_row_bytes, on_gpu)
 
 

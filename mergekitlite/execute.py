@@ -390,6 +390,10 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
                 remaining[task.name] = len(parts)
                 stats = None
                 if get_method(task.method).statistic is not None and task.copy_of is None:
+                    # The statistic passes use every worker: let the previous task's chunks land
+                    # first, so that two tasks' working sets never overlap (the budget counts one).
+                    while inflight:
+                        complete_oldest()
                     stats = task_stats(files, task, compute, ctx.device, pool, lookahead=plan.budget.workers)
                 rule = None
                 for chunk in parts:

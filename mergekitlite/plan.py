@@ -119,6 +119,7 @@ class TensorTask:
             self.row_elements * itemsize(self.out_dtype),
             itemsize(CODE_BY_NAME[compute_dtype]),
             on_gpu,
+            get_method(self.method).temporaries(len(self.models)),
         )
 
 

@@ -132,8 +132,16 @@ class MethodSpec:
     reference: str | None = None
     aliases: tuple[str, ...] = field(default=())
     statistic: Callable[[], Statistic] | None = None  # factory: one fresh object per tensor
+    # Working space besides the inputs, in chunk-sized compute-dtype arrays: ``base + per_model·n``.
+    # The planner sizes chunks with it. Sparsifying and spherical methods hold a few arrays per model
+    # (deltas, keys, masks): measured on a GPU, 2 + 2·n keeps them inside --max-vram.
+    temporaries_base: int = 2
+    temporaries_per_model: int = 0
     wants_chunk: bool = False  # the function takes ``chunk=ChunkInfo`` (e.g. for seeded randomness)
     random: bool = False  # uses ``chunk.seed``: recipes get a recorded seed
+
+    def temporaries(self, n_models: int) -> int:
+        return self.temporaries_base + self.temporaries_per_model * n_models
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -256,6 +264,7 @@ def merge_method(
                 statistic=statistic,
                 wants_chunk="chunk" in sig.parameters,
                 random=random,
+                temporaries_per_model=2 if statistic is not None else 0,
             )
         )
         return fn
