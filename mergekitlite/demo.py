@@ -1,15 +1,16 @@
 """``python -m mergekitlite.demo``: the main job on the embedded tiny family, end to end.
 
 Merges the shipped tiny models (demo/models: a base LM, a chat fine-tune of it, and a
-continued-pretraining fine-tune) the way the seed merged nekomata and qarasu, twice: with the
-chat model donating tokenizer, chat template and stop tokens (recipes/demo.yaml) and with the
-pretrained base donating them (recipes/demo-eos-broken.yaml, the seed's mistake). Then it shows
-what was written and how both merges behave next to their parents.
+continued-pretraining fine-tune; see demo/README.md) the way the seed merged nekomata and qarasu,
+twice: with the chat model donating tokenizer, chat template and stop tokens (recipes/demo.yaml)
+and with the pretrained base donating them (recipes/demo-eos-broken.yaml, the seed's mistake).
+Then it shows what was written and measures both merges next to their parents.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,8 @@ from mergekitlite.budget import human
 
 RECIPES = (Path("recipes/demo.yaml"), Path("recipes/demo-eos-broken.yaml"))
 PARENTS = ("demo/models/continued", "demo/models/chat", "demo/models/base")
+HELDOUT = Path("demo/data/continued_heldout.txt")
+PROMPTS = Path("demo/prompts.yaml")
 
 
 def _listing(folder: Path) -> Table:
@@ -32,15 +35,30 @@ def _listing(folder: Path) -> Table:
     return table
 
 
+def _summary(reports: dict[Path, Path]) -> Table:
+    table = Table(title="the seed's question: does the merged chat model stop?")
+    for col in ("merge", "ends its answer", "perplexity on the new domain", "stops on"):
+        table.add_column(col)
+    for out, report in reports.items():
+        merged = json.loads(report.read_text(encoding="utf-8"))["models"][0]
+        table.add_row(
+            str(out),
+            f"{merged['termination_rate']:.0%}",
+            f"{merged['perplexity']:.1f}",
+            ", ".join(str(i) for i in merged["stop_ids"]),
+        )
+    return table
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mergekitlite.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--no-eval", action="store_true", help="only merge; skip the side-by-side evaluation")
     args = parser.parse_args(argv)
-    console = Console()
+    console = Console(soft_wrap=True)
     from mergekitlite.cli import main as cli_main
     from mergekitlite.cli import merge_main
 
-    missing = [str(p) for p in (*RECIPES, *map(Path, PARENTS)) if not p.exists()]
+    missing = [str(p) for p in (*RECIPES, HELDOUT, PROMPTS, *map(Path, PARENTS)) if not p.exists()]
     if missing:
         console.print(f"[red]run this from the repository root[/]: missing {', '.join(missing)}")
         return 2
@@ -55,11 +73,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(_listing(out))
     if args.no_eval:
         return 0
+    reports = {}
     for out in outputs:
         console.rule(f"mergekitlite eval {out}")
-        code = cli_main(["eval", str(out), "--against", *PARENTS, "--max-new-tokens", "48"])
+        report = out.with_name(out.name + "-eval.json")
+        # One thread: these models are tiny, and spinning thread pools only slow them down.
+        eval_args = ["--text", str(HELDOUT), "--prompts", str(PROMPTS), "--max-new-tokens", "48", "-j", "1"]
+        code = cli_main(["eval", str(out), "--against", *PARENTS, *eval_args, "--report", str(report)])
         if code:
             return code
+        reports[out] = report
+    console.print(_summary(reports))
+    console.print(
+        "Same weights, different metadata: the broken merge took its generation_config from the pretrained base, "
+        "so it writes <|im_end|> and keeps going (the seed's nekoqarasu); the fixed one stops."
+    )
     return 0
 
 
