@@ -491,3 +491,14 @@ def assert_close_to_exact(
     assert not bool(bad.any()), (
         f"{name}: {int(bad.sum())} element(s) off by more than {ulps} ulp, max err {float(err.max()):.3g}"
     )
+
+
+def to_bf16_once(x: torch.Tensor) -> torch.Tensor:
+    """float64 → bf16 with one correct rounding (nearest, ties to even), done on the float64 bits:
+    torch's own ``.to(torch.bfloat16)`` goes through float32 and rounds twice. bf16 normal range only
+    (the merged weights here are far from its limits)."""
+    drop = 52 - 7  # float64 mantissa bits below bf16's 7
+    bits = x.to(torch.float64).contiguous().view(torch.int64)
+    bits = bits + ((1 << (drop - 1)) - 1) + ((bits >> drop) & 1)  # carries into the exponent as needed
+    bits = bits & ~((1 << drop) - 1)
+    return bits.view(torch.float64).to(torch.float32).to(torch.bfloat16)  # both conversions now exact
