@@ -433,6 +433,12 @@ def test_published_passthrough_frankenmerge(llama_family, tmp_path):
     for name, t in expected.items():
         assert_bitwise(out[name], t, name)
     assert read_config(tmp_path / "out")["num_hidden_layers"] == 4
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape[:2] == (1, 3) and torch.isfinite(logits).all()
 
 
 def test_mergekit_style_gradient_and_filters(llama_tied_family, tmp_path):
