@@ -102,6 +102,11 @@ def step_outputs(steps: list[LoadedRecipe], out: Path, options: MergeOptions) ->
     return where
 
 
+def waiting_for(step: LoadedRecipe, where: Mapping[str, Path]) -> list[str]:
+    """Earlier steps whose results ``step`` uses and that do not exist yet (it cannot be planned)."""
+    return [r for r in step.recipe.referenced_models() if r in where and not where[r].is_dir()]
+
+
 def peak_rss_bytes() -> int:
     usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return usage if sys.platform == "darwin" else usage * 1024

@@ -163,14 +163,14 @@ def _plan_steps(
 ) -> list[Plan | None]:
     """Plan every step whose inputs exist; later steps of a pipeline can only be planned once
     the steps they use have run."""
-    from mergekitlite.api import plan_merge, step_outputs
+    from mergekitlite.api import plan_merge, step_outputs, waiting_for
 
     where = step_outputs(steps, out, options) if len(steps) > 1 else {}
     plans = []
     for i, step in enumerate(steps):
         if len(steps) > 1 and not quiet:
             console.rule(f"step {i + 1}/{len(steps)}: {step.recipe.name or 'final'}")
-        missing = [r for r in step.recipe.referenced_models() if r in where and not where[r].is_dir()]
+        missing = waiting_for(step, where)
         if missing:
             if not quiet:
                 console.print(f"[dim]planned when {', '.join(missing)} exist(s) (made by an earlier step)[/]")
@@ -259,7 +259,7 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
-    from mergekitlite.api import MergeOptions, default_output, plan_merge, step_outputs
+    from mergekitlite.api import MergeOptions, default_output, plan_merge, step_outputs, waiting_for
     from mergekitlite.recipe import load_recipes
 
     opts = MergeOptions(shard_size=args.shard_size, device=args.device, max_ram=args.max_ram, max_vram=args.max_vram)
@@ -274,7 +274,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     where = step_outputs(steps, default_output(steps[-1]), opts)
     out = []
     for step in steps:
-        missing = [r for r in step.recipe.referenced_models() if r in where and not where[r].is_dir()]
+        missing = waiting_for(step, where)
         plan = None if missing else _plan_json(plan_merge(step, opts, aliases=where))
         out.append({"name": step.recipe.name, "plan": plan, "waits_for": missing})
     print(json.dumps({"steps": out}, indent=2))

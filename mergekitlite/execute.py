@@ -141,7 +141,7 @@ def _read_rows(
     """The rows of each input as uint8 tensors (in ``bufs`` when given)."""
     out = []
     for i, ref in enumerate(refs):
-        rb = _row_bytes(ref.tensor.dtype, ref.tensor.shape)
+        rb = ref.tensor.row_bytes
         n = rows * rb
         if bufs is None:
             raw = torch.empty(n, dtype=torch.uint8)

@@ -114,7 +114,7 @@ class TensorTask:
 
     def row_cost(self, compute_dtype: str, on_gpu: bool) -> RowCost:
         return row_cost(
-            [i.tensor.row_bytes if i.tensor.shape else i.tensor.nbytes for i in self.inputs],
+            [i.tensor.row_bytes for i in self.inputs],
             self.row_elements,
             self.row_elements * itemsize(self.out_dtype),
             itemsize(CODE_BY_NAME[compute_dtype]),
@@ -168,6 +168,12 @@ class Plan:
         """Identifies the plan and its inputs: a resume is only allowed into a matching partial output."""
         h = hashlib.sha256()
         h.update(f"{self.compute_dtype}:{self.random_seed}".encode())
+        stats = {}  # one stat per input file, not one per tensor read from it
+        for t in self.tasks:
+            for i in t.inputs:
+                if i.tensor.file not in stats:
+                    st = i.tensor.file.stat()
+                    stats[i.tensor.file] = f"{st.st_size}:{st.st_mtime_ns}"
         for t in self.tasks:
             h.update(json.dumps([t.name, t.method, t.out_dtype, list(t.shape), repr(t.params), t.merge_rows]).encode())
             h.update(
@@ -179,8 +185,7 @@ class Plan:
                 ).encode()
             )
             for i in t.inputs:
-                st = i.tensor.file.stat()
-                h.update(f"{i.tensor.file}:{st.st_size}:{st.st_mtime_ns}:{i.tensor.begin}".encode())
+                h.update(f"{i.tensor.file}:{stats[i.tensor.file]}:{i.tensor.begin}".encode())
         for s in self.shards:
             h.update(s.header)
         return h.hexdigest()

@@ -502,3 +502,20 @@ def to_bf16_once(x: torch.Tensor) -> torch.Tensor:
     bits = bits + ((1 << (drop - 1)) - 1) + ((bits >> drop) & 1)  # carries into the exponent as needed
     bits = bits & ~((1 << drop) - 1)
     return bits.view(torch.float64).to(torch.float32).to(torch.bfloat16)  # both conversions now exact
+
+
+def journal_done(partial: Path) -> set[str]:
+    """Tensors a partial output's resume journal lists as written, read independently of the package."""
+    try:
+        lines = (partial / "mergekitlite-journal.jsonl").read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return set()
+    done = set()
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a torn last line from a kill
+        if "done" in entry:
+            done.add(entry["done"])
+    return done

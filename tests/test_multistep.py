@@ -5,7 +5,6 @@ are reused when up to date and remade when their step changed; an interrupted la
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import builders
 import pytest
 import torch
-from builders import assert_bitwise, load_tensors, read_config, ref_add_difference, subprocess_env
+from builders import assert_bitwise, journal_done, load_tensors, read_config, ref_add_difference, subprocess_env
 
 from mergekitlite import MergeOptions, run_merge
 from mergekitlite.cli import main, merge_main
@@ -182,22 +181,6 @@ output.PartialOutput.record = record
 from mergekitlite.cli import merge_main
 sys.exit(merge_main(sys.argv[1:]))
 """
-
-
-def journal_done(partial: Path) -> set[str]:
-    try:
-        lines = (partial / JOURNAL).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return set()
-    done = set()
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if "done" in entry:
-            done.add(entry["done"])
-    return done
 
 
 def test_interrupted_last_step_resumes_to_the_same_bits(fam, tensors, tmp_path, capsys):

@@ -14,7 +14,7 @@ from pathlib import Path
 import builders
 import pytest
 import torch
-from builders import subprocess_env
+from builders import journal_done, subprocess_env
 
 from mergekitlite import MergeOptions, run_merge
 from mergekitlite.cli import merge_main
@@ -88,22 +88,6 @@ def start(recipe: Path, out: Path, *args: str, cadence: str = "default") -> subp
         text=True,
         env=subprocess_env(),
     )
-
-
-def journal_done(partial: Path) -> set[str]:
-    try:
-        lines = (partial / JOURNAL).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return set()
-    done = set()
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if "done" in entry:
-            done.add(entry["done"])
-    return done
 
 
 def interrupt_after_progress(
