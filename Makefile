@@ -8,7 +8,8 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: setup demo test lint schema bench clean
 
-$(BIN)/.installed: pyproject.toml
+# setup.py and the C source too: the editable install builds the native kernel in place.
+$(BIN)/.installed: pyproject.toml setup.py mergekitlite/_native.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
@@ -23,7 +24,7 @@ demo: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/mergekitlite schema --check
-	$(BIN)/python -m pytest
+	MERGEKITLITE_REQUIRE_NATIVE=1 $(BIN)/python -m pytest
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -32,4 +33,4 @@ schema: setup
 	$(BIN)/mergekitlite schema
 
 clean:
-	rm -rf $(VENV) .cache merged .pytest_cache
+	rm -rf $(VENV) .cache merged .pytest_cache build mergekitlite/*.so

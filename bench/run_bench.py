@@ -84,16 +84,19 @@ def snapshot_code() -> tuple[Path, str]:
     return root, digest
 
 
-def probe_code(env: dict[str, str]) -> tuple[str, int]:
-    """Where the children import mergekitlite from, and its executor's fsync interval."""
+def probe_code(env: dict[str, str]) -> tuple[str, int, str]:
+    """Where the children import mergekitlite from, its executor's fsync interval, and whether its
+    native kernel is built ("yes", "no", or "n/a" for code from before the kernel)."""
     code = (
         "import mergekitlite, mergekitlite.execute as e; "
-        "print(mergekitlite.__file__); print(getattr(e.ExecContext(), 'sync_every_bytes', 0))"
+        "print(mergekitlite.__file__); print(getattr(e.ExecContext(), 'sync_every_bytes', 0))\n"
+        "try:\n from mergekitlite.methods import native; print('yes' if native.available() else 'no')\n"
+        "except ImportError:\n print('n/a')"
     )
     # -P: like the `merge` script, do not put the cwd (the repo, with its live package) first on sys.path.
     out = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True, check=True)
-    where, every = out.stdout.split()
-    return where, int(every) or SYNC_EVERY_FALLBACK
+    where, every, kernel = out.stdout.split()
+    return where, int(every) or SYNC_EVERY_FALLBACK, kernel
 
 
 def recipe_text(family: Path) -> str:
@@ -507,8 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     recipe.write_text(recipe_text(family))
     code_root, digest = (None, "live code") if args.no_snapshot else snapshot_code()
     env = child_env(code_root)
-    where, sync_every = probe_code(env)
+    where, sync_every, kernel = probe_code(env)
     code = f"code {digest}" if code_root is None else f"code snapshot {digest}"
+    code += f", native kernel: {kernel}"
     print(f"mergekitlite imported from {where}")
     if code_root is not None and not Path(where).is_relative_to(code_root):
         raise SystemExit(f"the snapshot is not what the children import ({where}); use --no-snapshot")

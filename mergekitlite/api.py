@@ -35,6 +35,7 @@ class MergeOptions:
     overwrite: bool = False
     threads: int | None = None  # chunk workers (default: one per core)
     hash_inputs: bool = True
+    native: bool = True  # linear methods on the CPU in the fused kernel, when built (same bits)
     cache_dir: Path | None = None  # input-hash cache; default ~/.cache/mergekitlite
     intermediate_dir: Path | None = None  # named steps of multi-step recipes; default OUT.steps/
 
@@ -184,7 +185,7 @@ def _run_step(
     if opts.hash_inputs:
         cache = (opts.cache_dir or default_cache_dir()) / "sha256.json"
         hasher = InputHasher(plan.sources, cache).start()
-    ctx = ExecContext(device=device, progress=progress or NullProgress(), on_done=partial.record)
+    ctx = ExecContext(device=device, progress=progress or NullProgress(), on_done=partial.record, native=opts.native)
     resumed = len(partial.done)
     merged = run_tasks(plan, partial.path, ctx, done=partial.done)
 

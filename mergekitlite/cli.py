@@ -85,6 +85,11 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-j", "--threads", type=int, help="chunks merged in parallel (default: one per core)")
     p.add_argument("--no-hash", action="store_true", help="do not record sha256 of the inputs in the model card")
     p.add_argument(
+        "--no-native",
+        action="store_true",
+        help="compute linear methods with torch ops instead of the fused native kernel (same bits, slower)",
+    )
+    p.add_argument(
         "--intermediate-dir", type=Path, help="where named steps of a multi-step recipe go (default OUT.steps/)"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
@@ -104,6 +109,7 @@ def _options(args: argparse.Namespace) -> MergeOptions:
         overwrite=args.overwrite,
         threads=args.threads,
         hash_inputs=not args.no_hash,
+        native=not args.no_native,
         intermediate_dir=args.intermediate_dir,
     )
 

@@ -27,8 +27,9 @@ import torch
 from mergekitlite.errors import MergekitliteError, OutputError
 from mergekitlite.io.files import InputFiles, ShardFile
 from mergekitlite.io.safetensors_header import CODE_BY_NAME, itemsize, torch_dtype
-from mergekitlite.methods import ChunkInfo, get_method
+from mergekitlite.methods import ChunkInfo, get_method, native
 from mergekitlite.methods.apply import compute_stats
+from mergekitlite.methods.linear_form import LinearForm
 from mergekitlite.plan import InputRef, Plan, RowRule, TensorTask
 
 
@@ -62,6 +63,8 @@ class ExecContext:
     on_done: Callable[[list[str], bool], None] | None = None
     journal_every_s: float = 1.0
     sync_every_bytes: int = 1 << 30
+    # Linear methods on the CPU run in the fused native kernel when it is built (same bits).
+    native: bool = True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -254,6 +257,15 @@ def to_compute(
     return None, tensors
 
 
+def native_form(task: TensorTask, compute: torch.dtype, device: torch.device) -> LinearForm | None:
+    """The form to hand to the native kernel for ``task``, or None when the torch path must run it."""
+    if task.copy_of is not None or device.type != "cpu" or compute != torch.float32:
+        return None
+    if not native.supports([ref.tensor.dtype for ref in task.inputs], task.out_dtype):
+        return None
+    return get_method(task.method).form(task.base is not None, len(task.models), task.param_dict)
+
+
 def merge_chunk(
     task: TensorTask,
     raw: list[torch.Tensor],
@@ -262,13 +274,21 @@ def merge_chunk(
     device: torch.device,
     stats: Any = None,
     bufs: ChunkBuffers | None = None,
+    form: LinearForm | None = None,
 ) -> memoryview:
-    """Merge one row chunk: raw input bytes in, raw output bytes out."""
+    """Merge one row chunk: raw input bytes in, raw output bytes out. With a ``form`` (see
+    ``native_form``) the native kernel computes it, else the method's torch function."""
     if task.copy_of is not None:
         return _bytes_view(raw[0])
     rows = info.row_end - info.row_start
     if rows == 0 or math.prod(task.shape) == 0:
         return memoryview(b"")
+    if form is not None:
+        nbytes = rows * _row_bytes(task.out_dtype, task.shape)
+        cpu = torch.device("cpu")
+        out = torch.empty(nbytes, dtype=torch.uint8) if bufs is None else bufs.get("out", 0, nbytes, torch.uint8, cpu)
+        native.run_linear(form, raw, [ref.tensor.dtype for ref in task.inputs], out, task.out_dtype)
+        return _bytes_view(out)
     base, models = to_compute(task, raw, info, compute, device, bufs)
     result = get_method(task.method)(base, models, task.param_dict, chunk=info, stats=stats)
     expected = torch.Size((rows, *task.shape[1:]) if task.shape else ())
@@ -349,6 +369,7 @@ def _process(
     device: torch.device,
     stats: Any,
     local: threading.local,
+    form: LinearForm | None,
 ) -> int:
     """One worker's job: read a chunk's inputs, merge (or apply the row rule), write the result."""
     bufs = local.__dict__.setdefault("buffers", ChunkBuffers())
@@ -358,7 +379,7 @@ def _process(
     if chunk.rule is not None:
         data = apply_rule(task, chunk.rule, raw, rows, compute, bufs)
     else:
-        data = merge_chunk(task, raw, chunk.info, compute, device, stats, bufs)
+        data = merge_chunk(task, raw, chunk.info, compute, device, stats, bufs, form)
     shards[chunk.shard].write(task.name, chunk.info.row_start * _row_bytes(task.out_dtype, task.shape), data)
     return len(data)
 
@@ -416,6 +437,7 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
                     while inflight:
                         complete_oldest()
                     stats = task_stats(files, task, compute, ctx.device, pool, lookahead=plan.budget.workers)
+                form = native_form(task, compute, ctx.device) if ctx.native else None
                 rule = None
                 for chunk in parts:
                     if chunk.rule is not rule:
@@ -426,7 +448,7 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
                         rule = chunk.rule
                     while len(inflight) >= limit:
                         complete_oldest()
-                    job = pool.submit(_process, files, shards, chunk, compute, ctx.device, stats, local)
+                    job = pool.submit(_process, files, shards, chunk, compute, ctx.device, stats, local, form)
                     inflight.append((chunk, job))
                 if not parts:  # an empty tensor: its header entry is all there is
                     remaining[task.name] = 1

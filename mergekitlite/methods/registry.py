@@ -139,6 +139,9 @@ class MethodSpec:
     temporaries_per_model: int = 0
     wants_chunk: bool = False  # the function takes ``chunk=ChunkInfo`` (e.g. for seeded randomness)
     random: bool = False  # uses ``chunk.seed``: recipes get a recorded seed
+    # For linear methods: builds the method's ``linear_form.LinearForm`` from (base position, model
+    # positions, **params), which the native kernel can evaluate instead of ``fn``.
+    linear_form: Callable[..., Any] | None = None
 
     def temporaries(self, n_models: int) -> int:
         return self.temporaries_base + self.temporaries_per_model * n_models
@@ -170,6 +173,18 @@ class MethodSpec:
         if self.statistic is not None:
             kwargs["stats"] = stats
         return self.fn(base, models, **kwargs)
+
+    def form(self, has_base: bool, n_models: int, params: Mapping[str, Any]) -> Any:
+        """The ``LinearForm`` of a linear method for these inputs and parameters; None for other methods."""
+        if self.linear_form is None:
+            return None
+        return self.linear_form(*input_positions(has_base, n_models), **{_py_name(k): v for k, v in params.items()})
+
+
+def input_positions(has_base: bool, n_models: int) -> tuple[int | None, tuple[int, ...]]:
+    """Positions of the base and of the models in a task's input list (the base comes first)."""
+    first = 1 if has_base else 0
+    return (0 if has_base else None), tuple(range(first, first + n_models))
 
 
 def _py_name(recipe_name: str) -> str:
@@ -225,6 +240,7 @@ def merge_method(
     aliases: tuple[str, ...] = (),
     statistic: Callable[[], Statistic] | None = None,
     random: bool = False,
+    linear_form: Callable[..., Any] | None = None,
     registry: Registry = REGISTRY,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register ``fn`` under ``name``. Parameters and defaults are read from its keyword-only
@@ -264,6 +280,7 @@ def merge_method(
                 statistic=statistic,
                 wants_chunk="chunk" in sig.parameters,
                 random=random,
+                linear_form=linear_form,
                 temporaries_per_model=2 if statistic is not None else 0,
             )
         )

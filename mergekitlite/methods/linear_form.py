@@ -1,0 +1,95 @@
+"""Linear merges written once, as data: a ``LinearForm`` says which inputs are combined with which
+weights, and both the torch evaluator here and the fused native kernel (``methods/native.py``)
+evaluate it with the same float32 operations in the same order.
+
+A linear method's function builds the form from the input positions and the recipe parameters; the
+``@linear_method`` decorator registers a tensor function that evaluates it, and keeps the builder on
+the spec (``MethodSpec.linear_form``) so that the executor can hand the form to the native kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from mergekitlite.methods.primitives import divide_
+from mergekitlite.methods.registry import input_positions, merge_method
+
+
+@dataclass(frozen=True)
+class LinearForm:
+    """``anchor + scale · (Σⱼ wⱼ·(x[termⱼ] − x[subtract])) / divisor``, over the inputs ``x``.
+
+    Evaluated left to right with one rounding per operation: for each term, subtract, then multiply
+    by its weight (``None``: no multiplication, which is not always the same as × 1 for NaN payloads
+    and costs a pass), accumulate; then divide, scale, add the anchor. ``None`` leaves a step out.
+    """
+
+    terms: tuple[int, ...]
+    weights: tuple[float | None, ...]
+    subtract: int | None = None
+    divisor: float | None = None
+    scale: float | None = None
+    anchor: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.terms or len(self.terms) != len(self.weights):
+            raise ValueError(f"a linear form needs one weight per term, and at least one term: {self}")
+
+    @property
+    def inputs_used(self) -> set[int]:
+        extra = {self.subtract, self.anchor} - {None}
+        return {*self.terms, *extra}  # type: ignore[arg-type]
+
+
+def skip_ones(weights: Sequence[float]) -> tuple[float | None, ...]:
+    """Weights with the ones left out: x·1 == x bit for bit for numbers, so the pass is saved."""
+    return tuple(None if w == 1 else w for w in weights)
+
+
+def evaluate(form: LinearForm, x: Sequence[Tensor]) -> Tensor:
+    """The form on torch tensors (any float dtype and device); never modifies ``x``."""
+    acc: Tensor | None = None
+    for k, w in zip(form.terms, form.weights):
+        v = x[k]
+        if form.subtract is not None:
+            v = v - x[form.subtract]
+            if w is not None:
+                v.mul_(w)
+        elif w is not None:
+            v = v * w
+        if acc is None:
+            acc = v.clone() if v is x[k] else v
+        else:
+            acc.add_(v)
+    assert acc is not None  # LinearForm has at least one term
+    if form.divisor is not None:
+        divide_(acc, form.divisor)
+    if form.scale is not None:
+        acc.mul_(form.scale)
+    if form.anchor is not None:
+        acc.add_(x[form.anchor])
+    return acc
+
+
+FormBuilder = Callable[..., LinearForm]
+
+
+def linear_method(name: str, **spec: Any) -> Callable[[FormBuilder], FormBuilder]:
+    """Register a linear method from its form builder ``build(base, models, **params)``, where
+    ``base`` is the base's input position (``None`` without a base) and ``models`` the models'."""
+
+    def wrap(build: FormBuilder) -> FormBuilder:
+        @functools.wraps(build)
+        def tensor_fn(base: Tensor | None, models: Sequence[Tensor], **params: Any) -> Tensor:
+            x = [base, *models] if base is not None else list(models)
+            return evaluate(build(*input_positions(base is not None, len(models)), **params), x)  # type: ignore[arg-type]
+
+        merge_method(name, linear_form=build, **spec)(tensor_fn)
+        return build
+
+    return wrap

@@ -1,0 +1,72 @@
+"""The fused native kernel for ``LinearForm`` methods (``mergekitlite/_native.c``), when it is built.
+
+The kernel reads the inputs' raw bytes (bf16, fp16 or float32), computes the form in float32 with
+the same operations in the same order as ``linear_form.evaluate`` and writes the output's raw bytes
+(bf16, fp16 or float32): the same bits as the torch path, in one pass over memory instead of about
+eight. It is optional: ``pip install`` builds it when a C compiler is present, and without it
+``available()`` is False and merges run on torch alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+from mergekitlite.methods.linear_form import LinearForm
+
+ABI_VERSION = 1  # must equal _native.c's; a stale build (an old .so next to newer code) is not used
+MAX_INPUTS = 256
+CODES = {"F32": 0, "BF16": 1, "F16": 2}
+_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
+
+
+def _load() -> ModuleType | None:
+    try:
+        from mergekitlite import _native  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _native if getattr(_native, "ABI_VERSION", None) == ABI_VERSION else None
+
+
+_KERNEL = _load()
+
+
+def available() -> bool:
+    return _KERNEL is not None
+
+
+def supports(in_codes: Sequence[str], out_code: str) -> bool:
+    """Whether the kernel handles these safetensors dtype codes (float32 compute only)."""
+    return available() and len(in_codes) <= MAX_INPUTS and out_code in CODES and all(c in CODES for c in in_codes)
+
+
+def run_linear(
+    form: LinearForm, inputs: Sequence[torch.Tensor], in_codes: Sequence[str], out: torch.Tensor, out_code: str
+) -> None:
+    """``out`` ← the form over ``inputs``, all contiguous uint8 CPU tensors holding raw values of the
+    given codes (the same number of elements each). Releases the GIL while it runs."""
+    if _KERNEL is None:
+        raise RuntimeError("the native kernel is not built (reinstall mergekitlite with a C compiler)")
+    if not out.is_contiguous() or out.dtype != torch.uint8 or out.device.type != "cpu":
+        raise ValueError("the native output must be a contiguous uint8 CPU tensor")
+    n = out.numel() // _ITEMSIZE[out_code]
+    for t, code in zip(inputs, in_codes):
+        if t.numel() != n * _ITEMSIZE[code] or t.dtype != torch.uint8 or t.device.type != "cpu":
+            raise ValueError(f"native input of {t.numel()} {t.dtype} bytes on {t.device} for {n} {code} values")
+        if not t.is_contiguous():
+            raise ValueError("native inputs must be contiguous")
+    _KERNEL.linear(
+        out.data_ptr(),
+        CODES[out_code],
+        n,
+        [t.data_ptr() for t in inputs],
+        [CODES[c] for c in in_codes],
+        form.terms,
+        form.weights,
+        -1 if form.subtract is None else form.subtract,
+        form.divisor,
+        form.scale,
+        -1 if form.anchor is None else form.anchor,
+    )
