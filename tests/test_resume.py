@@ -25,14 +25,22 @@ N_LAYERS = 12
 # Runs the real CLI entry point. The executor journals finished tensors about every second; a
 # ~300 MB merge takes about that long, so the hook journals after every finished tensor instead
 # (``journal_every_s=0``), and with a cadence given also fsyncs every ``cadence`` bytes instead of
-# every ``sync_every_bytes`` (1 GiB by default).
+# every ``sync_every_bytes`` (1 GiB by default). Each chunk also takes 5 ms longer: the whole merge
+# then lasts seconds, not ~1 s, so that a signal sent once the journal lists a tensor lands mid-merge
+# even when the test process is descheduled for a while on a busy machine.
 RUNNER = """
-import functools, sys
+import functools, sys, time
 cadence = sys.argv[1]
 import mergekitlite.api as api
+import mergekitlite.execute as execute
 assert hasattr(api, "ExecContext"), "test hook: mergekitlite.api no longer uses ExecContext"
 extra = {} if cadence == "default" else {"sync_every_bytes": int(cadence)}
 api.ExecContext = functools.partial(api.ExecContext, journal_every_s=0.0, **extra)
+process = execute._process
+def slow_process(*args, **kwargs):
+    time.sleep(0.005)
+    return process(*args, **kwargs)
+execute._process = slow_process
 from mergekitlite.cli import merge_main
 sys.exit(merge_main(sys.argv[2:]))
 """

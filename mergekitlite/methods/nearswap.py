@@ -15,6 +15,7 @@ from mergekitlite.methods.registry import merge_method
     base="required",
     max_models=1,
     reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    temporaries=(6, 0),  # measured: tests/test_working_set.py
 )
 def nearswap(base: Tensor, models: Sequence[Tensor], *, t: float) -> Tensor:
     """Per element, w·model + (1 − w)·base with w = clamp(t / max(|base − model|, 1e-6), 0, 1).

@@ -132,9 +132,9 @@ class MethodSpec:
     reference: str | None = None
     aliases: tuple[str, ...] = field(default=())
     statistic: Callable[[], Statistic] | None = None  # factory: one fresh object per tensor
-    # Working space besides the inputs, in chunk-sized compute-dtype arrays: ``base + per_model·n``.
-    # The planner sizes chunks with it. Sparsifying and spherical methods hold a few arrays per model
-    # (deltas, keys, masks): measured on a GPU, 2 + 2·n keeps them inside --max-vram.
+    # Working space besides the inputs, in chunk-sized compute-dtype arrays: ``base + per_model·n``,
+    # for the merge and for each statistic pass. The planner sizes chunks with it (on a GPU, for
+    # --max-vram); tests/test_working_set.py measures every method against its declaration.
     temporaries_base: int = 2
     temporaries_per_model: int = 0
     wants_chunk: bool = False  # the function takes ``chunk=ChunkInfo`` (e.g. for seeded randomness)
@@ -241,11 +241,13 @@ def merge_method(
     statistic: Callable[[], Statistic] | None = None,
     random: bool = False,
     linear_form: Callable[..., Any] | None = None,
+    temporaries: tuple[int, int] = (2, 0),
     registry: Registry = REGISTRY,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register ``fn`` under ``name``. Parameters and defaults are read from its keyword-only
     arguments, so the signature is the single source of truth; ``per_model`` names those that
-    take one value per input model, mapped to the default for one model (``REQUIRED`` if none)."""
+    take one value per input model, mapped to the default for one model (``REQUIRED`` if none).
+    ``temporaries``: (base, per model) chunk-sized arrays the method allocates besides its inputs."""
     per_model = dict(per_model or {})
 
     def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -281,7 +283,8 @@ def merge_method(
                 wants_chunk="chunk" in sig.parameters,
                 random=random,
                 linear_form=linear_form,
-                temporaries_per_model=2 if statistic is not None else 0,
+                temporaries_base=temporaries[0],
+                temporaries_per_model=temporaries[1],
             )
         )
         return fn

@@ -467,6 +467,7 @@ def _statistic(kind: str) -> StatisticFactory:
     elementwise=False,
     statistic=_statistic("magnitude"),
     reference="https://arxiv.org/abs/2306.01708",
+    temporaries=(4, 2),  # measured: tests/test_working_set.py
 )
 def ties(
     base: Tensor,
@@ -499,6 +500,7 @@ def ties(
     statistic=_statistic("random"),
     random=True,
     reference="https://arxiv.org/abs/2311.03099",
+    temporaries=(4, 2),  # measured: tests/test_working_set.py
 )
 def dare_ties(
     base: Tensor,
@@ -529,6 +531,7 @@ def dare_ties(
     statistic=_statistic("random"),
     random=True,
     reference="https://arxiv.org/abs/2311.03099",
+    temporaries=(4, 1),  # measured: tests/test_working_set.py
 )
 def dare_linear(
     base: Tensor,
@@ -558,6 +561,7 @@ def dare_linear(
     elementwise=False,
     statistic=_statistic("magnitude_outliers"),
     reference="https://arxiv.org/abs/2312.06795",
+    temporaries=(4, 1),  # measured: tests/test_working_set.py
 )
 def breadcrumbs(
     base: Tensor,
@@ -588,6 +592,7 @@ def breadcrumbs(
     elementwise=False,
     statistic=_statistic("magnitude_outliers"),
     reference="https://arxiv.org/abs/2312.06795",
+    temporaries=(4, 2),  # measured: tests/test_working_set.py
 )
 def breadcrumbs_ties(
     base: Tensor,
@@ -616,6 +621,7 @@ def breadcrumbs_ties(
     statistic=_statistic("della"),
     random=True,
     reference="https://arxiv.org/abs/2406.11617",
+    temporaries=(6, 2),  # measured: tests/test_working_set.py
 )
 def della(
     base: Tensor,
@@ -647,6 +653,7 @@ def della(
     statistic=_statistic("della"),
     random=True,
     reference="https://arxiv.org/abs/2406.11617",
+    temporaries=(6, 2),  # measured: tests/test_working_set.py
 )
 def della_linear(
     base: Tensor,
@@ -799,6 +806,7 @@ class SceStatistic:
     elementwise=False,
     statistic=SceStatistic,
     reference="https://arxiv.org/abs/2408.07990",
+    temporaries=(6, 4),  # measured: tests/test_working_set.py
 )
 def sce(
     base: Tensor,

@@ -64,6 +64,7 @@ def slerp_coefficients(
     elementwise=False,
     statistic=StatisticFactory(GramStatistic, lambda base, models, params: [base, models[0]]),
     reference="https://en.wikipedia.org/wiki/Slerp",
+    temporaries=(6, 2),  # measured: tests/test_working_set.py
 )
 def slerp(base: Tensor, models: Sequence[Tensor], *, t: float, stats: Gram | None = None) -> Tensor:
     """Spherical interpolation from the base (t = 0) to the other model (t = 1), over the whole tensor.
@@ -207,6 +208,7 @@ def _coefficient_arrays(t: float, sums: Tensor) -> tuple[Tensor, Tensor]:
     max_models=2,
     elementwise=False,
     statistic=NuSlerpStatistic,
+    temporaries=(6, 2),  # measured: tests/test_working_set.py
 )
 def nuslerp(
     base: Tensor | None,
@@ -274,6 +276,7 @@ def multislerp_coefficients(gram: Gram, weight: Sequence[float], eps: float) -> 
     elementwise=False,
     statistic=StatisticFactory(GramStatistic, lambda base, models, params: _nuslerp_vectors(base, models)),
     reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    temporaries=(6, 2),  # measured: tests/test_working_set.py
 )
 def multislerp(
     base: Tensor | None,
@@ -366,6 +369,7 @@ def _karcher_points(base: Tensor | None, models: Sequence[Tensor]) -> list[Tenso
     elementwise=False,
     statistic=StatisticFactory(GramStatistic, lambda base, models, params: _karcher_points(base, models)),
     reference="https://en.wikipedia.org/wiki/Karcher_mean",
+    temporaries=(6, 2),  # measured: tests/test_working_set.py
 )
 def karcher(
     base: Tensor | None,

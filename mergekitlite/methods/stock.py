@@ -58,6 +58,7 @@ def _average(models: Sequence[Tensor]) -> Tensor:
     elementwise=False,
     statistic=StatisticFactory(GramStatistic, _offsets, _whole_tensor),
     reference="https://arxiv.org/abs/2403.19522",
+    temporaries=(6, 2),  # measured: tests/test_working_set.py
 )
 def model_stock(
     base: Tensor,
