@@ -4,10 +4,35 @@ from mergekitlite import run_merge
 result = run_merge("recipes/nekoqarasu.yaml", "out/nekoqarasu")
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from mergekitlite.api import MergeOptions, MergeResult, plan_merge, run_merge
-from mergekitlite.recipe import Recipe, load_recipe, parse_recipe
+# The public names load their modules on first use (PEP 562), so that `merge --help` and
+# `mergekitlite validate` do not pay for importing torch.
+_EXPORTS = {
+    "MergeOptions": "mergekitlite.api",
+    "MergeResult": "mergekitlite.api",
+    "plan_merge": "mergekitlite.api",
+    "run_merge": "mergekitlite.api",
+    "Recipe": "mergekitlite.recipe",
+    "load_recipe": "mergekitlite.recipe",
+    "parse_recipe": "mergekitlite.recipe",
+}
+
+if TYPE_CHECKING:
+    from mergekitlite.api import MergeOptions, MergeResult, plan_merge, run_merge
+    from mergekitlite.recipe import Recipe, load_recipe, parse_recipe
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mergekitlite' has no attribute {name!r}")
+
 
 __all__ = [
     "MergeOptions",

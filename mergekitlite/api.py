@@ -27,6 +27,7 @@ from mergekitlite.recipe import LoadedRecipe, load_recipes
 class MergeOptions:
     device: str = "cpu"
     shard_size: int = DEFAULT_SHARD_SIZE
+    shard_params: int | None = None  # parameters per shard instead (mergekit's --out-shard-size)
     compute_dtype: str | None = None  # overrides the recipe's compute_dtype
     max_ram: int | None = None  # bytes for the whole process; default: a share of what is free
     max_vram: int | None = None  # bytes of GPU memory for chunks; default: 80% of what is free
@@ -36,6 +37,7 @@ class MergeOptions:
     threads: int | None = None  # chunk workers (default: one per core)
     hash_inputs: bool = True
     native: bool = True  # linear methods on the CPU in the fused kernel, when built (same bits)
+    copy_tokenizer: bool = True  # False: no tokenizer files or chat template (mergekit's --no-copy-tokenizer)
     cache_dir: Path | None = None  # input-hash cache; default ~/.cache/mergekitlite
     intermediate_dir: Path | None = None  # named steps of multi-step recipes; default OUT.steps/
 
@@ -78,12 +80,15 @@ def plan_merge(
     steps = _steps(recipe)
     if len(steps) != 1:
         raise RecipeError([f"{steps[0].path}: has {len(steps)} steps; plan them with plan_steps"])
-    budget = Budget(ram=opts.max_ram, vram=opts.max_vram, on_gpu=not opts.device.startswith("cpu"))
+    # Planning for a GPU needs no GPU (``plan --device cuda`` on a laptop); only ``auto`` looks.
+    on_gpu = not opts.device.startswith("cpu") and (opts.device != "auto" or resolve_device("auto").type != "cpu")
+    budget = Budget(ram=opts.max_ram, vram=opts.max_vram, on_gpu=on_gpu)
     if opts.threads:
         budget = replace(budget, workers=opts.threads)
     return build_plan(
         steps[0],
         shard_size=opts.shard_size,
+        shard_params=opts.shard_params,
         compute_dtype=opts.compute_dtype,
         budget=budget,
         random_seed=opts.random_seed,
@@ -189,7 +194,7 @@ def _run_step(
     resumed = len(partial.done)
     merged = run_tasks(plan, partial.path, ctx, done=partial.done)
 
-    side = write_side_files(plan, partial.path)
+    side = write_side_files(plan, partial.path, copy_tokenizer=opts.copy_tokenizer)
     hashes = hasher.wait() if hasher else {}
     # The final step of a multi-step recipe records every step: it needs all of them to be reproduced.
     write_card(

@@ -156,8 +156,10 @@ class SideFiles:
     notes: list[str] = field(default_factory=list)
 
 
-def write_side_files(plan: Plan, out: Path) -> SideFiles:
-    """Write config.json, tokenizer files, chat template, generation config and code."""
+def write_side_files(plan: Plan, out: Path, *, copy_tokenizer: bool = True) -> SideFiles:
+    """Write config.json, tokenizer files, chat template, generation config and code. Without
+    ``copy_tokenizer`` (mergekit's --no-copy-tokenizer) no tokenizer file or chat template is written;
+    the stop ids in the configs still come from the tokenizer donor."""
     result = SideFiles()
     cfg_src = plan.sources[plan.config_donor]
     tok_src = plan.sources[plan.tokenizer_donor]
@@ -173,14 +175,17 @@ def write_side_files(plan: Plan, out: Path) -> SideFiles:
 
     copied = [name for name in TOKENIZER_FILES if (tok_src.path / name).is_file()]
     copied += [p.name for pattern in TOKENIZER_GLOBS for p in sorted(tok_src.path.glob(pattern))]
+    if not copy_tokenizer:
+        copied = []
+        result.notes.append("no tokenizer was written (--no-copy-tokenizer): add one before loading the model")
     for name in copied:
         _copy(tok_src.path / name, out)
     if copied:
         result.origins["tokenizer (" + ", ".join(copied) + ")"] = tok_src.ref
-    else:
+    elif copy_tokenizer:
         result.notes.append(f"{tok_src.ref!r} has no tokenizer files: the output has no tokenizer")
 
-    template = _resolve_chat_template(plan)
+    template = _resolve_chat_template(plan) if copy_tokenizer else None
     if template is not None:
         _set_chat_template(out, template)
         result.origins["chat template"] = f"recipe (chat_template: {plan.recipe.chat_template})"

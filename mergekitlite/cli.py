@@ -68,7 +68,7 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace OUT if it exists (after the new merge is complete)"
     )
-    p.add_argument("--device", default="cpu", help="where to compute: cpu (default), cuda, cuda:1, mps")
+    p.add_argument("--device", default="cpu", help="where to compute: cpu (default), cuda, cuda:1, mps, auto")
     p.add_argument("--shard-size", type=size_arg, default="5GB", help="maximum output shard size (default 5GB)")
     p.add_argument(
         "--max-ram", type=size_arg, help="RAM the whole process may use, e.g. 32GB (default: a quarter of what is free)"
@@ -93,21 +93,83 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
         "--intermediate-dir", type=Path, help="where named steps of a multi-step recipe go (default OUT.steps/)"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    _add_mergekit_args(p)
+
+
+# mergekit-yaml's options that need nothing here, and why: commands copied from model cards run as they are.
+MERGEKIT_NO_OPS = {
+    "allow_crimes": "tensors are matched by name and shape; there is no architecture check to override",
+    "lazy_unpickle": ".bin inputs are always read lazily",
+    "low_cpu_memory": "memory is bounded by --max-ram / --max-vram",
+    "read_to_gpu": "chunks are read on the host and computed on --device",
+    "multi_gpu": "one device computes (--device)",
+    "async_write": "writing always overlaps the arithmetic",
+    "clone_tensors": "every output tensor is written from its own bytes",
+    "safe_serialization": "the output is always safetensors",
+    "trust_remote_code": "merging runs no model code",
+    "write_model_card": "the model card (recipe, input hashes) is always written",
+}
+# ... and those that have no equivalent, with what to do instead.
+MERGEKIT_UNSUPPORTED = {
+    "transformers_cache": "set HF_HUB_CACHE=DIR instead",
+    "lora_merge_cache": "LoRA inputs (model+adapter) are not supported: merge the adapter into its model first",
+    "lora_merge_dtype": "LoRA inputs (model+adapter) are not supported: merge the adapter into its model first",
+}
+
+
+def _add_mergekit_args(p: argparse.ArgumentParser) -> None:
+    quiet_ones = ", ".join("--" + d.replace("_", "-") for d in MERGEKIT_NO_OPS)
+    g = p.add_argument_group(
+        "mergekit-yaml options",
+        f"accepted so that mergekit commands run unchanged; {quiet_ones} and -v are accepted too and change nothing",
+    )
+    g.add_argument("--cuda", action="store_true", help="same as --device cuda")
+    g.add_argument("--gpu-rich", action="store_true", help="same as --device cuda")
+    g.add_argument(
+        "--out-shard-size",
+        type=size_arg,
+        metavar="N",
+        help="parameters per output shard, mergekit's unit (e.g. 1B); --shard-size counts bytes",
+    )
+    g.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", default=True, help="(default)")
+    g.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", help="write no tokenizer files")
+    g.add_argument("--num-threads", type=int, metavar="N", help="same as -j")
+    g.add_argument("--write-threads", type=int, metavar="N", help=argparse.SUPPRESS)
+    g.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+    for dest in MERGEKIT_NO_OPS:
+        g.add_argument("--" + dest.replace("_", "-"), dest=dest, action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--no-write-model-card", dest="write_model_card", action="store_true", help=argparse.SUPPRESS)
+    for dest in MERGEKIT_UNSUPPORTED:
+        g.add_argument("--" + dest.replace("_", "-"), dest=dest, metavar="X", help=argparse.SUPPRESS)
+
+
+def mergekit_notes(args: argparse.Namespace) -> list[str]:
+    """One line per mergekit-yaml option given that changes nothing here."""
+    given = [(dest, why) for dest, why in MERGEKIT_NO_OPS.items() if getattr(args, dest)]
+    return [f"--{dest.replace('_', '-')} has no effect: {why}" for dest, why in given]
 
 
 def _options(args: argparse.Namespace) -> MergeOptions:
     from mergekitlite.api import MergeOptions
 
+    for dest, instead in MERGEKIT_UNSUPPORTED.items():
+        if getattr(args, dest) is not None:
+            raise MergekitliteError(f"--{dest.replace('_', '-')} (a mergekit-yaml option): {instead}")
+    device = args.device
+    if (args.cuda or args.gpu_rich) and device == "cpu":
+        device = "cuda"
     return MergeOptions(
-        device=args.device,
+        device=device,
         shard_size=args.shard_size,
+        shard_params=args.out_shard_size,
+        copy_tokenizer=args.copy_tokenizer,
         compute_dtype=args.compute_dtype,
         max_ram=args.max_ram,
         max_vram=args.max_vram,
         random_seed=args.random_seed,
         resume=args.resume,
         overwrite=args.overwrite,
-        threads=args.threads,
+        threads=args.threads or args.num_threads,
         hash_inputs=not args.no_hash,
         native=not args.no_native,
         intermediate_dir=args.intermediate_dir,
@@ -196,6 +258,8 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
 
     steps = load_recipes(args.recipe)
     options = _options(args)
+    for note in mergekit_notes(args):
+        console.print(f"[dim]note: {note}[/]", highlight=False)
     out = args.out or default_output(steps[-1])
     if args.dry_run:
         _plan_steps(steps, out, options, console, show_tensors=False)

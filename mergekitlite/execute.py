@@ -68,10 +68,13 @@ class ExecContext:
 
 
 def resolve_device(name: str) -> torch.device:
+    """A torch device from --device; ``auto`` is the first GPU when one is visible, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise MergekitliteError(f"--device {name!r}: not a device (expected cpu, cuda, cuda:N or mps)") from None
+        raise MergekitliteError(f"--device {name!r}: not a device (expected cpu, cuda, cuda:N, mps or auto)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         raise MergekitliteError(f"--device {name}: no CUDA device is visible (torch {torch.__version__} is {built})")

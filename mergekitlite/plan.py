@@ -357,15 +357,21 @@ def _rule_for(rules: Sequence[Rule], name: str) -> tuple[int, Rule] | None:
     return next(((i, r) for i, r in enumerate(rules) if name_matches(r.match, name)), None)
 
 
-def _shards(tasks: Sequence[TensorTask], shard_size: int) -> tuple[tuple[ShardLayout, ...], dict[str, str]]:
+def _shards(
+    tasks: Sequence[TensorTask], shard_size: int, shard_params: int | None = None
+) -> tuple[tuple[ShardLayout, ...], dict[str, str]]:
+    """Tensors in plan order, cut into shards of at most ``shard_size`` bytes (or ``shard_params``
+    parameters, mergekit's unit); a tensor larger than that gets a shard of its own."""
     groups: list[list[TensorTask]] = [[]]
     size = 0
+    limit = shard_size if shard_params is None else shard_params
     for t in tasks:
-        if groups[-1] and size + t.nbytes > shard_size:
+        amount = t.nbytes if shard_params is None else math.prod(t.shape)
+        if groups[-1] and size + amount > limit:
             groups.append([])
             size = 0
         groups[-1].append(t)
-        size += t.nbytes
+        size += amount
     n = len(groups)
     layouts = []
     shard_of: dict[str, str] = {}
@@ -403,6 +409,7 @@ def build_plan(
     loaded: LoadedRecipe,
     *,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    shard_params: int | None = None,
     compute_dtype: str | None = None,
     budget: Budget | None = None,
     random_seed: int | None = None,
@@ -662,7 +669,7 @@ def build_plan(
     tasks = sized
 
     warnings += _eos_warnings(recipe, sources, tokenizer_donor)
-    shards, shard_of = _shards(tasks, shard_size)
+    shards, shard_of = _shards(tasks, shard_size, shard_params)
     out_cfg = _out_config(sources[config_donor], recipe.out_dtype_name or _dominant_dtype(tasks), total_layers)
     if vocab_out and "vocab_size" in out_cfg:
         out_cfg["vocab_size"] = max(vocab_out.values())
