@@ -321,6 +321,25 @@ def make_tokenizer(
     return path
 
 
+def write_word_tokenizer(
+    folder: str | Path, texts: Sequence[str], *, chat_template: str | None = None, eos: str = "<|endoftext|>"
+) -> Path:
+    """A word-level fast tokenizer whose ids are the positions in ``texts``; the texts starting with
+    "<" are special tokens. Writes ``tokenizer.json`` and ``tokenizer_config.json``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = Path(folder)
+    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(texts)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([t for t in texts if t.startswith("<")])
+    tok.save(str(folder / "tokenizer.json"))
+    cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "unk_token": "<unk>"}
+    if chat_template is not None:
+        cfg["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    return folder
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for a CLI subprocess: offline, quiet, the hash cache from the current test."""
     env = dict(os.environ)

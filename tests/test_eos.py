@@ -29,17 +29,8 @@ def _wide_console(monkeypatch):
 
 
 def write_tokenizer(folder: Path, *, chat: bool, generation_eos: int | list[int]) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     texts = ["<unk>"] + [f"w{i}" for i in range(1, EOT)] + ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|eot|>"]
-    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(texts)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([t for t in texts if t.startswith("<")])
-    tok.save(str(folder / "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "unk_token": "<unk>"}
-    if chat:
-        cfg["chat_template"] = CHAT_TEMPLATE
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    builders.write_word_tokenizer(folder, texts, chat_template=CHAT_TEMPLATE if chat else None)
     gen = {"bos_token_id": 1, "eos_token_id": generation_eos, "temperature": 0.7 if chat else 1.0, "do_sample": chat}
     (folder / "generation_config.json").write_text(json.dumps(gen))
 

@@ -5,7 +5,6 @@ that have it, or the merge formula's value computed here."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -68,17 +67,7 @@ def vocab_list(rows: int) -> list[str]:
 
 
 def write_tokenizer(folder: Path, rows: int = V, chat: bool = False) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    texts = vocab_list(rows)
-    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(texts)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([t for t in texts if t.startswith("<")])
-    tok.save(str(folder / "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "unk_token": "<unk>"}
-    if chat:
-        cfg["chat_template"] = CHAT_TEMPLATE
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    builders.write_word_tokenizer(folder, vocab_list(rows), chat_template=CHAT_TEMPLATE if chat else None)
 
 
 def special_ids(rows: int) -> list[int]:
