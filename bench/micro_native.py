@@ -20,7 +20,7 @@ import torch
 from mergekitlite.execute import ChunkBuffers, merge_chunk, native_form
 from mergekitlite.io.safetensors_header import TensorInfo
 from mergekitlite.methods import ChunkInfo, native
-from mergekitlite.plan import InputRef, TensorTask
+from mergekitlite.taskgraph import InputRef, TensorTask
 
 
 def _count(text: str) -> int:

@@ -19,8 +19,9 @@ from mergekitlite.budget import Budget
 from mergekitlite.errors import RecipeError
 from mergekitlite.execute import ExecContext, NullProgress, Progress, resolve_device, run_tasks
 from mergekitlite.output import open_partial
-from mergekitlite.plan import DEFAULT_SHARD_SIZE, Plan, build_plan
+from mergekitlite.plan import DEFAULT_SHARD_SIZE, build_plan
 from mergekitlite.recipe import LoadedRecipe, load_recipes
+from mergekitlite.taskgraph import Plan
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from typing import Any
 import yaml
 
 from mergekitlite import __version__
-from mergekitlite.plan import Plan
 from mergekitlite.sources import ModelSource
+from mergekitlite.taskgraph import Plan
 from mergekitlite.tokens import builtin_chat_template, chat_template_of, read_token_info
 
 TOKENIZER_FILES = (

@@ -22,8 +22,8 @@ from mergekitlite.progress import byte_progress
 
 if TYPE_CHECKING:  # the commands import torch-heavy modules only when they run
     from mergekitlite.api import MergeOptions
-    from mergekitlite.plan import Plan
     from mergekitlite.recipe import LoadedRecipe
+    from mergekitlite.taskgraph import Plan
 
 SCHEMA_PATH = Path("schemas/recipe.schema.json")
 

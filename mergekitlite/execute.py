@@ -30,7 +30,7 @@ from mergekitlite.io.safetensors_header import CODE_BY_NAME, itemsize, torch_dty
 from mergekitlite.methods import ChunkInfo, get_method, native
 from mergekitlite.methods.apply import compute_stats
 from mergekitlite.methods.linear_form import LinearForm
-from mergekitlite.plan import InputRef, Plan, RowRule, TensorTask
+from mergekitlite.taskgraph import InputRef, Plan, RowRule, TensorTask
 
 
 class Progress(Protocol):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergekitlite.errors import OutputError
-from mergekitlite.plan import Plan
+from mergekitlite.taskgraph import Plan
 
 JOURNAL = "mergekitlite-journal.jsonl"
 DISK_MARGIN = 64 * 1024 * 1024

@@ -9,15 +9,14 @@ is written.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mergekitlite.budget import BASELINE_RSS, Budget, RowCost, row_cost, rows_per_chunk
+from mergekitlite.budget import Budget, rows_per_chunk
 from mergekitlite.errors import PlanError
 from mergekitlite.io.safetensors_header import (
     CODE_BY_NAME,
@@ -25,190 +24,19 @@ from mergekitlite.io.safetensors_header import (
     NAME_BY_CODE,
     ShardLayout,
     TensorInfo,
-    itemsize,
     layout_shard,
 )
 from mergekitlite.methods import MethodSpec, get_method
 from mergekitlite.methods.apply import tensor_seed
 from mergekitlite.methods.registry import param_kind
 from mergekitlite.recipe import LoadedRecipe, Parameters, Recipe, Rule
+from mergekitlite.rowrules import eos_warnings, is_vocab_tensor, token_rules, vocab_layout
 from mergekitlite.settings import evaluate, is_gradient, name_matches
 from mergekitlite.sources import ModelSource, open_sources, split_layer
-from mergekitlite.tokens import TokenInfo, read_token_info
+from mergekitlite.taskgraph import InputRef, Plan, Problems, TensorTask, lookup_tensor
+from mergekitlite.tokens import read_token_info
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
-MAX_LISTED = 12  # problems of one kind listed before summarizing the rest
-
-
-@dataclass(frozen=True)
-class InputRef:
-    model: str
-    tensor: TensorInfo
-
-
-@dataclass(frozen=True)
-class RowRule:
-    """Output rows [start, end) set by a simple rule instead of the method: special-token rows
-    taken from a model or zeroed, and rows that exist in only some inputs' vocabularies."""
-
-    start: int
-    end: int
-    kind: str  # "take" | "mean" | "zero"
-    sources: tuple[InputRef, ...] = ()
-    src_start: int | None = None  # first source row for "take" (default: ``start``)
-    why: str = ""
-
-
-@dataclass(frozen=True)
-class TensorTask:
-    """How to produce one output tensor."""
-
-    name: str
-    method: str
-    base: InputRef | None
-    models: tuple[InputRef, ...]
-    params: tuple[tuple[str, Any], ...]  # per-model parameters are tuples aligned with ``models``
-    shape: tuple[int, ...]
-    out_dtype: str  # safetensors code
-    layer: int | None
-    t: float
-    why: str = ""  # set when the tensor is not merged by the recipe's method
-    chunk_rows: int = 1  # rows merged at a time (set from the memory budget)
-    seed: int = 0  # per-tensor seed for random methods
-    merge_rows: int | None = None  # rows merged by the method (fewer when vocabularies differ)
-    row_rules: tuple[RowRule, ...] = ()  # applied after the merge, in order
-
-    @property
-    def inputs(self) -> tuple[InputRef, ...]:
-        return ((self.base,) if self.base else ()) + self.models
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * itemsize(self.out_dtype)
-
-    @property
-    def param_dict(self) -> dict[str, Any]:
-        return dict(self.params)
-
-    @property
-    def copy_of(self) -> InputRef | None:
-        """The input whose bytes are the output, when the task is a plain copy."""
-        if self.method != "passthrough" or self.base is not None or len(self.models) != 1:
-            return None
-        src = self.models[0]
-        if self.param_dict.get("scale", (None,))[0] is not None or src.tensor.dtype != self.out_dtype:
-            return None
-        return src
-
-    @property
-    def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def merged_rows(self) -> int:
-        return self.rows if self.merge_rows is None else self.merge_rows
-
-    @property
-    def row_elements(self) -> int:
-        return math.prod(self.shape[1:]) if self.shape else 1
-
-    def row_cost(self, compute_dtype: str, on_gpu: bool) -> RowCost:
-        return row_cost(
-            [i.tensor.row_bytes for i in self.inputs],
-            self.row_elements,
-            self.row_elements * itemsize(self.out_dtype),
-            itemsize(CODE_BY_NAME[compute_dtype]),
-            on_gpu,
-            get_method(self.method).temporaries(len(self.models)),
-        )
-
-
-@dataclass(frozen=True)
-class Plan:
-    loaded: LoadedRecipe
-    sources: Mapping[str, ModelSource]
-    tasks: tuple[TensorTask, ...]
-    shards: tuple[ShardLayout, ...]
-    shard_of: Mapping[str, str]
-    compute_dtype: str
-    config_donor: str
-    tokenizer_donor: str
-    out_config: Mapping[str, Any]
-    budget: Budget
-    random_seed: int
-    warnings: tuple[str, ...] = ()
-
-    @property
-    def recipe(self) -> Recipe:
-        return self.loaded.recipe
-
-    @property
-    def bytes_written(self) -> int:
-        return sum(s.size for s in self.shards)
-
-    @property
-    def bytes_read(self) -> int:
-        return sum(i.tensor.nbytes for t in self.tasks for i in t.inputs)
-
-    def task_working_set(self, task: TensorTask) -> tuple[int, int]:
-        """(host bytes, device bytes) held while merging ``task`` (see budget.py)."""
-        cost = task.row_cost(self.compute_dtype, self.budget.on_gpu)
-        rows = task.chunk_rows
-        return self.budget.inflight * cost.host * rows, self.budget.workers * cost.device * rows
-
-    def estimated_peak(self) -> int:
-        """Estimated peak resident memory of the whole process: interpreter and torch plus the
-        largest task's working set."""
-        return BASELINE_RSS + max((self.task_working_set(t)[0] for t in self.tasks), default=0)
-
-    def estimated_peak_vram(self) -> int:
-        return max((self.task_working_set(t)[1] for t in self.tasks), default=0)
-
-    def fingerprint(self) -> str:
-        """Identifies the plan and its inputs: a resume is only allowed into a matching partial output."""
-        h = hashlib.sha256()
-        h.update(f"{self.compute_dtype}:{self.random_seed}".encode())
-        stats = {}  # one stat per input file, not one per tensor read from it
-        for t in self.tasks:
-            for i in t.inputs:
-                if i.tensor.file not in stats:
-                    st = i.tensor.file.stat()
-                    stats[i.tensor.file] = f"{st.st_size}:{st.st_mtime_ns}"
-        for t in self.tasks:
-            h.update(json.dumps([t.name, t.method, t.out_dtype, list(t.shape), repr(t.params), t.merge_rows]).encode())
-            h.update(
-                repr(
-                    [
-                        (r.start, r.end, r.kind, r.src_start, [(i.model, i.tensor.name) for i in r.sources])
-                        for r in t.row_rules
-                    ]
-                ).encode()
-            )
-            for i in t.inputs:
-                h.update(f"{i.tensor.file}:{stats[i.tensor.file]}:{i.tensor.begin}".encode())
-        for s in self.shards:
-            h.update(s.header)
-        return h.hexdigest()
-
-
-@dataclass
-class _Problems:
-    lines: list[str] = field(default_factory=list)
-    grouped: dict[str, list[str]] = field(default_factory=dict)
-
-    def add(self, line: str) -> None:
-        self.lines.append(line)
-
-    def add_grouped(self, group: str, line: str) -> None:
-        self.grouped.setdefault(group, []).append(line)
-
-    def all(self) -> list[str]:
-        out = list(self.lines)
-        for items in self.grouped.values():
-            out.extend(items[:MAX_LISTED])
-            if len(items) > MAX_LISTED:
-                out.append(f"... and {len(items) - MAX_LISTED} more like the above")
-        return out
 
 
 @dataclass(frozen=True)
@@ -226,31 +54,13 @@ class _Slice:
     params: Parameters | None
 
 
-def _embedding_name(src: ModelSource) -> str | None:
-    for name, info in src.tensors.items():
-        if len(info.shape) == 2 and any(k in name for k in ("embed_tokens", "wte", "embed_in", "word_embeddings")):
-            return name
-    return None
-
-
-def _lookup(src: ModelSource, name: str) -> TensorInfo | None:
-    """The tensor ``name`` of ``src``, following tied embeddings for a missing lm_head."""
-    if name in src.tensors:
-        return src.tensors[name]
-    if name.endswith("lm_head.weight") and src.tied_embeddings:
-        emb = _embedding_name(src)
-        if emb is not None:
-            return src.tensors[emb]
-    return None
-
-
 def _layers_of(src: ModelSource) -> int:
     prefix = src.main_layer_prefix()
     return src.layer_counts[prefix] if prefix is not None else 0
 
 
 def _normalize_slices(
-    recipe: Recipe, spec: MethodSpec, sources: Mapping[str, ModelSource], problems: _Problems
+    recipe: Recipe, spec: MethodSpec, sources: Mapping[str, ModelSource], problems: Problems
 ) -> list[_Slice]:
     if recipe.slices:
         out = []
@@ -285,7 +95,7 @@ def _normalize_slices(
     return [_Slice(tuple(_Source(m, 0, p) for m, p in models), n, recipe.base_model, None)]
 
 
-def _coerce(name: str, value: Any, default: Any, where: str, problems: _Problems) -> Any:
+def _coerce(name: str, value: Any, default: Any, where: str, problems: Problems) -> Any:
     """The value as the method wants it. Booleans written as 0/1 are accepted, as mergekit (whose
     older tools wrote every parameter as a float) does; anything else of the wrong kind is a problem
     (the recipe loader reports most of them earlier, with positions)."""
@@ -315,7 +125,7 @@ def _resolve_params(
     model_levels: Sequence[Sequence[Parameters | None]],
     model_names: Sequence[str],
     global_levels: Sequence[Parameters | None],
-    problems: _Problems,
+    problems: Problems,
 ) -> tuple[tuple[str, Any], ...]:
     resolved: dict[str, Any] = {}
     for p in spec.global_params:
@@ -418,7 +228,7 @@ def build_plan(
     """Plan the merge of ``loaded``; raises PlanError listing every problem found."""
     recipe = loaded.recipe
     spec = get_method(recipe.merge_method)
-    problems = _Problems()
+    problems = Problems()
     warnings = list(loaded.warnings)
 
     sources, missing = open_sources(recipe.referenced_models(), loaded.base_dir, aliases)
@@ -461,7 +271,7 @@ def build_plan(
         # Resolve the inputs of every source.
         infos: list[TensorInfo | None] = []
         for src, in_name in zip(slc.sources, in_names):
-            info = _lookup(sources[src.model], in_name)
+            info = lookup_tensor(sources[src.model], in_name)
             if info is None:
                 problems.add_grouped(
                     f"missing:{src.model}",
@@ -479,20 +289,20 @@ def build_plan(
         shapes = {src.model: info.shape for src, info in zip(slc.sources, infos) if info is not None}
         out_shape, merge_rows, row_rules = first.shape, None, ()
         refs = [InputRef(src.model, info) for src, info in zip(slc.sources, infos) if info is not None]
-        donor_info = _lookup(sources[tokenizer_donor], out_name)
+        donor_info = lookup_tensor(sources[tokenizer_donor], out_name)
         donor_ref = InputRef(tokenizer_donor, donor_info) if donor_info is not None else None
         if len(set(shapes.values())) > 1:
             policy = tok_cfg.vocab_policy if tok_cfg else "keep"
-            layout = _vocab_layout(out_name, refs, refs[lead], donor_ref, policy)
+            layout = vocab_layout(out_name, refs, refs[lead], donor_ref, policy)
             if layout is None:
                 listing = ", ".join(f"{list(s)} in {m!r}" for m, s in shapes.items())
                 problems.add_grouped("shape", f"cannot merge {out_name!r}: shape {listing}")
                 return
             out_shape, merge_rows, row_rules, note = layout
             warnings.append(note)
-        if _is_vocab_tensor(out_name, out_shape):
+        if is_vocab_tensor(out_name, out_shape):
             vocab_out[out_name] = out_shape[0]
-            row_rules = row_rules + _token_rules(
+            row_rules = row_rules + token_rules(
                 out_name, out_shape, tok_cfg, tok_info, sources, tokenizer_donor, problems
             )
         out_code = out_code_global if (out_code_global and first.dtype in FLOAT_CODES) else first.dtype
@@ -501,7 +311,7 @@ def build_plan(
         if rule is not None and rule[1].take is not None:
             i, r = rule
             assert r.take is not None
-            taken = _lookup(sources[r.take], out_name)
+            taken = lookup_tensor(sources[r.take], out_name)
             if taken is None:
                 problems.add_grouped(
                     f"missing:{r.take}", f"rules[{i}]: model {r.take!r} has no tensor {out_name!r} to take"
@@ -668,7 +478,7 @@ def build_plan(
         sized.append(replace(task, chunk_rows=rows, seed=tensor_seed(seed, task.name) if spec.random else 0))
     tasks = sized
 
-    warnings += _eos_warnings(recipe, sources, tokenizer_donor)
+    warnings += eos_warnings(recipe, sources, tokenizer_donor)
     shards, shard_of = _shards(tasks, shard_size, shard_params)
     out_cfg = _out_config(sources[config_donor], recipe.out_dtype_name or _dominant_dtype(tasks), total_layers)
     if vocab_out and "vocab_size" in out_cfg:
@@ -687,129 +497,6 @@ def build_plan(
         random_seed=seed,
         warnings=tuple(warnings),
     )
-
-
-_VOCAB_NAME_HINTS = ("embed_tokens", "wte", "embed_in", "word_embeddings", "lm_head", "embed_out", "output.weight")
-
-
-def _is_vocab_tensor(name: str, shape: tuple[int, ...]) -> bool:
-    return len(shape) == 2 and any(h in name for h in _VOCAB_NAME_HINTS)
-
-
-def _vocab_layout(
-    name: str, refs: Sequence[InputRef], lead: InputRef, donor: InputRef | None, policy: str
-) -> tuple[tuple[int, ...], int, tuple[RowRule, ...], str] | None:
-    """Embedding/lm_head rows when the inputs' vocabularies differ: the output has the tokenizer
-    donor's rows (else the reference model's); rows all inputs have are merged; the rest follow
-    ``policy``."""
-    shapes = [r.tensor.shape for r in refs]
-    if (
-        not all(len(s) == 2 for s in shapes)
-        or len({s[1] for s in shapes}) != 1
-        or not _is_vocab_tensor(name, shapes[0])
-    ):
-        return None
-    if donor is None or donor.tensor.shape[1:] != shapes[0][1:]:
-        donor = lead
-    out_rows = donor.tensor.shape[0]
-    merge_rows = min(min(s[0] for s in shapes), out_rows)
-    rules: list[RowRule] = []
-    if merge_rows < out_rows:
-        if policy == "zero":
-            rules.append(RowRule(merge_rows, out_rows, "zero", why="vocab_policy: zero"))
-        elif policy == "mean":
-            bounds = sorted({merge_rows, out_rows, *(min(s[0], out_rows) for s in shapes)})
-            for a, b in itertools.pairwise(bounds):
-                have = tuple(r for r in refs if r.tensor.shape[0] >= b)
-                rules.append(RowRule(a, b, "mean", have, why="vocab_policy: mean"))
-        else:
-            rules.append(RowRule(merge_rows, out_rows, "take", (donor,), why=f"vocab_policy: keep from {donor.model}"))
-    listing = ", ".join(f"{r.tensor.shape[0]} in {r.model!r}" for r in refs)
-    note = (
-        f"{name!r}: the vocabularies differ ({listing}); the output has {out_rows} rows, rows 0..{merge_rows - 1} "
-        f"are merged" + (f", rows {merge_rows}..{out_rows - 1}: {rules[0].why}" if rules else "")
-    )
-    return (out_rows, shapes[0][1]), merge_rows, tuple(rules), note
-
-
-def _token_rules(
-    name: str,
-    shape: tuple[int, ...],
-    cfg: Any,
-    tok: TokenInfo,
-    sources: Mapping[str, ModelSource],
-    donor: str,
-    problems: _Problems,
-) -> tuple[RowRule, ...]:
-    """Rows of single tokens set by the recipe's ``tokenizer.tokens`` and ``special_tokens``."""
-    if cfg is None:
-        return ()
-    rows = shape[0]
-    wanted: dict[int, tuple[Any, str]] = {}
-    if cfg.special_tokens != "merge":
-        for text in sorted(tok.special):
-            tid = tok.id_of(text)
-            if tid is not None:
-                wanted[tid] = (cfg.special_tokens, text)
-    for key, spec in (cfg.tokens or {}).items():
-        tid = key if isinstance(key, int) else int(key) if str(key).isdigit() else tok.id_of(str(key))
-        if tid is None:
-            problems.add_grouped(
-                "token", f"tokenizer.tokens: {key!r} is not a token of {donor!r} (give its id instead)"
-            )
-            continue
-        wanted[tid] = (spec.source, str(key))
-    rules = []
-    for tid, (action, label) in sorted(wanted.items()):
-        if tid >= rows:
-            problems.add_grouped("token", f"tokenizer.tokens: {label!r} (id {tid}) is past the {rows} rows of {name!r}")
-            continue
-        if action in (None, "merge") or getattr(action, "kind", None) == "merge":
-            continue
-        if action == "zero" or getattr(action, "kind", None) == "zero":
-            rules.append(RowRule(tid, tid + 1, "zero", why=f"token {label}: zero"))
-            continue
-        model = donor if action == "take" else action if isinstance(action, str) else action.model
-        src_tok = (
-            None if isinstance(action, str) else (action.token_id if action.token_id is not None else action.token)
-        )
-        src_row = tid
-        if isinstance(src_tok, int):
-            src_row = src_tok
-        elif isinstance(src_tok, str):
-            found = read_token_info(sources[model].path).id_of(src_tok)
-            if found is None:
-                problems.add_grouped("token", f"tokenizer.tokens: {src_tok!r} is not a token of {model!r}")
-                continue
-            src_row = found
-        info = _lookup(sources[model], name)
-        if info is None or src_row >= info.shape[0] or info.shape[1:] != shape[1:]:
-            problems.add_grouped("token", f"tokenizer.tokens: {model!r} has no row {src_row} of {name!r} for {label!r}")
-            continue
-        rules.append(
-            RowRule(tid, tid + 1, "take", (InputRef(model, info),), src_row, why=f"token {label}: from {model}")
-        )
-    return tuple(rules)
-
-
-def _eos_warnings(recipe: Recipe, sources: Mapping[str, ModelSource], donor: str) -> list[str]:
-    """The seed's failure, caught before merging: the output gets its tokenizer, chat template and
-    stop tokens from a model without a chat template while another input has one."""
-    if recipe.chat_template is not None:
-        return []
-    mine = read_token_info(sources[donor].path)
-    if mine.chat_template:
-        return []
-    chatty = [ref for ref, src in sources.items() if ref != donor and read_token_info(src.path).chat_template]
-    if not chatty:
-        return []
-    ends = read_token_info(sources[chatty[0]].path).turn_end_tokens()
-    ends_txt = f", which ends turns with {', '.join(ends)}" if ends else ""
-    return [
-        f"the tokenizer, chat template and generation config come from {donor!r}, which has no chat template, "
-        f"but {chatty[0]!r} has one{ends_txt}: a chat model merged this way may never stop generating. "
-        f"Set `tokenizer_source: {chatty[0]}` to take them from the chat model."
-    ]
 
 
 def _dominant_dtype(tasks: Sequence[TensorTask]) -> str | None:

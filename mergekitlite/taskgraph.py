@@ -1,0 +1,211 @@
+"""The task graph the planner makes and the executor runs: one ``TensorTask`` per output tensor,
+its inputs (``InputRef``), the row rules applied after the merge (``RowRule``), and the ``Plan``
+that holds them with the shard layout, donors and memory budget."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mergekitlite.budget import BASELINE_RSS, Budget, RowCost, row_cost
+from mergekitlite.io.safetensors_header import CODE_BY_NAME, ShardLayout, TensorInfo, itemsize
+from mergekitlite.methods import get_method
+from mergekitlite.recipe import LoadedRecipe, Recipe
+from mergekitlite.sources import ModelSource
+
+MAX_LISTED = 12  # problems of one kind listed before summarizing the rest
+
+
+@dataclass(frozen=True)
+class InputRef:
+    model: str
+    tensor: TensorInfo
+
+
+@dataclass(frozen=True)
+class RowRule:
+    """Output rows [start, end) set by a simple rule instead of the method: special-token rows
+    taken from a model or zeroed, and rows that exist in only some inputs' vocabularies."""
+
+    start: int
+    end: int
+    kind: str  # "take" | "mean" | "zero"
+    sources: tuple[InputRef, ...] = ()
+    src_start: int | None = None  # first source row for "take" (default: ``start``)
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """How to produce one output tensor."""
+
+    name: str
+    method: str
+    base: InputRef | None
+    models: tuple[InputRef, ...]
+    params: tuple[tuple[str, Any], ...]  # per-model parameters are tuples aligned with ``models``
+    shape: tuple[int, ...]
+    out_dtype: str  # safetensors code
+    layer: int | None
+    t: float
+    why: str = ""  # set when the tensor is not merged by the recipe's method
+    chunk_rows: int = 1  # rows merged at a time (set from the memory budget)
+    seed: int = 0  # per-tensor seed for random methods
+    merge_rows: int | None = None  # rows merged by the method (fewer when vocabularies differ)
+    row_rules: tuple[RowRule, ...] = ()  # applied after the merge, in order
+
+    @property
+    def inputs(self) -> tuple[InputRef, ...]:
+        return ((self.base,) if self.base else ()) + self.models
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.out_dtype)
+
+    @property
+    def param_dict(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @property
+    def copy_of(self) -> InputRef | None:
+        """The input whose bytes are the output, when the task is a plain copy."""
+        if self.method != "passthrough" or self.base is not None or len(self.models) != 1:
+            return None
+        src = self.models[0]
+        if self.param_dict.get("scale", (None,))[0] is not None or src.tensor.dtype != self.out_dtype:
+            return None
+        return src
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def merged_rows(self) -> int:
+        return self.rows if self.merge_rows is None else self.merge_rows
+
+    @property
+    def row_elements(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+    def row_cost(self, compute_dtype: str, on_gpu: bool) -> RowCost:
+        return row_cost(
+            [i.tensor.row_bytes for i in self.inputs],
+            self.row_elements,
+            self.row_elements * itemsize(self.out_dtype),
+            itemsize(CODE_BY_NAME[compute_dtype]),
+            on_gpu,
+            get_method(self.method).temporaries(len(self.models)),
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    loaded: LoadedRecipe
+    sources: Mapping[str, ModelSource]
+    tasks: tuple[TensorTask, ...]
+    shards: tuple[ShardLayout, ...]
+    shard_of: Mapping[str, str]
+    compute_dtype: str
+    config_donor: str
+    tokenizer_donor: str
+    out_config: Mapping[str, Any]
+    budget: Budget
+    random_seed: int
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.loaded.recipe
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(i.tensor.nbytes for t in self.tasks for i in t.inputs)
+
+    def task_working_set(self, task: TensorTask) -> tuple[int, int]:
+        """(host bytes, device bytes) held while merging ``task`` (see budget.py)."""
+        cost = task.row_cost(self.compute_dtype, self.budget.on_gpu)
+        rows = task.chunk_rows
+        return self.budget.inflight * cost.host * rows, self.budget.workers * cost.device * rows
+
+    def estimated_peak(self) -> int:
+        """Estimated peak resident memory of the whole process: interpreter and torch plus the
+        largest task's working set."""
+        return BASELINE_RSS + max((self.task_working_set(t)[0] for t in self.tasks), default=0)
+
+    def estimated_peak_vram(self) -> int:
+        return max((self.task_working_set(t)[1] for t in self.tasks), default=0)
+
+    def fingerprint(self) -> str:
+        """Identifies the plan and its inputs: a resume is only allowed into a matching partial output."""
+        h = hashlib.sha256()
+        h.update(f"{self.compute_dtype}:{self.random_seed}".encode())
+        stats = {}  # one stat per input file, not one per tensor read from it
+        for t in self.tasks:
+            for i in t.inputs:
+                if i.tensor.file not in stats:
+                    st = i.tensor.file.stat()
+                    stats[i.tensor.file] = f"{st.st_size}:{st.st_mtime_ns}"
+        for t in self.tasks:
+            h.update(json.dumps([t.name, t.method, t.out_dtype, list(t.shape), repr(t.params), t.merge_rows]).encode())
+            h.update(
+                repr(
+                    [
+                        (r.start, r.end, r.kind, r.src_start, [(i.model, i.tensor.name) for i in r.sources])
+                        for r in t.row_rules
+                    ]
+                ).encode()
+            )
+            for i in t.inputs:
+                h.update(f"{i.tensor.file}:{stats[i.tensor.file]}:{i.tensor.begin}".encode())
+        for s in self.shards:
+            h.update(s.header)
+        return h.hexdigest()
+
+
+@dataclass
+class Problems:
+    """Every problem the planner finds, reported together; long runs of one kind are summarized."""
+
+    lines: list[str] = field(default_factory=list)
+    grouped: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+    def add_grouped(self, group: str, line: str) -> None:
+        self.grouped.setdefault(group, []).append(line)
+
+    def all(self) -> list[str]:
+        out = list(self.lines)
+        for items in self.grouped.values():
+            out.extend(items[:MAX_LISTED])
+            if len(items) > MAX_LISTED:
+                out.append(f"... and {len(items) - MAX_LISTED} more like the above")
+        return out
+
+
+def embedding_name(src: ModelSource) -> str | None:
+    for name, info in src.tensors.items():
+        if len(info.shape) == 2 and any(k in name for k in ("embed_tokens", "wte", "embed_in", "word_embeddings")):
+            return name
+    return None
+
+
+def lookup_tensor(src: ModelSource, name: str) -> TensorInfo | None:
+    """The tensor ``name`` of ``src``, following tied embeddings for a missing lm_head."""
+    if name in src.tensors:
+        return src.tensors[name]
+    if name.endswith("lm_head.weight") and src.tied_embeddings:
+        emb = embedding_name(src)
+        if emb is not None:
+            return src.tensors[emb]
+    return None
