@@ -194,9 +194,22 @@ def child_env(code_root: Path | None) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- running
-def run_variant(v: Variant, round_no: int, logs: Path, env: dict[str, str]) -> RunStats:
+def evict(files: list[Path]) -> None:
+    """Drop the inputs from the page cache (POSIX_FADV_DONTNEED on clean pages needs no root), so the
+    next run reads them from the disk, as a first merge of freshly downloaded models does."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def run_variant(v: Variant, round_no: int, logs: Path, env: dict[str, str], cold: list[Path] | None = None) -> RunStats:
     clear_output(v.out)
     os.sync()  # flush the previous run's writeback before the clock starts
+    if cold:
+        evict(cold)
     stats = run_measured(v.label, v.cmd, logs / f"{v.out.name}-{round_no}.log", env=env)
     started = time.perf_counter()
     os.sync()  # what the tool left to write back (mergekit never fsyncs)
@@ -217,11 +230,13 @@ def describe(s: RunStats) -> str:
     )
 
 
-def run_rounds(variants: list[Variant], repeats: int, logs: Path, env: dict[str, str]) -> dict[str, list[RunStats]]:
+def run_rounds(
+    variants: list[Variant], repeats: int, logs: Path, env: dict[str, str], cold: list[Path] | None = None
+) -> dict[str, list[RunStats]]:
     results: dict[str, list[RunStats]] = {v.label: [] for v in variants}
     for r in range(1, repeats + 1):
         for v in variants:
-            s = run_variant(v, r, logs, env)
+            s = run_variant(v, r, logs, env, cold)
             results[v.label].append(s)
             print(f"round {r}/{repeats} {v.label:28s} {describe(s)}", flush=True)
             if s.returncode != 0:
@@ -339,8 +354,12 @@ def markdown(
         f"## {started} — preset `{args.preset}`, N={args.repeats}",
         "",
         f"- command: `{' '.join(shlex.quote(a) for a in sys.argv)}`",
-        f"- inputs: {family_info['params'] / 1e9:.3f}B params, 3 × {_gb(family_info['bytes'])} GB bf16; "
-        f"page cache warmed by reading {_gb(warm[0])} GB in {warm[1]:.1f} s",
+        f"- inputs: {family_info['params'] / 1e9:.3f}B params, 3 × {_gb(family_info['bytes'])} GB bf16; "(
+            "**cold**: the inputs were evicted from the page cache before every run (read from the disk; "
+            f"a plain sequential read of them took {warm[1]:.1f} s for {_gb(warm[0])} GB when warming)"
+            if args.cold
+            else f"page cache warmed by reading {_gb(warm[0])} GB in {warm[1]:.1f} s"
+        ),
         f"- machine: {info['cpus']} CPUs ({info['cpu']}), {info['ram']} RAM; load average {loads[0]:.1f} at "
         f"start, {loads[1]:.1f} at end (other users share the CPUs)",
         f"- {info['ours']}; {info['mergekit']}",
@@ -480,6 +499,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--exact", default=DEFAULT_EXACT, help="tensors checked against float64: 'all', 'none' or names")
     ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument(
+        "--cold", action="store_true", help="evict the inputs from the page cache before every run (reads hit the disk)"
+    )
     ap.add_argument("--no-snapshot", action="store_true", help="run the live repo code instead of a frozen copy")
     ap.add_argument("--keep-outputs", action="store_true", help="keep the last round's outputs in .work/<preset>/out")
     ap.add_argument("--no-write", action="store_true", help="do not append to bench/RESULTS.md")
@@ -520,10 +542,14 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info(args, code)
     print(json.dumps(info, indent=2))
 
-    warm = warm_cache([p for m in make_family.MODELS for p in shards(family / m)])
+    inputs = [p for m in make_family.MODELS for p in shards(family / m)]
+    if args.cold:
+        evict(inputs)  # then warm_cache times a plain sequential read from the disk
+    warm = warm_cache(inputs)
     print(f"page cache warmed: {warm[0] / 1e9:.2f} GB in {warm[1]:.1f} s", flush=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    runs = run_rounds(variants, args.repeats, WORK / "logs" / f"{args.preset}-{stamp}", env)
+    logs = WORK / "logs" / f"{args.preset}-{stamp}"
+    runs = run_rounds(variants, args.repeats, logs, env, inputs if args.cold else None)
     summaries = {label: summarize(r) for label, r in runs.items()}
 
     checks = {} if args.no_verify else verify(variants, family, args.exact)

@@ -29,7 +29,10 @@ N_LAYERS = 12
 # then lasts seconds, not ~1 s, so that a signal sent once the journal lists a tensor lands mid-merge
 # even when the test process is descheduled for a while on a busy machine.
 RUNNER = """
-import functools, sys, time
+import functools, signal, sys, time
+# A shell that starts a job in the background (CI runners, `cmd &`) makes it ignore SIGINT, and
+# Python then installs no KeyboardInterrupt handler: restore the interactive default.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 cadence = sys.argv[1]
 import mergekitlite.api as api
 import mergekitlite.execute as execute
