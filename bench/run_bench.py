@@ -350,16 +350,17 @@ def markdown(
     started: str,
     loads: tuple[float, float],
 ) -> str:
+    cache = (
+        "**cold**: the inputs were evicted from the page cache before every run (read from the disk; "
+        f"a plain sequential read of them took {warm[1]:.1f} s for {_gb(warm[0])} GB)"
+        if args.cold
+        else f"page cache warmed by reading {_gb(warm[0])} GB in {warm[1]:.1f} s"
+    )
     lines = [
         f"## {started} — preset `{args.preset}`, N={args.repeats}",
         "",
         f"- command: `{' '.join(shlex.quote(a) for a in sys.argv)}`",
-        f"- inputs: {family_info['params'] / 1e9:.3f}B params, 3 × {_gb(family_info['bytes'])} GB bf16; "(
-            "**cold**: the inputs were evicted from the page cache before every run (read from the disk; "
-            f"a plain sequential read of them took {warm[1]:.1f} s for {_gb(warm[0])} GB when warming)"
-            if args.cold
-            else f"page cache warmed by reading {_gb(warm[0])} GB in {warm[1]:.1f} s"
-        ),
+        f"- inputs: {family_info['params'] / 1e9:.3f}B params, 3 × {_gb(family_info['bytes'])} GB bf16; {cache}",
         f"- machine: {info['cpus']} CPUs ({info['cpu']}), {info['ram']} RAM; load average {loads[0]:.1f} at "
         f"start, {loads[1]:.1f} at end (other users share the CPUs)",
         f"- {info['ours']}; {info['mergekit']}",
