@@ -19,6 +19,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(_MSC_VER) && !defined(__clang__)
+#define restrict __restrict /* MSVC's C mode spells C99's restrict this way */
+#endif
+
 #define ABI_VERSION 1
 #define BLOCK 1024
 #define MAX_INPUTS 256
