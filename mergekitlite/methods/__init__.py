@@ -4,6 +4,7 @@ Importing this package registers every built-in method; ``get_method(name)`` loo
 """
 
 from mergekitlite.methods import arithmetic as _arithmetic  # noqa: F401  (registers methods)
+from mergekitlite.methods import fusion as _fusion  # noqa: F401
 from mergekitlite.methods import nearswap as _nearswap  # noqa: F401
 from mergekitlite.methods import sparsify as _sparsify  # noqa: F401
 from mergekitlite.methods import spherical as _spherical  # noqa: F401
