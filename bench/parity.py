@@ -233,6 +233,16 @@ def cases(family: Path, layers: int) -> list[Case]:
             "base + ft1, t 0.0001",
         ),
         Case(
+            "arcee_fusion",
+            {
+                "merge_method": "arcee_fusion",
+                "base_model": base,
+                "models": _models(family, [("ft1", {})]),
+                "dtype": "bfloat16",
+            },
+            "base + ft1",
+        ),
+        Case(
             "passthrough (slices)",
             {
                 "slices": [

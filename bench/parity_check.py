@@ -263,6 +263,21 @@ def ref_nearswap(case: Case, name: str, base: torch.Tensor, ms: list[torch.Tenso
     return w * ms[0] + (1 - w) * base
 
 
+def ref_arcee_fusion(case: Case, name: str, base: torch.Tensor, ms: list[torch.Tensor]) -> torch.Tensor:
+    """The definition in float64: importance |δ|·KL(softmax(m) + 1e-8 ‖ softmax(b) + 1e-8) per last-dim fiber,
+    kept where ≥ median + 1.5·IQR of all importances, quantile q = sorted[⌊q·(N − 1)⌋] (exact: mergekit
+    samples 1M elements at random above 1M)."""
+    del case, name
+    m = ms[0]
+    p = torch.softmax(m, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    importance = (m - base).abs() * (p * (p / q).log()).sum(dim=-1, keepdim=True)
+    ordered = importance.reshape(-1).sort().values
+    last = ordered.numel() - 1
+    q1, med, q3 = (ordered[k].item() for k in (last // 4, last // 2, 3 * last // 4))
+    return torch.where(importance >= med + 1.5 * (q3 - q1), m, base)
+
+
 def ref_model_stock(case: Case, name: str, base: torch.Tensor, ms: list[torch.Tensor]) -> torch.Tensor:
     offsets = [(m - base).reshape(-1) for m in ms]
     cosines = [
@@ -358,6 +373,7 @@ REFERENCES = {
     "breadcrumbs_ties": ref_sparse,
     "slerp": ref_slerp,
     "nearswap": ref_nearswap,
+    "arcee_fusion": ref_arcee_fusion,
     "model_stock": ref_model_stock,
     "sce": ref_sce,
     "nuslerp": ref_nuslerp,
