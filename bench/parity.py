@@ -637,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
 
     code_root, digest = (None, "live code") if args.no_snapshot else snapshot_code()
     env = child_env(code_root)
-    where, _ = probe_code(env)
+    where, _, _kernel = probe_code(env)
     print(f"mergekitlite imported from {where}")
     if code_root is not None and not Path(where).is_relative_to(code_root):
         raise SystemExit(f"the snapshot is not what the children import ({where}); use --no-snapshot")
