@@ -625,9 +625,12 @@ def check(case: Case, ours: Path, mk: Path, exact: list[str]) -> dict[str, Any]:
     worst: tuple[float, str] = (0.0, "")
     for name in sorted(set(fa) & set(fb)):
         a, b = reader.get(ours, name), reader.get(mk, name)
-        if a.shape != b.shape or a.dtype != b.dtype:
+        if a.shape != b.shape:
             report["mismatched"].append(f"{name}: {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}")
             continue
+        if a.dtype != b.dtype:  # e.g. mergekit's arcee_fusion writes float32 whatever the recipe's dtype
+            report["mismatched"].append(f"{name}: {a.dtype} vs {b.dtype} (compared after casting to {a.dtype})")
+            b = b.to(a.dtype)
         agreement.add(a, b)
         if agreement.max_abs > worst[0]:  # where ours and mergekit's differ most (ulps mislead near 0)
             worst = (agreement.max_abs, name)
@@ -642,7 +645,7 @@ def check(case: Case, ours: Path, mk: Path, exact: list[str]) -> dict[str, Any]:
             ref, scale = reference(case, reader, name)
             ea, eb = Exactness(), Exactness()
             for e, acc, folder in ((ea, err_a, ours), (eb, err_b, mk)):
-                got = reader.get(folder, name)
+                got = reader.get(folder, name).to(torch.bfloat16)  # the recipes' dtype (one rounding if not)
                 e.add(got, ref, scale)
                 acc.add(got, ref, scale)
             per_tensor[name] = {"ours": ea.summary(), "mergekit": eb.summary()}
