@@ -987,10 +987,25 @@ def transformers_progress_bars(enabled: bool) -> Iterator[None]:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
+# Below this many parameters a forward pass is a few small matmuls: one thread beats a thread pool, whose
+# spinning workers made the demo's eval ~10x slower on a busy 2-core machine (and never faster on a quiet one).
+SMALL_MODEL_PARAMS = 100_000_000
+
+
+def default_eval_threads(merged: str, against: Sequence[str]) -> int | None:
+    """1 for small models, else None (torch's default); from the headers, read again by ``run_eval``."""
+    try:
+        largest = max(sum(t.numel for t in src.tensors.values()) for _, src in open_models(merged, against))
+    except MergekitliteError:
+        return None  # run_eval reports the problem
+    return 1 if largest < SMALL_MODEL_PARAMS else None
+
+
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     """``mergekitlite eval OUT --against MODEL ...``."""
-    if args.threads:
-        torch.set_num_threads(args.threads)  # process-wide, like merge's --threads: this process is the command
+    threads = args.threads or default_eval_threads(args.out, args.against)
+    if threads:
+        torch.set_num_threads(threads)  # process-wide, like merge's --threads: this process is the command
     progress = RichEvalProgress(console) if not args.quiet else None
     try:
         with transformers_progress_bars(not args.quiet):

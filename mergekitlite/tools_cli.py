@@ -134,8 +134,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
         "--threads",
         type=_positive,
         metavar="N",
-        help="CPU threads for the forward passes (default: torch's choice; 1 is fastest for tiny models "
-        "on a busy machine)",
+        help="CPU threads for the forward passes (default: 1 for models under 100M parameters, where a thread "
+        "pool only slows a busy machine down; else torch's choice)",
     )
     p.add_argument(
         "--trust-remote-code",

@@ -26,6 +26,7 @@ from mergekitlite.evaluate import (
     EvalReport,
     LoadOptions,
     ModelResult,
+    default_eval_threads,
     default_prompts,
     end_token_of,
     from_pretrained_kwargs,
@@ -363,3 +364,15 @@ def test_cli_missing_model(fam, tmp_path, capsys):
     code = main(["eval", str(fam["merged"]), "--against", str(tmp_path / "nope"), "-q"])
     assert code == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_small_models_are_evaluated_on_one_thread(fam, monkeypatch):
+    """Without -j, models under 100M parameters get one thread (a pool only slows them on a busy
+    machine); larger ones keep torch's default; a model that cannot be opened leaves it to run_eval."""
+    import mergekitlite.evaluate as evaluate
+
+    models = [str(fam[k]) for k in ("parent", "stop")]
+    assert default_eval_threads(str(fam["merged"]), models) == 1
+    monkeypatch.setattr(evaluate, "SMALL_MODEL_PARAMS", 10)
+    assert default_eval_threads(str(fam["merged"]), models) is None
+    assert default_eval_threads(str(fam["merged"]) + "-missing", models) is None
