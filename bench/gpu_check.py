@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mergekitlite import MergeOptions, run_merge
+from mergekitlite import MergeOptions, plan_merge, run_merge
 from mergekitlite.budget import parse_size
 
 METHODS = {
@@ -29,7 +29,14 @@ METHODS = {
     "ties": "merge_method: ties\nparameters: {density: 0.5, normalize: true}\n",
     "dare_ties": "merge_method: dare_ties\nparameters: {density: 0.5}\nrandom_seed: 7\n",
     "slerp": "merge_method: slerp\nparameters: {t: [0.2, 0.8]}\n",
+    "breadcrumbs_ties": "merge_method: breadcrumbs_ties\nparameters: {density: 0.9, gamma: 0.01}\n",
+    "della": "merge_method: della\nparameters: {density: 0.5, epsilon: 0.1}\nrandom_seed: 7\n",
+    "sce": "merge_method: sce\nparameters: {select_topk: 0.5}\n",
+    "model_stock": "merge_method: model_stock\n",
+    "multislerp": "merge_method: multislerp\n",
+    "arcee_fusion": "merge_method: arcee_fusion\n",
 }
+ONE_MODEL = {"slerp", "arcee_fusion"}
 
 
 def make_family(root: Path, hidden: int, layers: int, vocab: int, inter: int) -> dict[str, Path]:
@@ -81,7 +88,7 @@ def make_family(root: Path, hidden: int, layers: int, vocab: int, inter: int) ->
 
 def recipe(fam: dict[str, Path], method: str) -> str:
     head = METHODS[method]
-    if method == "slerp":
+    if method in ONE_MODEL:
         models = f"models:\n  - model: {fam['ft1']}\n"
     else:
         models = "".join(f"  - model: {fam[m]}\n    parameters: {{weight: 0.5}}\n" for m in ("ft1", "ft2"))
@@ -115,6 +122,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--max-vram", default="2GB")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     fam = make_family(args.work / "family", 2048, args.layers, 32000, 5504)
@@ -126,7 +134,7 @@ def main() -> None:
         "max_vram": args.max_vram,
         "methods": {},
     }
-    for method in METHODS:
+    for method in args.methods.split(","):
         path = args.work / f"{method}.yaml"
         path.write_text(recipe(fam, method))
         row: dict[str, object] = {}
@@ -142,6 +150,8 @@ def main() -> None:
                 "wall_median_s": statistics.median(r[0] for r in runs),
                 "walls_s": [r[0] for r in runs],
                 "peak_vram_bytes": max(r[1] for r in runs),
+                # what the planner expected (chunks sized from each method's declared working space)
+                "estimated_peak_vram_bytes": plan_merge(path, opts).estimated_peak_vram() if device == "cuda" else 0,
             }
         if "cuda" not in row:
             print(method, json.dumps(row), flush=True)
@@ -157,13 +167,15 @@ def main() -> None:
     lines = [
         f"GPU {report['gpu']}, torch {report['torch']}, {report['cpus']} CPUs, --max-vram {args.max_vram}",
         "",
-        "| method | cpu median (s) | cuda median (s) | peak VRAM (MB) | cpu == cuda bitwise |",
-        "|---|---:|---:|---:|---|",
+        "| method | cpu median (s) | cuda median (s) | peak VRAM (MB) | planner's estimate (MB) | within --max-vram "
+        "| cpu == cuda bitwise |",
+        "|---|---:|---:|---:|---:|---|---|",
     ]
     for method, row in report["methods"].items():  # type: ignore[union-attr]
         lines.append(
             f"| {method} | {row['cpu']['wall_median_s']:.2f} | {row['cuda']['wall_median_s']:.2f} | "
-            f"{row['cuda']['peak_vram_bytes'] / 1e6:.0f} | "
+            f"{row['cuda']['peak_vram_bytes'] / 1e6:.0f} | {row['cuda']['estimated_peak_vram_bytes'] / 1e6:.0f} | "
+            f"{row['cuda']['peak_vram_bytes'] <= parse_size(args.max_vram)} | "
             f"{row['bitwise_equal']} ({row['differing_elements']} differ) |"
         )
     (args.out / "gpu_check.md").write_text("\n".join(lines) + "\n")
