@@ -6,6 +6,7 @@ Importing this package registers every built-in method; ``get_method(name)`` loo
 from mergekitlite.methods import arithmetic as _arithmetic  # noqa: F401  (registers methods)
 from mergekitlite.methods import fusion as _fusion  # noqa: F401
 from mergekitlite.methods import nearswap as _nearswap  # noqa: F401
+from mergekitlite.methods import ram as _ram  # noqa: F401
 from mergekitlite.methods import sparsify as _sparsify  # noqa: F401
 from mergekitlite.methods import spherical as _spherical  # noqa: F401
 from mergekitlite.methods import stock as _stock  # noqa: F401
