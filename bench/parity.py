@@ -233,6 +233,28 @@ def cases(family: Path, layers: int) -> list[Case]:
             "base + ft1, t 0.0001",
         ),
         Case(
+            "ram",
+            {
+                "merge_method": "ram",
+                "base_model": base,
+                "models": _models(family, [(m, {}) for m in ("ft1", "ft2", "ft3")]),
+                "parameters": {"epsilon": 0.001},
+                "dtype": "bfloat16",
+            },
+            "base + 3 fine-tunes, ε 0.001 (about half of each δ counts)",
+        ),
+        Case(
+            "ramplus_tl",
+            {
+                "merge_method": "ramplus_tl",
+                "base_model": base,
+                "models": _models(family, [(m, {}) for m in ("ft1", "ft2", "ft3")]),
+                "parameters": {"epsilon": 0.001, "r": 0.1, "alpha": 0.2},
+                "dtype": "bfloat16",
+            },
+            "base + 3 fine-tunes, ε 0.001, r 0.1, α 0.2",
+        ),
+        Case(
             "arcee_fusion",
             {
                 "merge_method": "arcee_fusion",

@@ -263,6 +263,32 @@ def ref_nearswap(case: Case, name: str, base: torch.Tensor, ms: list[torch.Tenso
     return w * ms[0] + (1 - w) * base
 
 
+def _ram_terms(case: Case, name: str, base: torch.Tensor, ms: list[torch.Tensor]) -> tuple[list, torch.Tensor]:
+    eps = float(case.value("epsilon", name))
+    deltas = [m - base for m in ms]
+    nonzero = [d.abs() > eps for d in deltas]
+    count = sum(nz.to(torch.float64) for nz in nonzero)
+    return [(d, nz) for d, nz in zip(deltas, nonzero, strict=True)], count
+
+
+def ref_ram(case: Case, name: str, base: torch.Tensor, ms: list[torch.Tensor]) -> torch.Tensor:
+    """base + Σ tᵢ, tᵢ = δᵢ where only model i has |δ| > ε, δᵢ/count where several do (float64; ε compared
+    in float64, where the tool compares in float32: |δ| within float32 rounding of ε may count differently)."""
+    terms, count = _ram_terms(case, name, base, ms)
+    total = torch.zeros_like(base)
+    for d, nz in terms:
+        t = torch.where(nz, d / count.clamp(min=1), torch.zeros_like(d))
+        if case.method == "ramplus_tl":
+            unique = nz & (count == 1)
+            shared = int((nz & (count > 1)).sum())
+            own = int(unique.sum())
+            eps, r, alpha = (float(case.value(k, name)) for k in ("epsilon", "r", "alpha"))
+            lam = 1 + r * min(max(shared / max(own, eps), 0.0), alpha)
+            t = torch.where(unique, d * lam, t)
+        total = total + t
+    return base + total
+
+
 def ref_arcee_fusion(case: Case, name: str, base: torch.Tensor, ms: list[torch.Tensor]) -> torch.Tensor:
     """The definition in float64: importance |δ|·KL(softmax(m) + 1e-8 ‖ softmax(b) + 1e-8) per last-dim fiber,
     kept where ≥ median + 1.5·IQR of all importances, quantile q = sorted[⌊q·(N − 1)⌋] (exact: mergekit
@@ -374,6 +400,8 @@ REFERENCES = {
     "slerp": ref_slerp,
     "nearswap": ref_nearswap,
     "arcee_fusion": ref_arcee_fusion,
+    "ram": ref_ram,
+    "ramplus_tl": ref_ram,
     "model_stock": ref_model_stock,
     "sce": ref_sce,
     "nuslerp": ref_nuslerp,
