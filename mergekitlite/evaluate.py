@@ -760,12 +760,17 @@ def prepare(
 
 
 def run_eval(
-    merged: str, against: Sequence[str], options: EvalOptions, progress: EvalProgress | None = None
+    merged: str,
+    against: Sequence[str],
+    options: EvalOptions,
+    progress: EvalProgress | None = None,
+    models: list[tuple[str, ModelSource]] | None = None,
 ) -> EvalReport:
-    """Measure the merged model, then each model in ``against``, one loaded at a time."""
+    """Measure the merged model, then each model in ``against``, one loaded at a time. ``models``: their
+    ``open_models`` result, when the caller has it already."""
     progress = progress or NullProgress()
     check_device(options.load)
-    models = open_models(merged, against)
+    models = models if models is not None else open_models(merged, against)
     tokenizers = [load_tokenizer(s.path, options.load.trust_remote_code) for _, s in models]
     setup, settings = prepare(options, models, tokenizers)
     results: list[ModelResult] = []
@@ -992,24 +997,24 @@ def transformers_progress_bars(enabled: bool) -> Iterator[None]:
 SMALL_MODEL_PARAMS = 100_000_000
 
 
-def default_eval_threads(merged: str, against: Sequence[str]) -> int | None:
-    """1 for small models, else None (torch's default); from the headers, read again by ``run_eval``."""
-    try:
-        largest = max(sum(t.numel for t in src.tensors.values()) for _, src in open_models(merged, against))
-    except MergekitliteError:
-        return None  # run_eval reports the problem
+def default_eval_threads(models: Sequence[tuple[str, ModelSource]]) -> int | None:
+    """1 when every model (``open_models``' result, headers only) is small, else None (torch's default)."""
+    largest = max(sum(t.numel for t in src.tensors.values()) for _, src in models)
     return 1 if largest < SMALL_MODEL_PARAMS else None
 
 
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     """``mergekitlite eval OUT --against MODEL ...``."""
-    threads = args.threads or default_eval_threads(args.out, args.against)
+    options = eval_options(args)
+    check_device(options.load)
+    models = open_models(args.out, args.against)  # once: for the thread count and for run_eval
+    threads = args.threads or default_eval_threads(models)
     if threads:
         torch.set_num_threads(threads)  # process-wide, like merge's --threads: this process is the command
     progress = RichEvalProgress(console) if not args.quiet else None
     try:
         with transformers_progress_bars(not args.quiet):
-            report = run_eval(args.out, args.against, eval_options(args), progress)
+            report = run_eval(args.out, args.against, options, progress, models)
     finally:
         if progress is not None:
             progress.stop()
