@@ -173,10 +173,11 @@ def write_side_files(plan: Plan, out: Path, *, copy_tokenizer: bool = True) -> S
     if code:
         result.origins["modelling code (" + ", ".join(p.name for p in code) + ")"] = cfg_src.ref
 
-    copied = [name for name in TOKENIZER_FILES if (tok_src.path / name).is_file()]
-    copied += [p.name for pattern in TOKENIZER_GLOBS for p in sorted(tok_src.path.glob(pattern))]
-    if not copy_tokenizer:
-        copied = []
+    copied: list[str] = []
+    if copy_tokenizer:
+        copied += [name for name in TOKENIZER_FILES if (tok_src.path / name).is_file()]
+        copied += [p.name for pattern in TOKENIZER_GLOBS for p in sorted(tok_src.path.glob(pattern))]
+    else:
         result.notes.append("no tokenizer was written (--no-copy-tokenizer): add one before loading the model")
     for name in copied:
         _copy(tok_src.path / name, out)

@@ -117,8 +117,12 @@ MERGEKIT_UNSUPPORTED = {
 }
 
 
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
 def _add_mergekit_args(p: argparse.ArgumentParser) -> None:
-    quiet_ones = ", ".join("--" + d.replace("_", "-") for d in MERGEKIT_NO_OPS)
+    quiet_ones = ", ".join(_flag(d) for d in MERGEKIT_NO_OPS)
     g = p.add_argument_group(
         "mergekit-yaml options",
         f"accepted so that mergekit commands run unchanged; {quiet_ones} and -v are accepted too and change nothing",
@@ -137,16 +141,16 @@ def _add_mergekit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--write-threads", type=int, metavar="N", help=argparse.SUPPRESS)
     g.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
     for dest in MERGEKIT_NO_OPS:
-        g.add_argument("--" + dest.replace("_", "-"), dest=dest, action="store_true", help=argparse.SUPPRESS)
+        g.add_argument(_flag(dest), dest=dest, action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--no-write-model-card", dest="write_model_card", action="store_true", help=argparse.SUPPRESS)
     for dest in MERGEKIT_UNSUPPORTED:
-        g.add_argument("--" + dest.replace("_", "-"), dest=dest, metavar="X", help=argparse.SUPPRESS)
+        g.add_argument(_flag(dest), dest=dest, metavar="X", help=argparse.SUPPRESS)
 
 
 def mergekit_notes(args: argparse.Namespace) -> list[str]:
     """One line per mergekit-yaml option given that changes nothing here."""
     given = [(dest, why) for dest, why in MERGEKIT_NO_OPS.items() if getattr(args, dest)]
-    return [f"--{dest.replace('_', '-')} has no effect: {why}" for dest, why in given]
+    return [f"{_flag(dest)} has no effect: {why}" for dest, why in given]
 
 
 def _options(args: argparse.Namespace) -> MergeOptions:
@@ -154,7 +158,7 @@ def _options(args: argparse.Namespace) -> MergeOptions:
 
     for dest, instead in MERGEKIT_UNSUPPORTED.items():
         if getattr(args, dest) is not None:
-            raise MergekitliteError(f"--{dest.replace('_', '-')} (a mergekit-yaml option): {instead}")
+            raise MergekitliteError(f"{_flag(dest)} (a mergekit-yaml option): {instead}")
     device = args.device
     if (args.cuda or args.gpu_rich) and device == "cpu":
         device = "cuda"

@@ -5,6 +5,7 @@ so, and the ones with no equivalent are refused with what to do instead, before 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -57,15 +58,8 @@ def shard_params(out: Path) -> list[tuple[int, int]]:
     for f in sorted(out.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as sf:
             names = list(sf.keys())
-            sizes.append((sum(_numel(sf, k) for k in names), len(names)))
+            sizes.append((sum(math.prod(sf.get_slice(k).get_shape()) for k in names), len(names)))
     return sizes
-
-
-def _numel(sf, name: str) -> int:
-    n = 1
-    for d in sf.get_slice(name).get_shape():
-        n *= d
-    return n
 
 
 def test_a_copied_mergekit_command_runs(family, tmp_path, capsys):

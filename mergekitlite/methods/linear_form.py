@@ -40,11 +40,6 @@ class LinearForm:
         if not self.terms or len(self.terms) != len(self.weights):
             raise ValueError(f"a linear form needs one weight per term, and at least one term: {self}")
 
-    @property
-    def inputs_used(self) -> set[int]:
-        extra = {self.subtract, self.anchor} - {None}
-        return {*self.terms, *extra}  # type: ignore[arg-type]
-
 
 def skip_ones(weights: Sequence[float]) -> tuple[float | None, ...]:
     """Weights with the ones left out: x·1 == x bit for bit for numbers, so the pass is saved."""

@@ -14,12 +14,12 @@ from types import ModuleType
 
 import torch
 
+from mergekitlite.io.safetensors_header import itemsize
 from mergekitlite.methods.linear_form import LinearForm
 
 ABI_VERSION = 1  # must equal _native.c's; a stale build (an old .so next to newer code) is not used
 MAX_INPUTS = 256
-CODES = {"F32": 0, "BF16": 1, "F16": 2}
-_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
+CODES = {"F32": 0, "BF16": 1, "F16": 2}  # safetensors dtype code -> _native.c's enum
 
 
 def _load() -> ModuleType | None:
@@ -51,9 +51,9 @@ def run_linear(
         raise RuntimeError("the native kernel is not built (reinstall mergekitlite with a C compiler)")
     if not out.is_contiguous() or out.dtype != torch.uint8 or out.device.type != "cpu":
         raise ValueError("the native output must be a contiguous uint8 CPU tensor")
-    n = out.numel() // _ITEMSIZE[out_code]
+    n = out.numel() // itemsize(out_code)
     for t, code in zip(inputs, in_codes):
-        if t.numel() != n * _ITEMSIZE[code] or t.dtype != torch.uint8 or t.device.type != "cpu":
+        if t.numel() != n * itemsize(code) or t.dtype != torch.uint8 or t.device.type != "cpu":
             raise ValueError(f"native input of {t.numel()} {t.dtype} bytes on {t.device} for {n} {code} values")
         if not t.is_contiguous():
             raise ValueError("native inputs must be contiguous")
