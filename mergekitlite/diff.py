@@ -8,7 +8,7 @@ For every tensor the two models share, with ``r`` the reference (``B``, or ``BAS
   whether the two fine-tunes moved the same way (≈ 0: independent, < 0: they pull against each other).
 
 Norms are Frobenius norms over the whole tensor. Tensors are grouped by layer (the first all-digit
-path component, ``sources.split_layer``) and by module (the name with the layer prefix and index
+path component, ``roles.split_layer``) and by module (the name with the layer prefix and index
 removed, e.g. ``self_attn.q_proj.weight``); that grid is what a per-layer weight gradient in a
 recipe is chosen from.
 
@@ -34,7 +34,8 @@ from mergekitlite.budget import CACHE_CHUNK_ELEMENTS
 from mergekitlite.errors import MergekitliteError
 from mergekitlite.io.files import InputFiles
 from mergekitlite.io.safetensors_header import FLOAT_CODES, TensorInfo, torch_dtype
-from mergekitlite.sources import ModelSource, index_model, resolve_model_path, split_layer
+from mergekitlite.roles import split_layer
+from mergekitlite.sources import ModelSource, index_model, resolve_model_path
 
 # metric key → column title (the keys are TensorDelta field names)
 METRICS_NO_BASE = {"rel_a": "‖A−B‖/‖B‖"}

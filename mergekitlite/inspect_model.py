@@ -36,19 +36,10 @@ from rich.text import Text
 from mergekitlite.budget import CACHE_CHUNK_ELEMENTS, human
 from mergekitlite.io.files import InputFiles
 from mergekitlite.io.safetensors_header import FLOAT_CODES, NAME_BY_CODE, TensorInfo, torch_dtype
-from mergekitlite.sources import ModelSource, index_model, resolve_model_path, split_layer
+from mergekitlite.roles import Role, find
+from mergekitlite.sources import ModelSource, index_model, resolve_model_path
 from mergekitlite.tokens import TokenInfo, read_token_info
 
-# Name endings of input-embedding and output-projection matrices across families
-# (Llama/Qwen2, GPT-2/Qwen v1, Bloom, NeoX, InternLM/Mistral-original).
-_EMBED_SUFFIXES = (
-    "embed_tokens.weight",
-    "wte.weight",
-    "word_embeddings.weight",
-    "embed_in.weight",
-    "tok_embeddings.weight",
-)
-_HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight", "output.weight")
 # A row is "untrained-looking" below mean − STD_FACTOR·std or below MEDIAN_FACTOR × median.
 STD_FACTOR = 2.0
 MEDIAN_FACTOR = 0.5
@@ -119,23 +110,11 @@ class InspectResult:
 # ------------------------------------------------------------------------------------------ measuring
 
 
-def find_matrix(source: ModelSource, suffixes: Sequence[str], rows: int | None = None) -> TensorInfo | None:
-    """The 2-D float tensor outside the layer stack whose name is, or ends with ``.``, one of
-    ``suffixes`` (and has ``rows`` rows when given); with several (multimodal models), the one
-    whose row count is the config's vocab_size, else the shortest name."""
-    found = [
-        info
-        for name, info in source.tensors.items()
-        if len(info.shape) == 2
-        and info.dtype in FLOAT_CODES
-        and split_layer(name) is None
-        and any(name == s or name.endswith("." + s) for s in suffixes)
-        and (rows is None or info.shape[0] == rows)
-    ]
-    if not found:
-        return None
-    vocab = source.config_value("vocab_size", "padded_vocab_size")
-    return min(found, key=lambda i: (i.shape[0] != vocab, len(i.name)))
+def find_matrix(source: ModelSource, role: Role, rows: int | None = None) -> TensorInfo | None:
+    """The float token embedding or output head of ``source`` (see ``roles.find``)."""
+    floats = {n: i for n, i in source.tensors.items() if i.dtype in FLOAT_CODES}
+    name = find(floats, role, rows=rows, vocab_size=source.config_value("vocab_size", "padded_vocab_size"))
+    return None if name is None else floats[name]
 
 
 def row_norms(files: InputFiles, info: TensorInfo, chunk_elements: int = CACHE_CHUNK_ELEMENTS) -> torch.Tensor:
@@ -217,8 +196,8 @@ def inspect_model(source: ModelSource, chunk_elements: int = CACHE_CHUNK_ELEMENT
     by_dtype: Counter[str] = Counter()
     for info in source.tensors.values():
         by_dtype[NAME_BY_CODE.get(info.dtype, info.dtype)] += info.numel
-    embed = find_matrix(source, _EMBED_SUFFIXES)
-    head = find_matrix(source, _HEAD_SUFFIXES, rows=embed.shape[0] if embed else None)
+    embed = find_matrix(source, Role.EMBEDDING)
+    head = find_matrix(source, Role.HEAD, rows=embed.shape[0] if embed else None)
     stops = stop_ids(tokens, has_gen)
     result = InspectResult(
         path=str(source.path),

@@ -30,9 +30,10 @@ from mergekitlite.methods import MethodSpec, get_method
 from mergekitlite.methods.apply import tensor_seed
 from mergekitlite.methods.registry import param_kind
 from mergekitlite.recipe import LoadedRecipe, Parameters, Recipe, Rule
-from mergekitlite.rowrules import eos_warnings, is_vocab_tensor, token_rules, vocab_layout
+from mergekitlite.roles import before_layers, is_vocab_tensor, split_layer
+from mergekitlite.rowrules import eos_warnings, token_rules, vocab_layout
 from mergekitlite.settings import evaluate, is_gradient, name_matches
-from mergekitlite.sources import ModelSource, open_sources, split_layer
+from mergekitlite.sources import ModelSource, open_sources
 from mergekitlite.taskgraph import InputRef, Plan, Problems, TensorTask, lookup_tensor
 from mergekitlite.tokens import read_token_info
 
@@ -516,8 +517,7 @@ def _split_outer(reference: ModelSource, prefix: str | None) -> tuple[list[str],
         parts = split_layer(name)
         if parts is not None and parts[0] == prefix:
             continue
-        is_embed = any(k in name for k in ("embed", "wte", "wpe"))
-        (pre if is_embed else post).append(name)
+        (pre if before_layers(name) else post).append(name)
     return pre, post
 
 

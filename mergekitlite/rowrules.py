@@ -10,15 +10,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mergekitlite.recipe import Recipe
+from mergekitlite.roles import is_vocab_tensor
 from mergekitlite.sources import ModelSource
 from mergekitlite.taskgraph import InputRef, Problems, RowRule, lookup_tensor
 from mergekitlite.tokens import TokenInfo, read_token_info
-
-VOCAB_NAME_HINTS = ("embed_tokens", "wte", "embed_in", "word_embeddings", "lm_head", "embed_out", "output.weight")
-
-
-def is_vocab_tensor(name: str, shape: tuple[int, ...]) -> bool:
-    return len(shape) == 2 and any(h in name for h in VOCAB_NAME_HINTS)
 
 
 def vocab_layout(

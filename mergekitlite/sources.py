@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 from mergekitlite.errors import CheckpointError, ModelNotFoundError
 from mergekitlite.io.safetensors_header import TensorInfo, read_header
 from mergekitlite.io.torch_pickle import read_bin_index
+from mergekitlite.roles import split_layer
 
 # Files a merge needs besides weights; everything else in a hub repo is not downloaded.
 SIDE_FILE_PATTERNS = [
@@ -29,21 +29,6 @@ SIDE_FILE_PATTERNS = [
     "*.jinja",
     "tokenizer*",
 ]
-
-_LAYER_RE = re.compile(r"^(?P<prefix>(?:[^.]+\.)*?)(?P<idx>\d+)\.(?P<rest>.+)$")
-
-
-def split_layer(name: str) -> tuple[str, int, str] | None:
-    """``model.layers.3.mlp.up.weight`` → ``("model.layers.", 3, "mlp.up.weight")``.
-
-    The first all-digit path component is the layer index: that holds for every decoder layout
-    (Llama ``model.layers.N``, Qwen v1 / GPT-2 ``transformer.h.N``, NeoX ``gpt_neox.layers.N``) and
-    keeps MoE expert numbers (which come after it) out of the way.
-    """
-    m = _LAYER_RE.match(name)
-    if not m:
-        return None
-    return m["prefix"], int(m["idx"]), m["rest"]
 
 
 @dataclass

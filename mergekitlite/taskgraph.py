@@ -15,6 +15,7 @@ from mergekitlite.budget import BASELINE_RSS, Budget, RowCost, row_cost
 from mergekitlite.io.safetensors_header import CODE_BY_NAME, ShardLayout, TensorInfo, itemsize
 from mergekitlite.methods import get_method
 from mergekitlite.recipe import LoadedRecipe, Recipe
+from mergekitlite.roles import Role, find, role_of
 from mergekitlite.sources import ModelSource
 
 MAX_LISTED = 12  # problems of one kind listed before summarizing the rest
@@ -193,19 +194,12 @@ class Problems:
         return out
 
 
-def embedding_name(src: ModelSource) -> str | None:
-    for name, info in src.tensors.items():
-        if len(info.shape) == 2 and any(k in name for k in ("embed_tokens", "wte", "embed_in", "word_embeddings")):
-            return name
-    return None
-
-
 def lookup_tensor(src: ModelSource, name: str) -> TensorInfo | None:
     """The tensor ``name`` of ``src``, following tied embeddings for a missing lm_head."""
     if name in src.tensors:
         return src.tensors[name]
-    if name.endswith("lm_head.weight") and src.tied_embeddings:
-        emb = embedding_name(src)
+    if role_of(name) is Role.HEAD and src.tied_embeddings:
+        emb = find(src.tensors, Role.EMBEDDING, vocab_size=src.config_value("vocab_size"))
         if emb is not None:
             return src.tensors[emb]
     return None
