@@ -8,17 +8,14 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mergekitlite.budget import BASELINE_RSS, Budget, RowCost, row_cost
 from mergekitlite.io.safetensors_header import CODE_BY_NAME, ShardLayout, TensorInfo, itemsize
 from mergekitlite.methods import get_method
 from mergekitlite.recipe import LoadedRecipe, Recipe
-from mergekitlite.roles import Role, find, role_of
 from mergekitlite.sources import ModelSource
-
-MAX_LISTED = 12  # problems of one kind listed before summarizing the rest
 
 
 @dataclass(frozen=True)
@@ -58,6 +55,11 @@ class TensorTask:
     seed: int = 0  # per-tensor seed for random methods
     merge_rows: int | None = None  # rows merged by the method (fewer when vocabularies differ)
     row_rules: tuple[RowRule, ...] = ()  # applied after the merge, in order
+
+    @classmethod
+    def copy(cls, name: str, src: InputRef, out_dtype: str, layer: int | None, t: float, why: str) -> TensorTask:
+        """The tensor of ``src``, unchanged (or only cast to ``out_dtype``)."""
+        return cls(name, "passthrough", None, (src,), (("scale", (None,)),), src.tensor.shape, out_dtype, layer, t, why)
 
     @property
     def inputs(self) -> tuple[InputRef, ...]:
@@ -170,36 +172,3 @@ class Plan:
         for s in self.shards:
             h.update(s.header)
         return h.hexdigest()
-
-
-@dataclass
-class Problems:
-    """Every problem the planner finds, reported together; long runs of one kind are summarized."""
-
-    lines: list[str] = field(default_factory=list)
-    grouped: dict[str, list[str]] = field(default_factory=dict)
-
-    def add(self, line: str) -> None:
-        self.lines.append(line)
-
-    def add_grouped(self, group: str, line: str) -> None:
-        self.grouped.setdefault(group, []).append(line)
-
-    def all(self) -> list[str]:
-        out = list(self.lines)
-        for items in self.grouped.values():
-            out.extend(items[:MAX_LISTED])
-            if len(items) > MAX_LISTED:
-                out.append(f"... and {len(items) - MAX_LISTED} more like the above")
-        return out
-
-
-def lookup_tensor(src: ModelSource, name: str) -> TensorInfo | None:
-    """The tensor ``name`` of ``src``, following tied embeddings for a missing lm_head."""
-    if name in src.tensors:
-        return src.tensors[name]
-    if role_of(name) is Role.HEAD and src.tied_embeddings:
-        emb = find(src.tensors, Role.EMBEDDING, vocab_size=src.config_value("vocab_size"))
-        if emb is not None:
-            return src.tensors[emb]
-    return None

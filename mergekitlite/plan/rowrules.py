@@ -9,10 +9,12 @@ import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mergekitlite.plan.inputs import lookup_tensor
+from mergekitlite.plan.problems import Problems
 from mergekitlite.recipe import Recipe
 from mergekitlite.roles import is_vocab_tensor
 from mergekitlite.sources import ModelSource
-from mergekitlite.taskgraph import InputRef, Problems, RowRule, lookup_tensor
+from mergekitlite.taskgraph import InputRef, RowRule
 from mergekitlite.tokens import TokenInfo, read_token_info
 
 
@@ -70,15 +72,13 @@ def token_rules(
     for key, spec in (cfg.tokens or {}).items():
         tid = key if isinstance(key, int) else int(key) if str(key).isdigit() else tok.id_of(str(key))
         if tid is None:
-            problems.add_grouped(
-                "token", f"tokenizer.tokens: {key!r} is not a token of {donor!r} (give its id instead)"
-            )
+            problems.add(f"tokenizer.tokens: {key!r} is not a token of {donor!r} (give its id instead)", group="token")
             continue
         wanted[tid] = (spec.source, str(key))
     rules = []
     for tid, (action, label) in sorted(wanted.items()):
         if tid >= rows:
-            problems.add_grouped("token", f"tokenizer.tokens: {label!r} (id {tid}) is past the {rows} rows of {name!r}")
+            problems.add(f"tokenizer.tokens: {label!r} (id {tid}) is past the {rows} rows of {name!r}", group="token")
             continue
         if action in (None, "merge") or getattr(action, "kind", None) == "merge":
             continue
@@ -95,12 +95,12 @@ def token_rules(
         elif isinstance(src_tok, str):
             found = read_token_info(sources[model].path).id_of(src_tok)
             if found is None:
-                problems.add_grouped("token", f"tokenizer.tokens: {src_tok!r} is not a token of {model!r}")
+                problems.add(f"tokenizer.tokens: {src_tok!r} is not a token of {model!r}", group="token")
                 continue
             src_row = found
         info = lookup_tensor(sources[model], name)
         if info is None or src_row >= info.shape[0] or info.shape[1:] != shape[1:]:
-            problems.add_grouped("token", f"tokenizer.tokens: {model!r} has no row {src_row} of {name!r} for {label!r}")
+            problems.add(f"tokenizer.tokens: {model!r} has no row {src_row} of {name!r} for {label!r}", group="token")
             continue
         rules.append(
             RowRule(tid, tid + 1, "take", (InputRef(model, info),), src_row, why=f"token {label}: from {model}")
