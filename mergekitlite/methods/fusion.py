@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from mergekitlite.methods.primitives import TopK, float32_bits, pairwise_sum
-from mergekitlite.methods.registry import ChunkInfo, merge_method
+from mergekitlite.methods.registry import ChunkInfo, Implementation
 
 _EPS = 1e-8  # mergekit's, added to both softmaxes
 
@@ -345,17 +345,6 @@ class FusionStatistic:
         return FusionStats(state.table, (median, q1, q3), threshold, ceil_key(threshold))
 
 
-@merge_method(
-    "arcee_fusion",
-    base="required",
-    max_models=1,
-    elementwise=False,
-    statistic=FusionStatistic,
-    reference="https://github.com/arcee-ai/mergekit/blob/main/mergekit/merge_methods/arcee_fusion.py",
-    # Measured 3 (statistic passes) and 2 (merge) on the CPU (tests/test_working_set.py); on a GPU the
-    # histograms also widen the keys to int64 (bincount): at (4, 0) an H200 peaked 3% over --max-vram.
-    temporaries=(6, 0),
-)
 def arcee_fusion(
     base: Tensor,
     models: Sequence[Tensor],
@@ -363,9 +352,7 @@ def arcee_fusion(
     chunk: ChunkInfo | None = None,
     stats: FusionStats | None = None,
 ) -> Tensor:
-    """Arcee Fusion: the base, plus the model's difference where its importance |δ|·KL(softmax rows) is an outlier.
-
-    base + δ·[|δ|·KL ≥ median + 1.5·IQR], δ = model − base, the KL taken between the softmaxes (+1e-8) of the
+    """base + δ·[|δ|·KL ≥ median + 1.5·IQR], δ = model − base, the KL taken between the softmaxes (+1e-8) of the
     model's and the base's fibers along the last dim (the whole vector for 1-D tensors). Differences from
     mergekit: the quantiles are exact over all N importances (mergekit takes them from a random, unseeded
     sample of 10⁶ elements when N > 10⁶, so its result is not reproducible there); the KL is computed in
@@ -381,3 +368,6 @@ def arcee_fusion(
     keep = keep_mask(importance_keys(model, base, kl, fiber), stats.threshold_key)
     factor = keep.bitwise_and_(_ONE_BITS).view(torch.float32)  # 1.0 / 0.0: NaN·0 stays NaN, as in mergekit
     return torch.sub(model, base).mul_(factor).add_(base)
+
+
+IMPLEMENTATIONS = {"arcee_fusion": Implementation(arcee_fusion, statistic=FusionStatistic)}

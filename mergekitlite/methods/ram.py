@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from mergekitlite.methods.primitives import StatisticFactory, above, apply_keep_, float32_bits
-from mergekitlite.methods.registry import ChunkInfo, merge_method
+from mergekitlite.methods.registry import ChunkInfo, Implementation
 
 _ABS = 0x7FFFFFFF
 _INF = 0x7F800000  # bit pattern of +inf: |x| bit patterns above it are NaNs
@@ -114,14 +114,8 @@ def ram_merge(base: Tensor, models: Sequence[Tensor], epsilon: float, scales: Se
     return total.add_(base)
 
 
-@merge_method(
-    "ram",
-    base="required",
-    reference="https://arxiv.org/abs/2601.13572",
-    temporaries=(5, 0),  # measured 4 (tests/test_working_set.py)
-)
-def ram(base: Tensor, models: Sequence[Tensor], *, epsilon: float = 1e-5) -> Tensor:
-    """base + Σᵢ δᵢ where only model i changes the element (|δ| > ε), δᵢ / count where `count` models do.
+def ram(base: Tensor, models: Sequence[Tensor], *, epsilon: float) -> Tensor:
+    """base + Σᵢ tᵢ, tᵢ = δᵢ / count where |δᵢ| > ε (count: how many models change the element), else 0.
 
     Elements no model changes keep the base's value. See the module docstring for the order of operations.
     """
@@ -188,26 +182,16 @@ class RamPlusStatistic:
         return state
 
 
-@merge_method(
-    "ramplus_tl",
-    base="required",
-    elementwise=False,
-    statistic=StatisticFactory(RamPlusStatistic),
-    reference="https://arxiv.org/abs/2601.13572",
-    # Measured 4 for the statistic pass and 5 for the merge when some λ ≠ 1 (tests/test_working_set.py's
-    # ε = 0.1 leaves every λ at 1, measuring 4: the unique-entry factor is then never made).
-    temporaries=(6, 0),
-)
 def ramplus_tl(
     base: Tensor,
     models: Sequence[Tensor],
     *,
-    r: float = 0.1,
-    alpha: float = 0.2,
-    epsilon: float = 1e-5,
+    r: float,
+    alpha: float,
+    epsilon: float,
     stats: RamCounts,
 ) -> Tensor:
-    """RAM whose unique entries of model i are scaled by λᵢ = 1 + r·clamp(shared_i / max(unique_i, ε), 0, alpha).
+    """``ram`` with model i's unique entries × λᵢ (``reinforcement``).
 
     shared_i / unique_i: how many of model i's non-zero entries overlap another model's / are its own, over
     the whole tensor (tensor-local). See the module docstring for the order of operations.
@@ -216,3 +200,9 @@ def ramplus_tl(
         reinforcement(s, u, r=r, alpha=alpha, epsilon=epsilon) for s, u in zip(stats.shared, stats.unique, strict=True)
     ]
     return ram_merge(base, models, epsilon, scales)
+
+
+IMPLEMENTATIONS = {
+    "ram": Implementation(ram),
+    "ramplus_tl": Implementation(ramplus_tl, statistic=StatisticFactory(RamPlusStatistic)),
+}
