@@ -330,14 +330,16 @@ class MethodSpec:
         0-based position) for per-model ones, never the tensor. Absent and unset (``REQUIRED``) values
         are skipped: a missing parameter is the planner's message."""
         problems = []
+        unset = False
         for p in self.params:
             value = params.get(p.name, REQUIRED)
             values = enumerate(value) if p.per_model and isinstance(value, (tuple, list)) else [(None, value)]
             for i, v in values:
+                unset |= v is REQUIRED
                 if v is REQUIRED or (problem := p.check(v)) is None:
                     continue
                 problems.append(f"{p.name}{'' if i is None else ' of ' + model_label(model_names, i)}: {problem}")
-        if problems:  # constraints assume values of the right kind and range
+        if problems or unset:  # constraints assume every value set, of the right kind and in range
             return problems
         for constraint in self.constraints:
             problems.extend(constraint(params, model_names))
