@@ -234,10 +234,21 @@ LINEAR_METHODS = (
 # The other methods
 
 
-def _stat(name: str, params: tuple[Param, ...], module: str, summary: str, **kw: Any) -> MethodSpec:
-    """A method with a whole-tensor statistic (not elementwise)."""
+def _stat(
+    name: str, params: tuple[Param, ...], module: str, summary: str, temporaries: tuple[int, int], **kw: Any
+) -> MethodSpec:
+    """A method with a whole-tensor statistic (not elementwise); ``temporaries``: (base, per model), measured
+    by tests/test_working_set.py."""
     return MethodSpec(
-        name, params, implementation=_PKG + module, summary=summary, elementwise=False, has_statistic=True, **kw
+        name,
+        params,
+        implementation=_PKG + module,
+        summary=summary,
+        elementwise=False,
+        has_statistic=True,
+        temporaries_base=temporaries[0],
+        temporaries_per_model=temporaries[1],
+        **kw,
     )
 
 
@@ -250,8 +261,7 @@ OTHER_METHODS = (
         "by its share of Σ mean(δᵢ²), and average the entries agreeing with the elected sign.",
         base="required",
         reference="https://arxiv.org/abs/2408.07990",
-        temporaries_base=6,
-        temporaries_per_model=4,
+        temporaries=(6, 4),
     ),
     _stat(
         "slerp",
@@ -261,8 +271,7 @@ OTHER_METHODS = (
         base="required",
         max_models=1,
         reference="https://en.wikipedia.org/wiki/Slerp",
-        temporaries_base=6,
-        temporaries_per_model=2,
+        temporaries=(6, 2),
     ),
     _stat(
         "nuslerp",
@@ -276,8 +285,7 @@ OTHER_METHODS = (
         base="optional",
         min_models=2,
         max_models=2,
-        temporaries_base=6,
-        temporaries_per_model=2,
+        temporaries=(6, 2),
     ),
     _stat(
         "multislerp",
@@ -290,8 +298,7 @@ OTHER_METHODS = (
         "Barycentric SLERP of any number of models (of their task vectors when a base is given).",
         base="optional",
         reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
-        temporaries_base=6,
-        temporaries_per_model=2,
+        temporaries=(6, 2),
         constraints=(_sum_problem("normalize_weights", math.fsum),),
     ),
     _stat(
@@ -304,8 +311,7 @@ OTHER_METHODS = (
         "Karcher (Riemannian) mean of the inputs' directions on the unit sphere, times their mean norm.",
         base="optional",
         reference="https://en.wikipedia.org/wiki/Karcher_mean",
-        temporaries_base=6,
-        temporaries_per_model=2,
+        temporaries=(6, 2),
     ),
     _stat(
         "model_stock",
@@ -315,8 +321,7 @@ OTHER_METHODS = (
         base="required",
         min_models=2,
         reference="https://arxiv.org/abs/2403.19522",
-        temporaries_base=6,
-        temporaries_per_model=2,
+        temporaries=(6, 2),
     ),
     _stat(
         "ramplus_tl",
@@ -331,7 +336,7 @@ OTHER_METHODS = (
         reference="https://arxiv.org/abs/2601.13572",
         # Measured 4 for the statistic pass and 5 for the merge when some λ ≠ 1 (tests/test_working_set.py's
         # ε = 0.1 leaves every λ at 1, measuring 4: the unique-entry factor is then never made).
-        temporaries_base=6,
+        temporaries=(6, 0),
     ),
     _stat(
         "arcee_fusion",
@@ -343,7 +348,7 @@ OTHER_METHODS = (
         reference="https://github.com/arcee-ai/mergekit/blob/main/mergekit/merge_methods/arcee_fusion.py",
         # Measured 3 (statistic passes) and 2 (merge) on the CPU (tests/test_working_set.py); on a GPU the
         # histograms also widen the keys to int64 (bincount): at (4, 0) an H200 peaked 3% over --max-vram.
-        temporaries_base=6,
+        temporaries=(6, 0),
     ),
     MethodSpec(
         "ram",

@@ -36,12 +36,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mergekitlite.methods.primitives import StatisticFactory, above, apply_keep_, float32_bits
+from mergekitlite.methods.primitives import (
+    ABS_BITS,
+    INF_BITS,
+    ONE_BITS,
+    StatisticFactory,
+    above,
+    apply_keep_,
+    float32_bits,
+)
 from mergekitlite.methods.registry import ChunkInfo, Implementation
-
-_ABS = 0x7FFFFFFF
-_INF = 0x7F800000  # bit pattern of +inf: |x| bit patterns above it are NaNs
-_ONE = 0x3F800000  # bit pattern of 1.0f
 
 
 def _threshold(epsilon: float) -> int | None:
@@ -62,11 +66,11 @@ def nonzero_mask(delta: Tensor, epsilon: float) -> Tensor:
     threshold = _threshold(epsilon)
     if threshold is None:
         return torch.zeros(delta.shape, dtype=torch.int32, device=delta.device)
-    keys = delta.view(torch.int32).bitwise_and_(_ABS)
+    keys = delta.view(torch.int32).bitwise_and_(ABS_BITS)
     mask = above(keys, threshold)
     # NaN keys lie above every threshold, but |NaN| > ε is false: drop them (a subset of mask). Their mask,
     # (INF − key) < 0, is made in the keys' own storage rather than in a new array.
-    return mask.bitwise_xor_(keys.neg_().add_(_INF).bitwise_right_shift_(31))
+    return mask.bitwise_xor_(keys.neg_().add_(INF_BITS).bitwise_right_shift_(31))
 
 
 def nonzero_count(base: Tensor, models: Sequence[Tensor], epsilon: float) -> Tensor:
@@ -81,15 +85,15 @@ def nonzero_count(base: Tensor, models: Sequence[Tensor], epsilon: float) -> Ten
 def unique_mask(count: Tensor) -> Tensor:
     """Mask (int32) of count == 1: (count − 1) is zero there, and for count in [0, n] ((count − 1) & 0x7fffffff) − 1
     is negative only there (count = 0 gives 2³¹ − 2)."""
-    return (count - 1).bitwise_and_(_ABS).sub_(1).bitwise_right_shift_(31)
+    return (count - 1).bitwise_and_(ABS_BITS).sub_(1).bitwise_right_shift_(31)
 
 
 def unique_factor(divisor: Tensor, value: float) -> Tensor:
     """``value`` (rounded to the divisor's dtype) where the divisor, a count, is 1 (a unique entry), 1.0 elsewhere.
     Made afresh from the divisor for each model rather than kept as a mask: one array less in the working space."""
     if divisor.dtype == torch.float32:
-        is_one = (divisor.view(torch.int32) - _ONE).bitwise_and_(_ABS).sub_(1).bitwise_right_shift_(31)
-        return is_one.bitwise_and_(float32_bits(value) ^ _ONE).bitwise_xor_(_ONE).view(torch.float32)
+        is_one = (divisor.view(torch.int32) - ONE_BITS).bitwise_and_(ABS_BITS).sub_(1).bitwise_right_shift_(31)
+        return is_one.bitwise_and_(float32_bits(value) ^ ONE_BITS).bitwise_xor_(ONE_BITS).view(torch.float32)
     one = torch.ones((), dtype=divisor.dtype, device=divisor.device)
     return torch.where(divisor == 1, torch.tensor(value, dtype=divisor.dtype, device=divisor.device), one)
 

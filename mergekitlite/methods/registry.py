@@ -38,6 +38,11 @@ BaseUse = Literal["required", "optional", "unused"]
 EXECUTOR_ARGS = frozenset({"chunk", "stats"})
 
 
+def tensor_rows(shape: Sequence[int]) -> int:
+    """Rows of a tensor of this shape, as chunks cut it: dim 0, and one for a scalar."""
+    return shape[0] if len(shape) else 1
+
+
 @dataclass(frozen=True)
 class ChunkInfo:
     """Where the rows a method is given lie in the whole tensor.

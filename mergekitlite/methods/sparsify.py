@@ -33,9 +33,11 @@ from torch import Tensor
 from mergekitlite.errors import MethodInputError
 from mergekitlite.methods.catalog import GTA_FAMILY, GtaMethod, della_window_problem
 from mergekitlite.methods.primitives import (
+    NAN_KEY,
     RowPartials,
     StatisticFactory,
     TopK,
+    accumulate_,
     agreeing_weight_sum,
     agreement_masks,
     apply_keep_,
@@ -49,7 +51,7 @@ from mergekitlite.methods.primitives import (
     sign_agreement,
     stream_key,
 )
-from mergekitlite.methods.registry import ChunkInfo, Implementation
+from mergekitlite.methods.registry import ChunkInfo, Implementation, tensor_rows
 
 _RESCALE_EPS = 1e-7  # mergekit's threshold below which an L1 norm is treated as zero
 
@@ -79,14 +81,6 @@ class Sparsifier(Protocol):
     def keep_mask(self, delta: Tensor, chunk: ChunkInfo, magnitude: Tensor | None = None) -> Tensor | None: ...
 
 
-def _numel(shape: Sequence[int]) -> int:
-    return math.prod(shape)
-
-
-def _rows(shape: Sequence[int]) -> int:
-    return shape[0] if shape else 1
-
-
 @dataclass
 class RankWindowSparsifier:
     """Keep the elements whose rank by |δ| (largest first; equal magnitudes: lower flat index first)
@@ -98,7 +92,7 @@ class RankWindowSparsifier:
 
     @classmethod
     def window(cls, shape: Sequence[int], lo: int, hi: int) -> RankWindowSparsifier:
-        return cls(TopK(_numel(shape), _rows(shape), [hi, lo] if lo > 0 else [hi]))
+        return cls(TopK(math.prod(shape), tensor_rows(shape), [hi, lo] if lo > 0 else [hi]))
 
     def wants(self, phase: str) -> bool:
         return self.selector.wants(phase)
@@ -238,7 +232,7 @@ def by_fiber_rank(magnitude: Tensor, values: Tensor) -> Tensor:
     if magnitude.dtype != torch.float32 or n >= 1 << 31:
         return values[_ranks(magnitude, 1)]
     fibers = magnitude.movedim(1, -1)
-    keys = fibers.contiguous().view(torch.int32).clamp(max=0x7F800001).to(torch.int64)
+    keys = fibers.contiguous().view(torch.int32).clamp(max=NAN_KEY).to(torch.int64)
     position = torch.arange(n, device=magnitude.device)
     composite = keys.bitwise_left_shift_(32).bitwise_or_(position).reshape(-1, n)
     if composite.device.type == "cpu":
@@ -294,7 +288,8 @@ class SparseStatistic:
     def begin(self, shape: tuple[int, ...], n_models: int, params: Mapping[str, Any]) -> _SparseState:
         sparsifiers = [make_sparsifier(self.kind, shape, params, i) for i in range(n_models)]
         active = [i for i, s in enumerate(sparsifiers) if s is not None]
-        state = _SparseState(sparsifiers, [], bool(params["rescale"]), RowPartials(2 * n_models, _rows(shape)), active)
+        l1 = RowPartials(2 * n_models, tensor_rows(shape))
+        state = _SparseState(sparsifiers, [], bool(params["rescale"]), l1, active)
         state.phases = [p for p in _PHASES if state.wanting(p)] + (["rescale"] if active and state.rescale else [])
         self.passes = len(state.phases)
         return state
@@ -354,7 +349,7 @@ def make_sparsifier(kind: str, shape: Sequence[int], params: Mapping[str, Any], 
     density = float(params["density"][i])
     if density >= 1:
         return None
-    n = _numel(shape)
+    n = math.prod(shape)
     if kind == "magnitude":
         return RankWindowSparsifier.window(shape, *magnitude_window(n, density))
     if kind == "magnitude_outliers":
@@ -369,7 +364,7 @@ def make_sparsifier(kind: str, shape: Sequence[int], params: Mapping[str, Any], 
             raise MethodInputError(f"della: {problem}")
         whole = len(shape) < 2
         fiber = n if whole else shape[1]
-        return DellaSparsifier(i, density, epsilon, whole=whole, rows=_rows(shape), fiber=fiber)
+        return DellaSparsifier(i, density, epsilon, whole=whole, rows=tensor_rows(shape), fiber=fiber)
     raise ValueError(f"unknown sparsification {kind!r}")
 
 
@@ -401,9 +396,7 @@ def mix(weighted: Sequence[Tensor], weight: Sequence[float], *, consensus: bool,
     sign; divided, when ``normalize``, by Σ wᵢ (resp. by the agreeing wᵢ per element). Works in place:
     the deltas are consumed."""
     if not consensus:
-        total = weighted[0]
-        for d in weighted[1:]:
-            total.add_(d)
+        total = accumulate_(weighted)
         divisor = math.fsum(weight)
         if normalize and abs(divisor) >= 1e-8:
             divide_(total, divisor)
@@ -516,7 +509,7 @@ class SceStatistic:
 
     def begin(self, shape: tuple[int, ...], n_models: int, params: Mapping[str, Any]) -> _SceState:
         select = float(params["select_topk"])
-        n, rows = _numel(shape), _rows(shape)
+        n, rows = math.prod(shape), tensor_rows(shape)
         if select >= 1:
             phases, selector = ["energy"], None
         elif select <= 0:
@@ -615,9 +608,7 @@ def sce(
         if w != 1:
             d.mul_(w)
         apply_keep_(d, m)  # ωᵢ·δᵢ where it agrees, +0.0 elsewhere
-    total = deltas[0]
-    for d in deltas[1:]:
-        total.add_(d)
+    total = accumulate_(deltas)
     return total.div_(agreeing_weight_sum(masks, stats.weights, zero_as_one=False).clamp_(min=1e-6)).add_(base)
 
 

@@ -30,7 +30,7 @@ from mergekitlite.methods.primitives import (
     quad,
     row_sums,
 )
-from mergekitlite.methods.registry import ChunkInfo, Implementation
+from mergekitlite.methods.registry import ChunkInfo, Implementation, tensor_rows
 
 Gram = Sequence[Sequence[float]]
 
@@ -141,7 +141,7 @@ class NuSlerpStatistic:
         self.passes = 0 if mode == "rows" else 1
         weight = params["weight"]
         assert isinstance(weight, Sequence)
-        rows = shape[0] if shape else 1
+        rows = tensor_rows(shape)
         state = _NuState(mode, nuslerp_t(weight), rows, RowPartials(3, rows))
         if mode == "columns":
             state.columns = torch.zeros((3, *shape[1:]), dtype=torch.float64)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from mergekitlite.errors import MethodInputError
-from mergekitlite.methods.primitives import GramStatistic, StatisticFactory, divide_, fiber_dot
+from mergekitlite.methods.primitives import GramStatistic, StatisticFactory, accumulate_, divide_, fiber_dot
 from mergekitlite.methods.registry import Implementation
 
 _DEGENERATE = "use other models, or another method for this tensor (e.g. a rule with method: linear)"
@@ -49,10 +49,7 @@ def _whole_tensor(shape: tuple[int, ...], params: Mapping[str, Any]) -> bool:
 
 
 def _average(models: Sequence[Tensor]) -> Tensor:
-    total = models[0].clone()
-    for m in models[1:]:
-        total.add_(m)
-    return divide_(total, len(models))
+    return divide_(accumulate_([models[0].clone(), *models[1:]]), len(models))
 
 
 def model_stock(
