@@ -125,10 +125,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _num(x: float) -> str:
-    return f"{x:g}"
-
-
 @dataclass(frozen=True)
 class Range:
     """The values a number parameter may take: finite, between optional bounds (``*_open``: the bound
@@ -149,14 +145,19 @@ class Range:
 
     def describe(self) -> str:
         """What the range asks for, as the end of "must be ...": 'between 0 and 1', 'at least 0'..."""
-        lo = None if self.low is None else ("greater than " if self.low_open else "at least ") + _num(self.low)
-        hi = None if self.high is None else ("less than " if self.high_open else "at most ") + _num(self.high)
-        if lo is not None and hi is not None and not self.low_open and not self.high_open:
-            bounds = f"between {_num(self.low)} and {_num(self.high)}"  # type: ignore[arg-type]
+        if self.low is not None and self.high is not None and not (self.low_open or self.high_open):
+            bounds = [f"between {self.low:g} and {self.high:g}"]
         else:
-            bounds = " and ".join(b for b in (lo, hi) if b is not None) or ""
-        kind = "a whole number" if self.whole else "a finite number" if not bounds else ""
-        return " ".join(x for x in (kind, bounds) if x)
+            bounds = [
+                f"{word} {bound:g}"
+                for bound, word in (
+                    (self.low, "greater than" if self.low_open else "at least"),
+                    (self.high, "less than" if self.high_open else "at most"),
+                )
+                if bound is not None
+            ]
+        kind = ["a whole number"] if self.whole else [] if bounds else ["a finite number"]
+        return " ".join([*kind, " and ".join(bounds)] if bounds else kind)
 
     def problem(self, value: float) -> str | None:
         """``None`` when ``value`` is in the range, else 'must be ..., got ...'."""
@@ -369,7 +370,7 @@ class MethodSpec:
     def linear_form(self) -> Callable[..., Any] | None:
         return self._impl.linear_form if self.linear else None
 
-    @property
+    @functools.cached_property
     def wants_chunk(self) -> bool:
         """The function takes ``chunk=ChunkInfo`` (e.g. for seeded randomness)."""
         return "chunk" in inspect.signature(self.fn).parameters

@@ -12,6 +12,13 @@ Every method of the family computes, per tensor, with δᵢ = mᵢ − base:
    dividing by the sum of the agreeing weights when ``normalize`` (by 1 where none agree);
 4. base + λ·mix.
 
+The family is one table, ``catalog.GTA_FAMILY`` (as mergekit's registry): each member is a sparsifier
+(``magnitude``: TIES, ``random``: DARE, ``magnitude_outliers``: Breadcrumbs, ``della``), with or without
+sign election, and its defaults; ``generalized_task_arithmetic`` makes its function and statistic. Magnitude
+top-k keeps exactly ⌊d·n⌋ entries (ties at the threshold keep the lowest flat indices). ``rescale`` uses
+mergekit's definition, ‖δᵢ‖₁/‖kept‖₁ (≈ 1/dᵢ for DARE, not exactly). ``int8_mask`` only saves memory in
+mergekit and is accepted for compatibility.
+
 The masks need whole-tensor quantities (a top-k threshold, an L1 norm, ranks of a 1-D tensor), so every
 method has a statistic. Masks are a pure function of the statistic, the chunk's values and their flat
 indices; random masks draw from ``chunk.seed`` (one stream per model index), never from torch's RNG.
