@@ -47,3 +47,9 @@ class UnknownMethodError(RecipeError, KeyError):
 
     def __str__(self) -> str:  # KeyError would wrap the message in quotes
         return "\n".join(self.problems)
+
+
+class MethodInputError(MergekitliteError, ValueError):
+    """A merge method cannot compute a tensor from these (valid but degenerate) values, e.g. the inputs'
+    angle or weights make its formula divide by zero. Raised by the method's arithmetic, which knows no
+    tensor names; the executor adds the tensor's name."""

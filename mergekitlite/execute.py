@@ -16,15 +16,16 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from mergekitlite.errors import MergekitliteError, OutputError
+from mergekitlite.errors import MergekitliteError, MethodInputError, OutputError
 from mergekitlite.io.files import InputFiles, ShardFile
 from mergekitlite.io.safetensors_header import CODE_BY_NAME, itemsize, torch_dtype
 from mergekitlite.methods import ChunkInfo, get_method, native
@@ -293,7 +294,8 @@ def merge_chunk(
         native.run_linear(form, raw, [ref.tensor.dtype for ref in task.inputs], out, task.out_dtype)
         return _bytes_view(out)
     base, models = to_compute(task, raw, info, compute, device, bufs)
-    result = get_method(task.method)(base, models, task.param_dict, chunk=info, stats=stats)
+    with _naming_the_tensor(task):
+        result = get_method(task.method)(base, models, task.param_dict, chunk=info, stats=stats)
     expected = torch.Size((rows, *task.shape[1:]) if task.shape else ())
     if result.shape != expected:
         raise RuntimeError(f"{task.method} returned shape {list(result.shape)} for a {list(expected)} chunk")
@@ -332,9 +334,19 @@ def task_stats(
         return pending.pop(i).result()
 
     shape = (task.merged_rows, *task.shape[1:]) if task.shape else ()
-    return compute_stats(
-        spec, shape, task.param_dict, len(task.models), infos, load, pool if concurrent else None, lookahead + 1
-    )
+    with _naming_the_tensor(task):
+        return compute_stats(
+            spec, shape, task.param_dict, len(task.models), infos, load, pool if concurrent else None, lookahead + 1
+        )
+
+
+@contextmanager
+def _naming_the_tensor(task: TensorTask) -> Iterator[None]:
+    """A method's arithmetic knows no tensor names: say which tensor its inputs failed on."""
+    try:
+        yield
+    except MethodInputError as exc:
+        raise MethodInputError(f"tensor {task.name}: {exc}") from None
 
 
 def run_tasks(plan: Plan, out_dir: Path, ctx: ExecContext, done: set[str] | None = None) -> int:

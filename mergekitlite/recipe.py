@@ -8,6 +8,7 @@ no model files — and raises one ``RecipeError`` whose lines read
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,8 +29,7 @@ from pydantic import (
 )
 
 from mergekitlite.errors import RecipeError, UnknownMethodError
-from mergekitlite.methods import REGISTRY
-from mergekitlite.methods.registry import param_kind
+from mergekitlite.methods import REGISTRY, Param, Range
 from mergekitlite.tokens import builtin_chat_template, builtin_chat_templates
 from mergekitlite.yamlpos import Mark, PositionedYaml, YamlSyntaxError, load_positioned_all
 
@@ -436,22 +436,20 @@ def _normalize_numbers(data: dict[str, Any]) -> None:
             params[name] = _numeric_strings_to_floats(params[name])
 
 
-def _check_kinds(setting: Any, where: tuple[str | int, ...], kind: str, problems: _Problems) -> None:
-    """Every value a setting can take must be of the parameter's kind (number, or true/false —
-    0 and 1 included, as mergekit's float-typed configs write them)."""
+def _check_values(setting: Any, where: tuple[str | int, ...], param: Param, problems: _Problems) -> None:
+    """Every value a setting can take (the scalar, each gradient point, each rule's value) must be of the
+    parameter's kind (number, or true/false — 0 and 1 included, as mergekit's float-typed configs write
+    them) and in its range (``Param.check``); each problem points at the value."""
     if isinstance(setting, dict):
         if "value" in setting:
-            _check_kinds(setting["value"], (*where, "value"), kind, problems)
+            _check_values(setting["value"], (*where, "value"), param, problems)
         return
     if isinstance(setting, list):
         for i, item in enumerate(setting):
-            _check_kinds(item, (*where, i), kind, problems)
+            _check_values(item, (*where, i), param, problems)
         return
-    is_number = isinstance(setting, (int, float)) and not isinstance(setting, bool)
-    if kind == "bool" and not (isinstance(setting, bool) or (is_number and setting in (0, 1))):
-        problems.add(where, f"expected true or false, got {setting!r}")
-    elif kind == "number" and not is_number:
-        problems.add(where, f"expected a number, got {setting!r}")
+    if (problem := param.check(setting)) is not None:
+        problems.add(where, problem)
 
 
 def _raw_checks(data: dict[str, Any], problems: _Problems, warnings: list[str]) -> None:
@@ -484,7 +482,7 @@ def _raw_checks(data: dict[str, Any], problems: _Problems, warnings: list[str]) 
             _check_filters(setting, (*where, name), problems)
             param = mine_spec.param(str(name))
             if param is not None:
-                _check_kinds(setting, (*where, name), param_kind(param.default), problems)
+                _check_values(setting, (*where, name), param, problems)
                 continue
             if name in known_everywhere:
                 warnings.append(f"{_fmt_path((*where, name))}: {mine_spec.name} does not use '{name}'; ignored")
@@ -715,8 +713,76 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
     return parse_recipe(text, source=str(path), path=p.resolve())
 
 
+def _bounded_setting(valid: Range) -> dict[str, Any]:
+    """A parameter setting whose numbers lie in ``valid``: the scalar, each gradient point, each rule's value
+    (a scalar or a gradient). JSON-Schema's number keywords ignore other types, so one schema serves every
+    shape a setting takes; the setting's structure is checked elsewhere."""
+    bounds = valid.json_schema()
+    value = {**bounds, "items": bounds}
+    return {
+        "description": f"numbers must be {valid.describe()}",
+        **bounds,
+        "items": {**bounds, "properties": {"value": value}},
+        "properties": {"value": value},
+    }
+
+
+def _parameter_bounds(defs: dict[str, Any]) -> list[tuple[list[str], str]]:
+    """(method names and aliases, the name in ``defs`` of the ``parameters`` schema bounding their
+    parameters by ``Param.valid``), methods with the same bounds together; one ``defs`` entry per range.
+    Methods whose numbers are unbounded are left out."""
+    groups: dict[str, list[str]] = {}
+    for name, spec in sorted(REGISTRY.methods.items()):
+        props = {}
+        for p in spec.params:
+            if p.kind == "number" and p.valid.json_schema():
+                ref = "setting_" + re.sub(r"\W+", "_", p.valid.describe())
+                defs[ref] = _bounded_setting(p.valid)
+                props[p.name] = {"$ref": f"#/$defs/{ref}"}
+        if props:
+            groups.setdefault(json.dumps(props, sort_keys=True), []).extend([name, *spec.aliases])
+    out = []
+    for props_json, names in groups.items():
+        defs[f"{names[0]}_parameters"] = {"properties": json.loads(props_json)}
+        out.append((names, f"{names[0]}_parameters"))
+    return out
+
+
 def recipe_json_schema() -> dict[str, Any]:
     schema = Recipe.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "mergekitlite recipe"
+    # Parameter ranges depend on the method: the recipe's merge_method for its models, slices and global
+    # parameters; a rule's own method for the rule's parameters.
+    defs = schema["$defs"]
+    top, rule = [], []
+    for names, def_name in _parameter_bounds(defs):
+        ref = {"$ref": f"#/$defs/{def_name}"}
+        top.append(
+            {
+                "if": {"properties": {"merge_method": {"enum": names}}, "required": ["merge_method"]},
+                "then": {
+                    "properties": {
+                        "parameters": ref,
+                        "models": {"items": {"properties": {"parameters": ref}}},
+                        "slices": {
+                            "items": {
+                                "properties": {
+                                    "parameters": ref,
+                                    "sources": {"items": {"properties": {"parameters": ref}}},
+                                }
+                            }
+                        },
+                    }
+                },
+            }
+        )
+        rule.append(
+            {
+                "if": {"properties": {"method": {"enum": names}}, "required": ["method"]},
+                "then": {"properties": {"parameters": ref}},
+            }
+        )
+    schema["allOf"] = top
+    defs["Rule"]["allOf"] = rule
     return schema

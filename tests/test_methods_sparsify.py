@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from mergekitlite.errors import MethodInputError
 from mergekitlite.methods import get_method
 from mergekitlite.methods.apply import merge_in_chunks
 
@@ -217,7 +218,7 @@ def test_della_density_one_is_unsparsified() -> None:
 
 
 def test_della_rejects_epsilon_outside_the_density_range() -> None:
-    with pytest.raises(ValueError, match="epsilon"):
+    with pytest.raises(MethodInputError, match=r"density ± epsilon must lie inside \(0, 1\).*epsilon below 0.1"):
         run("della", BASE, [BASE + D1], weight=(1.0,), density=(0.1,), epsilon=(0.15,))
 
 

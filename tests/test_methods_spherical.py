@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from mergekitlite.errors import MethodInputError
 from mergekitlite.methods import get_method
 from mergekitlite.methods.apply import merge_in_chunks
 
@@ -187,7 +188,7 @@ def test_multislerp_edge_cases() -> None:
     # two antipodal inputs with equal weights: the weighted sum Σ wᵢvᵢ = 0
     base = torch.ones(2, 2)
     assert_close(run("multislerp", base, [base + a, base - a], weight=(1.0, 1.0)), base)
-    with pytest.raises(ValueError, match="antipodal"):
+    with pytest.raises(MethodInputError, match="antipodal"):
         run("multislerp", base, [base + a, base - a, base.clone()], weight=(1.0, 1.0, 1.0))
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from mergekitlite.errors import MethodInputError
 from mergekitlite.methods import get_method
 from mergekitlite.methods.apply import merge_in_chunks
 
@@ -73,5 +74,7 @@ def test_model_stock_edge_cases() -> None:
     assert torch.equal(run("model_stock", BASE, [BASE.clone(), BASE.clone()]), BASE)
     # exactly opposite offsets with N = 2: 1 + (N − 1)·cos = 0 → t is infinite
     o = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-    with pytest.raises(ValueError, match="infinite"):
+    with pytest.raises(MethodInputError, match=r"mean cosine -1.0 = −1/\(N−1\).*divides by zero"):
         run("model_stock", BASE, [BASE + o, BASE - o])
+    with pytest.raises(MethodInputError, match=r"filter_wise.*divides by zero"):
+        run("model_stock", BASE, [BASE + o, BASE - o], filter_wise=True)

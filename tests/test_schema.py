@@ -102,3 +102,48 @@ def test_schema_accepts_mergekit_forms(schema):
         "dtype": "float16",
     }
     jsonschema.validate(slices, schema)
+
+
+def _ties(**density_at: object) -> dict:
+    """A ties recipe with ``density`` at one place: models, parameters, slices or a rule of another method."""
+    doc: dict = {"merge_method": "ties", "base_model": "base", "models": [{"model": "a", "parameters": {"weight": 1}}]}
+    if "models" in density_at:
+        doc["models"][0]["parameters"]["density"] = density_at["models"]
+    if "parameters" in density_at:
+        doc["parameters"] = {"density": density_at["parameters"]}
+    if "rule" in density_at:
+        doc["rules"] = [{"match": "*mlp*", "method": "dare_linear", "parameters": {"density": density_at["rule"]}}]
+    if "slerp_rule" in density_at:
+        doc["rules"] = [{"match": "*mlp*", "method": "slerp", "parameters": {"t": density_at["slerp_rule"]}}]
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("doc", "valid"),
+    [
+        (_ties(models=0.5), True),
+        (_ties(models=1.5), False),
+        (_ties(models=-0.2), False),
+        (_ties(models=[0, 0.5, 1]), True),
+        (_ties(models=[0.2, 1.5]), False),
+        (_ties(parameters=[{"filter": "mlp", "value": 2}, {"value": 0.5}]), False),
+        (_ties(parameters={"filter": "mlp", "value": [0.5, -1]}), False),
+        (_ties(parameters=[{"filter": "mlp", "value": 0.3}, {"value": [0.5, 1]}]), True),
+        (_ties(rule=1.5), False),
+        (_ties(rule=0.5), True),
+        (_ties(slerp_rule=2.5), False),
+        ({**_ties(models=1.5), "merge_method": "linear"}, True),  # linear takes no density: not bounded
+        (
+            {
+                "merge_method": "slerp",
+                "base_model": "a",
+                "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 2]}]}],
+                "parameters": {"t": [0, 1.5]},
+            },
+            False,
+        ),
+    ],
+)
+def test_schema_bounds_parameters_by_method(schema, doc, valid):
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(doc))
+    assert (not errors) == valid, [e.message for e in errors]

@@ -1,24 +1,18 @@
-"""Merge methods: pure tensor functions behind one registry.
+"""Merge methods: declarations (``catalog``, no torch) and pure tensor functions loaded on first use.
 
-Importing this package registers every built-in method; ``get_method(name)`` looks one up.
+``get_method(name)`` looks a method up; its arithmetic is imported the first time it is called.
 """
 
-from mergekitlite.methods import arithmetic as _arithmetic  # noqa: F401  (registers methods)
-from mergekitlite.methods import fusion as _fusion  # noqa: F401
-from mergekitlite.methods import nearswap as _nearswap  # noqa: F401
-from mergekitlite.methods import ram as _ram  # noqa: F401
-from mergekitlite.methods import sparsify as _sparsify  # noqa: F401
-from mergekitlite.methods import spherical as _spherical  # noqa: F401
-from mergekitlite.methods import stock as _stock  # noqa: F401
+from mergekitlite.methods.catalog import REGISTRY
 from mergekitlite.methods.registry import (
-    REGISTRY,
     REQUIRED,
     ChunkInfo,
+    Implementation,
     MethodSpec,
     Param,
+    Range,
     Registry,
     Statistic,
-    merge_method,
 )
 
 
@@ -30,10 +24,11 @@ __all__ = [
     "REGISTRY",
     "REQUIRED",
     "ChunkInfo",
+    "Implementation",
     "MethodSpec",
     "Param",
+    "Range",
     "Registry",
     "Statistic",
     "get_method",
-    "merge_method",
 ]

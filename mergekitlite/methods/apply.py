@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mergekitlite.methods.registry import ChunkInfo, MethodSpec
+from mergekitlite.methods.registry import ChunkInfo, MethodSpec, tensor_rows
 
 
 def tensor_seed(random_seed: int, tensor_name: str) -> int:
@@ -27,7 +27,7 @@ def tensor_seed(random_seed: int, tensor_name: str) -> int:
 
 
 def row_chunks(shape: Sequence[int], rows_per_chunk: int, seed: int) -> Iterator[ChunkInfo]:
-    rows = shape[0] if len(shape) else 1
+    rows = tensor_rows(shape)
     step = max(1, rows_per_chunk)
     for start in range(0, rows, step):
         yield ChunkInfo(start, min(rows, start + step), tuple(shape), seed)
@@ -98,7 +98,7 @@ def merge_in_chunks(
     workers, as in the executor; ``shuffle_seed`` shuffles the order of each statistic pass's chunks."""
     ref = base if base is not None else models[0]
     shape = tuple(ref.shape)
-    chunks = list(row_chunks(shape, rows_per_chunk or (shape[0] if shape else 1), seed))
+    chunks = list(row_chunks(shape, rows_per_chunk or tensor_rows(shape), seed))
 
     def load(c: ChunkInfo) -> tuple[Tensor | None, list[Tensor]]:
         if not shape:

@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mergekitlite.methods.primitives import TopK, float32_bits, pairwise_sum
-from mergekitlite.methods.registry import ChunkInfo, merge_method
+from mergekitlite.methods.primitives import ABS_BITS, INF_BITS, NAN_KEY, ONE_BITS, TopK, float32_bits, pairwise_sum
+from mergekitlite.methods.registry import ChunkInfo, Implementation, tensor_rows
 
 _EPS = 1e-8  # mergekit's, added to both softmaxes
 
@@ -145,11 +145,6 @@ def fiber_kl(model: Tensor, base: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # Importance keys, quantiles and the mask
 
-_ABS = 0x7FFFFFFF
-_INF_KEY = 0x7F800000  # bits of +inf
-_NAN_KEY = _INF_KEY + 1  # every NaN importance gets this key: above +inf, as torch's sort puts NaN last
-_ONE_BITS = float32_bits(1.0)
-
 
 @dataclass(frozen=True)
 class KlTable:
@@ -173,14 +168,14 @@ def importance_keys(model: Tensor, base: Tensor, kl: Tensor, fiber: int) -> Tens
     and every NaN gets one key (NaN payloads differ between devices)."""
     importance = torch.sub(model, base).abs_().contiguous()
     importance.reshape(-1, fiber).mul_(kl.to(importance.device).unsqueeze(-1))  # a view: contiguous
-    return importance.view(torch.int32).bitwise_and_(_ABS).clamp_(max=_NAN_KEY)
+    return importance.view(torch.int32).bitwise_and_(ABS_BITS).clamp_(max=NAN_KEY)
 
 
 def keep_mask(keys: Tensor, threshold_key: int) -> Tensor:
     """Bit mask (int32: all ones = keep) of the keys in [threshold_key, +inf's key]: importance ≥ threshold,
-    which is false for NaN. Overwrites ``keys``. Keys and threshold lie in [0, _NAN_KEY]: no overflow."""
+    which is false for NaN. Overwrites ``keys``. Keys and threshold lie in [0, NAN_KEY]: no overflow."""
     reach = torch.sub(keys, threshold_key)  # ≥ 0 where the importance reaches the threshold
-    finite = keys.neg_().add_(_INF_KEY)  # ≥ 0 where it is not NaN
+    finite = keys.neg_().add_(INF_BITS)  # ≥ 0 where it is not NaN
     return reach.bitwise_or_(finite).bitwise_right_shift_(31).bitwise_not_()
 
 
@@ -199,7 +194,7 @@ class Quantiles:
         self.n = n
         self.selector = TopK(n, rows, [n - j for j in positions])
         self.wants_min = n > 0 and 0 in positions
-        self.minimum = _NAN_KEY  # the largest key there is
+        self.minimum = NAN_KEY  # the largest key there is
         self._lock = threading.Lock()
 
     def count_high(self, keys: Tensor) -> None:
@@ -241,7 +236,7 @@ def ceil_key(threshold: float) -> int:
     """Bit pattern of the smallest float32 ≥ ``threshold`` (≥ 0), so that comparing float32 importances with it
     is comparing them with the float64 threshold; NaN's key (nothing is kept) for a NaN threshold."""
     if math.isnan(threshold):
-        return _NAN_KEY
+        return NAN_KEY
     key = float32_bits(threshold)  # nearest; above FLT_MAX: +inf
     return key + 1 if key_value(key) < threshold else key
 
@@ -283,7 +278,7 @@ class FusionStatistic:
         fibers = 1 if whole else (n // fiber if fiber else 0)
         table = KlTable(torch.zeros(fibers, dtype=torch.float32), whole, fiber)
         phases = [] if n == 0 else ["softmax", "high", "low"] if whole else ["high", "low"]
-        rows = shape[0] if shape else 1
+        rows = tensor_rows(shape)
         state = _FusionState(n, phases, table, Quantiles(n, rows, quantile_positions(n)))
         if whole and n:
             state.vectors = torch.empty(2, n, dtype=torch.float32)
@@ -339,23 +334,12 @@ class FusionStatistic:
 
     def result(self, state: _FusionState) -> FusionStats:
         if state.n == 0:
-            return FusionStats(state.table, (math.nan,) * 3, math.nan, _NAN_KEY)
+            return FusionStats(state.table, (math.nan,) * 3, math.nan, NAN_KEY)
         median, q1, q3 = (key_value(k) for k in state.quantiles.selected())
         threshold = fusion_threshold(median, q1, q3)
         return FusionStats(state.table, (median, q1, q3), threshold, ceil_key(threshold))
 
 
-@merge_method(
-    "arcee_fusion",
-    base="required",
-    max_models=1,
-    elementwise=False,
-    statistic=FusionStatistic,
-    reference="https://github.com/arcee-ai/mergekit/blob/main/mergekit/merge_methods/arcee_fusion.py",
-    # Measured 3 (statistic passes) and 2 (merge) on the CPU (tests/test_working_set.py); on a GPU the
-    # histograms also widen the keys to int64 (bincount): at (4, 0) an H200 peaked 3% over --max-vram.
-    temporaries=(6, 0),
-)
 def arcee_fusion(
     base: Tensor,
     models: Sequence[Tensor],
@@ -363,9 +347,7 @@ def arcee_fusion(
     chunk: ChunkInfo | None = None,
     stats: FusionStats | None = None,
 ) -> Tensor:
-    """Arcee Fusion: the base, plus the model's difference where its importance |δ|·KL(softmax rows) is an outlier.
-
-    base + δ·[|δ|·KL ≥ median + 1.5·IQR], δ = model − base, the KL taken between the softmaxes (+1e-8) of the
+    """base + δ·[|δ|·KL ≥ median + 1.5·IQR], δ = model − base, the KL taken between the softmaxes (+1e-8) of the
     model's and the base's fibers along the last dim (the whole vector for 1-D tensors). Differences from
     mergekit: the quantiles are exact over all N importances (mergekit takes them from a random, unseeded
     sample of 10⁶ elements when N > 10⁶, so its result is not reproducible there); the KL is computed in
@@ -379,5 +361,8 @@ def arcee_fusion(
         return torch.sub(model, base)
     kl, fiber = stats.table.of_chunk(chunk, model.numel())
     keep = keep_mask(importance_keys(model, base, kl, fiber), stats.threshold_key)
-    factor = keep.bitwise_and_(_ONE_BITS).view(torch.float32)  # 1.0 / 0.0: NaN·0 stays NaN, as in mergekit
+    factor = keep.bitwise_and_(ONE_BITS).view(torch.float32)  # 1.0 / 0.0: NaN·0 stays NaN, as in mergekit
     return torch.sub(model, base).mul_(factor).add_(base)
+
+
+IMPLEMENTATIONS = {"arcee_fusion": Implementation(arcee_fusion, statistic=FusionStatistic)}

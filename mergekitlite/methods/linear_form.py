@@ -2,9 +2,9 @@
 weights, and both the torch evaluator here and the fused native kernel (``methods/native.py``)
 evaluate it with the same float32 operations in the same order.
 
-A linear method's function builds the form from the input positions and the recipe parameters; the
-``@linear_method`` decorator registers a tensor function that evaluates it, and keeps the builder on
-the spec (``MethodSpec.linear_form``) so that the executor can hand the form to the native kernel.
+A linear method's function builds the form from the input positions and the recipe parameters;
+``linear_implementation`` makes the tensor function that evaluates it and keeps the builder
+(``MethodSpec.linear_form``) so that the executor can hand the form to the native kernel.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from torch import Tensor
 
 from mergekitlite.methods.primitives import divide_
-from mergekitlite.methods.registry import input_positions, merge_method
+from mergekitlite.methods.registry import Implementation, input_positions
 
 
 @dataclass(frozen=True)
@@ -74,17 +74,13 @@ def evaluate(form: LinearForm, x: Sequence[Tensor]) -> Tensor:
 FormBuilder = Callable[..., LinearForm]
 
 
-def linear_method(name: str, **spec: Any) -> Callable[[FormBuilder], FormBuilder]:
-    """Register a linear method from its form builder ``build(base, models, **params)``, where
-    ``base`` is the base's input position (``None`` without a base) and ``models`` the models'."""
+def linear_implementation(build: FormBuilder) -> Implementation:
+    """A linear method from its form builder ``build(base, models, **params)``, where ``base`` is the
+    base's input position (``None`` without a base) and ``models`` the models'."""
 
-    def wrap(build: FormBuilder) -> FormBuilder:
-        @functools.wraps(build)
-        def tensor_fn(base: Tensor | None, models: Sequence[Tensor], **params: Any) -> Tensor:
-            x = [base, *models] if base is not None else list(models)
-            return evaluate(build(*input_positions(base is not None, len(models)), **params), x)  # type: ignore[arg-type]
+    @functools.wraps(build)
+    def tensor_fn(base: Tensor | None, models: Sequence[Tensor], **params: Any) -> Tensor:
+        x = [base, *models] if base is not None else list(models)
+        return evaluate(build(*input_positions(base is not None, len(models)), **params), x)  # type: ignore[arg-type]
 
-        merge_method(name, linear_form=build, **spec)(tensor_fn)
-        return build
-
-    return wrap
+    return Implementation(tensor_fn, linear_form=build)

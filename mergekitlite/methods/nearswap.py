@@ -7,18 +7,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mergekitlite.methods.registry import merge_method
+from mergekitlite.methods.registry import Implementation
 
 
-@merge_method(
-    "nearswap",
-    base="required",
-    max_models=1,
-    reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
-    temporaries=(6, 0),  # measured: tests/test_working_set.py
-)
 def nearswap(base: Tensor, models: Sequence[Tensor], *, t: float) -> Tensor:
-    """Per element, w·model + (1 − w)·base with w = clamp(t / max(|base − model|, 1e-6), 0, 1).
+    """w·model + (1 − w)·base, w = clamp(t / max(|base − model|, 1e-6), 0, 1) per element.
 
     Elements that differ by at most ``t`` take the model's value; farther ones move toward it by
     t/|difference|. t ≤ 0 returns the base.
@@ -29,3 +22,6 @@ def nearswap(base: Tensor, models: Sequence[Tensor], *, t: float) -> Tensor:
     w = torch.full_like(distance, t).div_(distance).clamp_(0.0, 1.0)
     res = other * w
     return res.add_(base * (1 - w))
+
+
+IMPLEMENTATIONS = {"nearswap": Implementation(nearswap)}

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mergekitlite.methods.registry import ChunkInfo
+from mergekitlite.methods.registry import ChunkInfo, tensor_rows
 
 # ---------------------------------------------------------------------------------------------
 # Statistic factories
@@ -109,6 +109,15 @@ class RowPartials:
         return float(pairwise_sum(self.values[index]))
 
 
+def accumulate_(terms: Sequence[Tensor]) -> Tensor:
+    """((t₀ + t₁) + t₂) + …, added left to right into ``terms[0]`` (overwritten, and returned): the order
+    fixes the rounding."""
+    total = terms[0]
+    for t in terms[1:]:
+        total.add_(t)
+    return total
+
+
 def divide_(x: Tensor, divisor: float) -> Tensor:
     """x /= divisor in place, correctly rounded on every device. CUDA turns division by a Python scalar
     into multiplication by its reciprocal (two roundings); a divisor on the tensor's device is divided."""
@@ -118,9 +127,11 @@ def divide_(x: Tensor, divisor: float) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # Bit masks (int32: all ones = keep, 0 = drop)
 
-_SIGN = -(1 << 31)  # the sign bit of a float32, as int32
-_ONE = 0x3F800000  # bit pattern of 1.0f
-_ABS = 0x7FFFFFFF
+SIGN_BIT = -(1 << 31)  # the sign bit of a float32, as int32
+ABS_BITS = 0x7FFFFFFF  # every bit but the sign: a float32's bits AND this are its magnitude's
+ONE_BITS = 0x3F800000  # bit pattern of 1.0f
+INF_BITS = 0x7F800000  # bit pattern of +inf: magnitude patterns above it are NaNs
+NAN_KEY = INF_BITS + 1  # one key for every NaN magnitude: above +inf's, as torch's sort puts NaNs last
 
 
 def float32_bits(value: float) -> int:
@@ -147,7 +158,7 @@ def apply_keep_(x: Tensor, keep: Tensor | None) -> Tensor:
 
 def keep_factor(keep: Tensor) -> Tensor:
     """The mask as 1.0/0.0 float32 (the values a boolean mask takes in arithmetic)."""
-    return (keep & _ONE).view(torch.float32)
+    return (keep & ONE_BITS).view(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,14 +488,11 @@ def agreement_masks(deltas: Sequence[Tensor]) -> list[Tensor] | None:
     elif len(deltas) == 2:
         vote = deltas[0] + deltas[1]
     else:
-        wide = deltas[0].to(torch.float64)
-        for d in deltas[1:]:
-            wide.add_(d)
-        vote = wide.to(torch.float32)
+        vote = accumulate_([deltas[0].to(torch.float64), *deltas[1:]]).to(torch.float32)
     if not math.isfinite(float(vote.sum(dtype=torch.float64))):  # NaN or ±inf somewhere: go the slow way
         return None
     sign = vote.add_(0.0).view(torch.int32)  # −0.0 → +0.0: a zero vote elects +
-    sign.bitwise_and_(_SIGN).bitwise_or_(_ONE)  # ±1.0
+    sign.bitwise_and_(SIGN_BIT).bitwise_or_(ONE_BITS)  # ±1.0
     masks = []
     for d in deltas:
         oriented = torch.mul(d, sign.view(torch.float32)).add_(0.0)  # > 0 where d agrees; no −0.0 left
@@ -502,8 +510,8 @@ def agreeing_weight_sum(masks: Sequence[Tensor], weight: Sequence[float], *, zer
         total.add_(m.bitwise_and_(float32_bits(w)).view(torch.float32))
     if zero_as_one:
         bits = total.add_(0.0).view(torch.int32)  # −0.0 → +0.0
-        is_zero = (bits & _ABS).sub_(1).bitwise_right_shift_(31)  # all ones where the sum is ±0
-        bits.bitwise_or_(is_zero.bitwise_and_(_ONE))
+        is_zero = (bits & ABS_BITS).sub_(1).bitwise_right_shift_(31)  # all ones where the sum is ±0
+        bits.bitwise_or_(is_zero.bitwise_and_(ONE_BITS))
     return total
 
 
@@ -537,7 +545,7 @@ class GramStatistic:
     def begin(self, shape: tuple[int, ...], n_models: int, params: Mapping[str, Any]) -> GramState:
         if self.wanted is not None and not self.wanted(shape, params):
             self.passes = 0
-        rows = shape[0] if shape else 1
+        rows = tensor_rows(shape)
         most = n_models + 1  # the vectors are the models, their offsets from the base, or both with the base
         return GramState(rows=rows, partials=RowPartials(most * (most + 1) // 2, rows))
 

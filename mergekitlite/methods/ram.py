@@ -36,12 +36,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mergekitlite.methods.primitives import StatisticFactory, above, apply_keep_, float32_bits
-from mergekitlite.methods.registry import ChunkInfo, merge_method
-
-_ABS = 0x7FFFFFFF
-_INF = 0x7F800000  # bit pattern of +inf: |x| bit patterns above it are NaNs
-_ONE = 0x3F800000  # bit pattern of 1.0f
+from mergekitlite.methods.primitives import (
+    ABS_BITS,
+    INF_BITS,
+    ONE_BITS,
+    StatisticFactory,
+    above,
+    apply_keep_,
+    float32_bits,
+)
+from mergekitlite.methods.registry import ChunkInfo, Implementation
 
 
 def _threshold(epsilon: float) -> int | None:
@@ -62,11 +66,11 @@ def nonzero_mask(delta: Tensor, epsilon: float) -> Tensor:
     threshold = _threshold(epsilon)
     if threshold is None:
         return torch.zeros(delta.shape, dtype=torch.int32, device=delta.device)
-    keys = delta.view(torch.int32).bitwise_and_(_ABS)
+    keys = delta.view(torch.int32).bitwise_and_(ABS_BITS)
     mask = above(keys, threshold)
     # NaN keys lie above every threshold, but |NaN| > ε is false: drop them (a subset of mask). Their mask,
     # (INF − key) < 0, is made in the keys' own storage rather than in a new array.
-    return mask.bitwise_xor_(keys.neg_().add_(_INF).bitwise_right_shift_(31))
+    return mask.bitwise_xor_(keys.neg_().add_(INF_BITS).bitwise_right_shift_(31))
 
 
 def nonzero_count(base: Tensor, models: Sequence[Tensor], epsilon: float) -> Tensor:
@@ -81,15 +85,15 @@ def nonzero_count(base: Tensor, models: Sequence[Tensor], epsilon: float) -> Ten
 def unique_mask(count: Tensor) -> Tensor:
     """Mask (int32) of count == 1: (count − 1) is zero there, and for count in [0, n] ((count − 1) & 0x7fffffff) − 1
     is negative only there (count = 0 gives 2³¹ − 2)."""
-    return (count - 1).bitwise_and_(_ABS).sub_(1).bitwise_right_shift_(31)
+    return (count - 1).bitwise_and_(ABS_BITS).sub_(1).bitwise_right_shift_(31)
 
 
 def unique_factor(divisor: Tensor, value: float) -> Tensor:
     """``value`` (rounded to the divisor's dtype) where the divisor, a count, is 1 (a unique entry), 1.0 elsewhere.
     Made afresh from the divisor for each model rather than kept as a mask: one array less in the working space."""
     if divisor.dtype == torch.float32:
-        is_one = (divisor.view(torch.int32) - _ONE).bitwise_and_(_ABS).sub_(1).bitwise_right_shift_(31)
-        return is_one.bitwise_and_(float32_bits(value) ^ _ONE).bitwise_xor_(_ONE).view(torch.float32)
+        is_one = (divisor.view(torch.int32) - ONE_BITS).bitwise_and_(ABS_BITS).sub_(1).bitwise_right_shift_(31)
+        return is_one.bitwise_and_(float32_bits(value) ^ ONE_BITS).bitwise_xor_(ONE_BITS).view(torch.float32)
     one = torch.ones((), dtype=divisor.dtype, device=divisor.device)
     return torch.where(divisor == 1, torch.tensor(value, dtype=divisor.dtype, device=divisor.device), one)
 
@@ -114,14 +118,8 @@ def ram_merge(base: Tensor, models: Sequence[Tensor], epsilon: float, scales: Se
     return total.add_(base)
 
 
-@merge_method(
-    "ram",
-    base="required",
-    reference="https://arxiv.org/abs/2601.13572",
-    temporaries=(5, 0),  # measured 4 (tests/test_working_set.py)
-)
-def ram(base: Tensor, models: Sequence[Tensor], *, epsilon: float = 1e-5) -> Tensor:
-    """base + Σᵢ δᵢ where only model i changes the element (|δ| > ε), δᵢ / count where `count` models do.
+def ram(base: Tensor, models: Sequence[Tensor], *, epsilon: float) -> Tensor:
+    """base + Σᵢ tᵢ, tᵢ = δᵢ / count where |δᵢ| > ε (count: how many models change the element), else 0.
 
     Elements no model changes keep the base's value. See the module docstring for the order of operations.
     """
@@ -188,26 +186,16 @@ class RamPlusStatistic:
         return state
 
 
-@merge_method(
-    "ramplus_tl",
-    base="required",
-    elementwise=False,
-    statistic=StatisticFactory(RamPlusStatistic),
-    reference="https://arxiv.org/abs/2601.13572",
-    # Measured 4 for the statistic pass and 5 for the merge when some λ ≠ 1 (tests/test_working_set.py's
-    # ε = 0.1 leaves every λ at 1, measuring 4: the unique-entry factor is then never made).
-    temporaries=(6, 0),
-)
 def ramplus_tl(
     base: Tensor,
     models: Sequence[Tensor],
     *,
-    r: float = 0.1,
-    alpha: float = 0.2,
-    epsilon: float = 1e-5,
+    r: float,
+    alpha: float,
+    epsilon: float,
     stats: RamCounts,
 ) -> Tensor:
-    """RAM whose unique entries of model i are scaled by λᵢ = 1 + r·clamp(shared_i / max(unique_i, ε), 0, alpha).
+    """``ram`` with model i's unique entries × λᵢ (``reinforcement``).
 
     shared_i / unique_i: how many of model i's non-zero entries overlap another model's / are its own, over
     the whole tensor (tensor-local). See the module docstring for the order of operations.
@@ -216,3 +204,9 @@ def ramplus_tl(
         reinforcement(s, u, r=r, alpha=alpha, epsilon=epsilon) for s, u in zip(stats.shared, stats.unique, strict=True)
     ]
     return ram_merge(base, models, epsilon, scales)
+
+
+IMPLEMENTATIONS = {
+    "ram": Implementation(ram),
+    "ramplus_tl": Implementation(ramplus_tl, statistic=StatisticFactory(RamPlusStatistic)),
+}

@@ -1,25 +1,34 @@
-"""One registry of merge methods, filled by the ``@merge_method`` decorator.
+"""What a merge method is, without its arithmetic: declarations that import no torch.
 
 A method is a pure function ``fn(base, models, **params) -> Tensor``: ``base`` is the base model's
 tensor (or ``None`` for methods that take none), ``models`` the other inputs in recipe order, and
-each per-model parameter arrives as a tuple aligned with ``models``. Methods see tensors only:
-no names, files, shards or devices. Anything the planner and executor must know about a method
-(its parameters, whether it needs a base, whether row slices of a tensor can be merged
-independently) is declared here, next to the function.
+each per-model parameter arrives as a tuple aligned with ``models``. Methods see tensors only: no
+names, files, shards or devices.
+
+Everything the recipe loader, the planner and the executor must know about a method — its
+parameters with their defaults and valid ranges, whether it needs a base, how many models it takes,
+whether row slices of a tensor can be merged independently, its working space — is declared in a
+``MethodSpec`` (the declarations are in ``catalog``). The tensor code lives in an implementation
+module that exposes ``IMPLEMENTATIONS: Mapping[str, Implementation]``; it is imported the first time
+a method is called, its statistic made or its linear form built, and checked against the declaration
+then (``verify``), so the two cannot drift apart. Loading a recipe therefore never imports torch.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib
 import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from mergekitlite.errors import UnknownMethodError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 REQUIRED: Any = inspect.Parameter.empty
 
@@ -27,6 +36,11 @@ BaseUse = Literal["required", "optional", "unused"]
 
 # Keyword-only arguments that the executor supplies; they are not recipe parameters.
 EXECUTOR_ARGS = frozenset({"chunk", "stats"})
+
+
+def tensor_rows(shape: Sequence[int]) -> int:
+    """Rows of a tensor of this shape, as chunks cut it: dim 0, and one for a scalar."""
+    return shape[0] if len(shape) else 1
 
 
 @dataclass(frozen=True)
@@ -98,50 +112,208 @@ class Statistic(Protocol):
     def result(self, state: Any) -> Any: ...
 
 
+# ---------------------------------------------------------------------------------------------
+# Parameters
+
+
 def param_kind(default: Any) -> str:
     """'bool' or 'number' (what a recipe value must be), from the parameter's default."""
     return "bool" if isinstance(default, bool) else "number"
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number parameter may take: finite, between optional bounds (``*_open``: the bound
+    itself excluded), and whole numbers only with ``whole``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    whole: bool = False
+
+    def contains(self, value: float) -> bool:
+        if not math.isfinite(value) or (self.whole and value != int(value)):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def describe(self) -> str:
+        """What the range asks for, as the end of "must be ...": 'between 0 and 1', 'at least 0'..."""
+        if self.low is not None and self.high is not None and not (self.low_open or self.high_open):
+            bounds = [f"between {self.low:g} and {self.high:g}"]
+        else:
+            bounds = [
+                f"{word} {bound:g}"
+                for bound, word in (
+                    (self.low, "greater than" if self.low_open else "at least"),
+                    (self.high, "less than" if self.high_open else "at most"),
+                )
+                if bound is not None
+            ]
+        kind = ["a whole number"] if self.whole else [] if bounds else ["a finite number"]
+        return " ".join([*kind, " and ".join(bounds)] if bounds else kind)
+
+    def problem(self, value: float) -> str | None:
+        """``None`` when ``value`` is in the range, else 'must be ..., got ...'."""
+        if self.contains(value):
+            return None
+        if not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
+        return f"must be {self.describe()}, got {value!r}"
+
+    def json_schema(self) -> dict[str, Any]:
+        """The bounds as JSON-Schema keywords (which apply to numbers only)."""
+        out: dict[str, Any] = {}
+        if self.low is not None:
+            out["exclusiveMinimum" if self.low_open else "minimum"] = self.low
+        if self.high is not None:
+            out["exclusiveMaximum" if self.high_open else "maximum"] = self.high
+        if self.whole:
+            out["multipleOf"] = 1
+        return out
+
+
+FINITE = Range()
+
+
 @dataclass(frozen=True)
 class Param:
-    """A recipe parameter of a method. ``name`` is the recipe spelling (``lambda``, not ``lambda_``)."""
+    """A recipe parameter of a method. ``name`` is the recipe spelling (``lambda``, not ``lambda_``);
+    ``valid``: the values a number parameter may take (booleans take true/false, or 0/1)."""
 
     name: str
     default: Any
     per_model: bool
     doc: str = ""
+    valid: Range = FINITE
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
 
+    @property
+    def kind(self) -> str:
+        return param_kind(self.default)
+
+    def check(self, value: Any) -> str | None:
+        """Why one value (a literal in the recipe, or one resolved value) is not acceptable; ``None`` if it is."""
+        if self.kind == "bool":
+            ok = isinstance(value, bool) or (_is_number(value) and value in (0, 1))
+            return None if ok else f"expected true or false, got {value!r}"
+        if not _is_number(value):
+            return None if value is None and self.default is None else f"expected a number, got {value!r}"
+        return self.valid.problem(value)
+
+
+# A check across a method's parameters: the fully resolved parameters of one tensor (recipe names;
+# per-model ones as tuples) → one message per problem, naming the parameter (and the model).
+Constraint = Callable[[Mapping[str, Any], Sequence[str]], list[str]]
+
+
+def model_label(models: Sequence[str], i: int) -> str:
+    """How a message names the i-th model of a tensor's parameters."""
+    return f"model {models[i]!r}" if i < len(models) else f"model {i}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """A method's tensor code: ``fn(base, models, **params)``, its statistic factory (one fresh object
+    per tensor) and, for linear methods, the builder of its ``LinearForm`` from (base position, model
+    positions, **params), which the native kernel evaluates instead of ``fn``."""
+
+    fn: Callable[..., Any]
+    statistic: Callable[[], Statistic] | None = None
+    linear_form: Callable[..., Any] | None = None
+
+    @property
+    def declares_params(self) -> Callable[..., Any]:
+        """The function whose keyword-only arguments are the method's parameters."""
+        return self.linear_form if self.linear_form is not None else self.fn
+
+
+def verify(spec: MethodSpec, impl: Implementation) -> None:
+    """Raise ``TypeError`` where an implementation disagrees with its declaration: every keyword-only
+    argument (besides ``chunk`` and ``stats``) must be a declared parameter, without a default of its own
+    (the declaration holds the defaults); declared parameters the function does not name go to its
+    ``**kwargs``; statistic, linear form and ``chunk`` (random methods need it) as declared."""
+    problems = []
+    sig = inspect.signature(impl.declares_params)
+    declared = {_py_name(p.name) for p in spec.params}
+    named = {
+        n: p for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in EXECUTOR_ARGS
+    }
+    if extra := sorted(set(named) - declared):
+        problems.append(f"takes {extra}, which the declaration does not list")
+    if (set(named) != declared) and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        problems.append(f"does not take {sorted(declared - set(named))} (name them, or take **kwargs)")
+    if defaulted := sorted(n for n, p in named.items() if p.default is not inspect.Parameter.empty):
+        problems.append(f"repeats defaults for {defaulted}: the declaration holds them")
+    if (impl.statistic is not None) != spec.has_statistic:
+        problems.append(f"has {'a' if impl.statistic else 'no'} statistic, against its declaration")
+    if impl.statistic is not None and "stats" not in inspect.signature(impl.fn).parameters:
+        problems.append("has a statistic but no keyword-only 'stats' argument")
+    if (impl.linear_form is not None) != spec.linear:
+        problems.append(f"has {'a' if impl.linear_form else 'no'} linear form, against its declaration")
+    if spec.random and "chunk" not in inspect.signature(impl.fn).parameters:
+        problems.append("is declared random but takes no 'chunk' (its seed)")
+    if problems:
+        raise TypeError(f"merge method {spec.name!r}: its implementation " + "; ".join(problems))
+
+
+def load_implementation(spec: MethodSpec) -> Implementation:
+    """Import the method's implementation module and check what it holds for the method."""
+    module = importlib.import_module(spec.implementation)
+    impl = getattr(module, "IMPLEMENTATIONS", {}).get(spec.name)
+    if impl is None:
+        raise TypeError(f"merge method {spec.name!r}: {spec.implementation} has no implementation of it")
+    verify(spec, impl)
+    return impl
+
+
+# ---------------------------------------------------------------------------------------------
+# Declarations
+
 
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    fn: Callable[..., Tensor]
     params: tuple[Param, ...]
     base: BaseUse
-    min_models: int
-    max_models: int | None
-    # True when output elements depend only on the same elements of the inputs, so the executor
-    # may merge a tensor in any row slices; otherwise ``statistic`` supplies what needs the whole tensor.
-    elementwise: bool
+    implementation: str  # module whose IMPLEMENTATIONS holds the tensor code (imported when first needed)
     summary: str
+    min_models: int = 1
+    max_models: int | None = None
+    # True when output elements depend only on the same elements of the inputs, so the executor
+    # may merge a tensor in any row slices; otherwise its statistic supplies what needs the whole tensor.
+    elementwise: bool = True
     reference: str | None = None
     aliases: tuple[str, ...] = field(default=())
-    statistic: Callable[[], Statistic] | None = None  # factory: one fresh object per tensor
+    has_statistic: bool = False  # whole-tensor statistic passes before the merge pass
+    random: bool = False  # uses ``chunk.seed``: recipes get a recorded seed
+    linear: bool = False  # a ``LinearForm`` the native kernel can evaluate
     # Working space besides the inputs, in chunk-sized compute-dtype arrays: ``base + per_model·n``,
     # for the merge and for each statistic pass. The planner sizes chunks with it (on a GPU, for
     # --max-vram); tests/test_working_set.py measures every method against its declaration.
     temporaries_base: int = 2
     temporaries_per_model: int = 0
-    wants_chunk: bool = False  # the function takes ``chunk=ChunkInfo`` (e.g. for seeded randomness)
-    random: bool = False  # uses ``chunk.seed``: recipes get a recorded seed
-    # For linear methods: builds the method's ``linear_form.LinearForm`` from (base position, model
-    # positions, **params), which the native kernel can evaluate instead of ``fn``.
-    linear_form: Callable[..., Any] | None = None
+    constraints: tuple[Constraint, ...] = ()  # checks across parameters (see ``check``)
+
+    def __post_init__(self) -> None:
+        if not self.elementwise and not self.has_statistic:
+            raise ValueError(f"{self.name}: a method that is not elementwise needs a statistic")
+        names = [p.name for p in self.params]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{self.name}: a parameter is declared twice: {names}")
 
     def temporaries(self, n_models: int) -> int:
         return self.temporaries_base + self.temporaries_per_model * n_models
@@ -157,6 +329,52 @@ class MethodSpec:
     def model_params(self) -> tuple[Param, ...]:
         return tuple(p for p in self.params if p.per_model)
 
+    def check(self, params: Mapping[str, Any], model_names: Sequence[str] = ()) -> list[str]:
+        """The problems of one tensor's fully resolved parameters (recipe names; global ones as scalars,
+        per-model ones as tuples aligned with the models): each value's range, then the constraints
+        across parameters. Messages name the parameter, and the model (by ``model_names``, else by its
+        0-based position) for per-model ones, never the tensor. Absent and unset (``REQUIRED``) values
+        are skipped: a missing parameter is the planner's message."""
+        problems = []
+        unset = False
+        for p in self.params:
+            value = params.get(p.name, REQUIRED)
+            values = enumerate(value) if p.per_model and isinstance(value, (tuple, list)) else [(None, value)]
+            for i, v in values:
+                unset |= v is REQUIRED
+                if v is REQUIRED or (problem := p.check(v)) is None:
+                    continue
+                problems.append(f"{p.name}{'' if i is None else ' of ' + model_label(model_names, i)}: {problem}")
+        if problems or unset:  # constraints assume every value set, of the right kind and in range
+            return problems
+        for constraint in self.constraints:
+            problems.extend(constraint(params, model_names))
+        return problems
+
+    # The tensor code, loaded on first use.
+
+    @functools.cached_property
+    def _impl(self) -> Implementation:
+        return load_implementation(self)
+
+    @property
+    def fn(self) -> Callable[..., Tensor]:
+        return self._impl.fn
+
+    @property
+    def statistic(self) -> Callable[[], Statistic] | None:
+        """Factory of the method's statistic (one fresh object per tensor), or ``None``."""
+        return self._impl.statistic if self.has_statistic else None
+
+    @property
+    def linear_form(self) -> Callable[..., Any] | None:
+        return self._impl.linear_form if self.linear else None
+
+    @functools.cached_property
+    def wants_chunk(self) -> bool:
+        """The function takes ``chunk=ChunkInfo`` (e.g. for seeded randomness)."""
+        return "chunk" in inspect.signature(self.fn).parameters
+
     def __call__(
         self,
         base: Tensor | None,
@@ -170,7 +388,7 @@ class MethodSpec:
         kwargs = {_py_name(k): v for k, v in params.items()}
         if self.wants_chunk:
             kwargs["chunk"] = chunk
-        if self.statistic is not None:
+        if self.has_statistic:
             kwargs["stats"] = stats
         return self.fn(base, models, **kwargs)
 
@@ -191,16 +409,19 @@ def _py_name(recipe_name: str) -> str:
     return recipe_name + "_" if recipe_name in {"lambda"} else recipe_name
 
 
-def _recipe_name(py_name: str) -> str:
-    return py_name[:-1] if py_name.endswith("_") else py_name
-
-
 @dataclass
 class Registry:
     """Name → MethodSpec. Rejects duplicates; unknown names get the nearest suggestion."""
 
     methods: dict[str, MethodSpec] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, specs: Sequence[MethodSpec]) -> Registry:
+        registry = cls()
+        for spec in specs:
+            registry.add(spec)
+        return registry
 
     def add(self, spec: MethodSpec) -> None:
         for name in (spec.name, *spec.aliases):
@@ -223,70 +444,3 @@ class Registry:
 
     def all_param_names(self) -> set[str]:
         return {p.name for spec in self.methods.values() for p in spec.params}
-
-
-REGISTRY = Registry()
-
-
-def merge_method(
-    name: str,
-    *,
-    base: BaseUse,
-    per_model: Mapping[str, Any] | None = None,
-    min_models: int = 1,
-    max_models: int | None = None,
-    elementwise: bool = True,
-    reference: str | None = None,
-    aliases: tuple[str, ...] = (),
-    statistic: Callable[[], Statistic] | None = None,
-    random: bool = False,
-    linear_form: Callable[..., Any] | None = None,
-    temporaries: tuple[int, int] = (2, 0),
-    registry: Registry = REGISTRY,
-) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Register ``fn`` under ``name``. Parameters and defaults are read from its keyword-only
-    arguments, so the signature is the single source of truth; ``per_model`` names those that
-    take one value per input model, mapped to the default for one model (``REQUIRED`` if none).
-    ``temporaries``: (base, per model) chunk-sized arrays the method allocates besides its inputs."""
-    per_model = dict(per_model or {})
-
-    def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        sig = inspect.signature(fn)
-        params = tuple(
-            Param(name_, per_model[name_], True)
-            if (name_ := _recipe_name(p.name)) in per_model
-            else Param(name_, p.default, False)
-            for p in sig.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in EXECUTOR_ARGS
-        )
-        if statistic is not None and "stats" not in sig.parameters:
-            raise ValueError(f"{name}: a method with a statistic must take a keyword-only 'stats' argument")
-        if not elementwise and statistic is None:
-            raise ValueError(f"{name}: a method that is not elementwise needs a statistic")
-        unknown = set(per_model) - {p.name for p in params}
-        if unknown:
-            raise ValueError(f"{name}: per_model names {sorted(unknown)} are not keyword-only arguments")
-        summary = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
-        registry.add(
-            MethodSpec(
-                name=name,
-                fn=fn,
-                params=params,
-                base=base,
-                min_models=min_models,
-                max_models=max_models,
-                elementwise=elementwise,
-                summary=summary,
-                reference=reference,
-                aliases=aliases,
-                statistic=statistic,
-                wants_chunk="chunk" in sig.parameters,
-                random=random,
-                linear_form=linear_form,
-                temporaries_base=temporaries[0],
-                temporaries_per_model=temporaries[1],
-            )
-        )
-        return fn
-
-    return wrap

@@ -12,6 +12,13 @@ Every method of the family computes, per tensor, with δᵢ = mᵢ − base:
    dividing by the sum of the agreeing weights when ``normalize`` (by 1 where none agree);
 4. base + λ·mix.
 
+The family is one table, ``catalog.GTA_FAMILY`` (as mergekit's registry): each member is a sparsifier
+(``magnitude``: TIES, ``random``: DARE, ``magnitude_outliers``: Breadcrumbs, ``della``), with or without
+sign election, and its defaults; ``generalized_task_arithmetic`` makes its function and statistic. Magnitude
+top-k keeps exactly ⌊d·n⌋ entries (ties at the threshold keep the lowest flat indices). ``rescale`` uses
+mergekit's definition, ‖δᵢ‖₁/‖kept‖₁ (≈ 1/dᵢ for DARE, not exactly). ``int8_mask`` only saves memory in
+mergekit and is accepted for compatibility.
+
 The masks need whole-tensor quantities (a top-k threshold, an L1 norm, ranks of a 1-D tensor), so every
 method has a statistic. Masks are a pure function of the statistic, the chunk's values and their flat
 indices; random masks draw from ``chunk.seed`` (one stream per model index), never from torch's RNG.
@@ -30,10 +37,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mergekitlite.errors import MethodInputError
+from mergekitlite.methods.catalog import GTA_FAMILY, GtaMethod, della_window_problem
 from mergekitlite.methods.primitives import (
+    NAN_KEY,
     RowPartials,
     StatisticFactory,
     TopK,
+    accumulate_,
     agreeing_weight_sum,
     agreement_masks,
     apply_keep_,
@@ -47,7 +58,7 @@ from mergekitlite.methods.primitives import (
     sign_agreement,
     stream_key,
 )
-from mergekitlite.methods.registry import REQUIRED, ChunkInfo, merge_method
+from mergekitlite.methods.registry import ChunkInfo, Implementation, tensor_rows
 
 _RESCALE_EPS = 1e-7  # mergekit's threshold below which an L1 norm is treated as zero
 
@@ -77,14 +88,6 @@ class Sparsifier(Protocol):
     def keep_mask(self, delta: Tensor, chunk: ChunkInfo, magnitude: Tensor | None = None) -> Tensor | None: ...
 
 
-def _numel(shape: Sequence[int]) -> int:
-    return math.prod(shape)
-
-
-def _rows(shape: Sequence[int]) -> int:
-    return shape[0] if shape else 1
-
-
 @dataclass
 class RankWindowSparsifier:
     """Keep the elements whose rank by |δ| (largest first; equal magnitudes: lower flat index first)
@@ -96,7 +99,7 @@ class RankWindowSparsifier:
 
     @classmethod
     def window(cls, shape: Sequence[int], lo: int, hi: int) -> RankWindowSparsifier:
-        return cls(TopK(_numel(shape), _rows(shape), [hi, lo] if lo > 0 else [hi]))
+        return cls(TopK(math.prod(shape), tensor_rows(shape), [hi, lo] if lo > 0 else [hi]))
 
     def wants(self, phase: str) -> bool:
         return self.selector.wants(phase)
@@ -236,7 +239,7 @@ def by_fiber_rank(magnitude: Tensor, values: Tensor) -> Tensor:
     if magnitude.dtype != torch.float32 or n >= 1 << 31:
         return values[_ranks(magnitude, 1)]
     fibers = magnitude.movedim(1, -1)
-    keys = fibers.contiguous().view(torch.int32).clamp(max=0x7F800001).to(torch.int64)
+    keys = fibers.contiguous().view(torch.int32).clamp(max=NAN_KEY).to(torch.int64)
     position = torch.arange(n, device=magnitude.device)
     composite = keys.bitwise_left_shift_(32).bitwise_or_(position).reshape(-1, n)
     if composite.device.type == "cpu":
@@ -292,7 +295,8 @@ class SparseStatistic:
     def begin(self, shape: tuple[int, ...], n_models: int, params: Mapping[str, Any]) -> _SparseState:
         sparsifiers = [make_sparsifier(self.kind, shape, params, i) for i in range(n_models)]
         active = [i for i, s in enumerate(sparsifiers) if s is not None]
-        state = _SparseState(sparsifiers, [], bool(params["rescale"]), RowPartials(2 * n_models, _rows(shape)), active)
+        l1 = RowPartials(2 * n_models, tensor_rows(shape))
+        state = _SparseState(sparsifiers, [], bool(params["rescale"]), l1, active)
         state.phases = [p for p in _PHASES if state.wanting(p)] + (["rescale"] if active and state.rescale else [])
         self.passes = len(state.phases)
         return state
@@ -352,7 +356,7 @@ def make_sparsifier(kind: str, shape: Sequence[int], params: Mapping[str, Any], 
     density = float(params["density"][i])
     if density >= 1:
         return None
-    n = _numel(shape)
+    n = math.prod(shape)
     if kind == "magnitude":
         return RankWindowSparsifier.window(shape, *magnitude_window(n, density))
     if kind == "magnitude_outliers":
@@ -363,13 +367,11 @@ def make_sparsifier(kind: str, shape: Sequence[int], params: Mapping[str, Any], 
         epsilon = float(params["epsilon"][i])
         if density <= 0:
             return RandomSparsifier(i, 0.0)
-        if density + epsilon >= 1 or density - epsilon <= 0:
-            raise ValueError(
-                f"della: epsilon must keep density ± epsilon inside (0, 1); got density {density}, epsilon {epsilon}"
-            )
+        if (problem := della_window_problem(density, epsilon)) is not None:
+            raise MethodInputError(f"della: {problem}")
         whole = len(shape) < 2
         fiber = n if whole else shape[1]
-        return DellaSparsifier(i, density, epsilon, whole=whole, rows=_rows(shape), fiber=fiber)
+        return DellaSparsifier(i, density, epsilon, whole=whole, rows=tensor_rows(shape), fiber=fiber)
     raise ValueError(f"unknown sparsification {kind!r}")
 
 
@@ -401,9 +403,7 @@ def mix(weighted: Sequence[Tensor], weight: Sequence[float], *, consensus: bool,
     sign; divided, when ``normalize``, by Σ wᵢ (resp. by the agreeing wᵢ per element). Works in place:
     the deltas are consumed."""
     if not consensus:
-        total = weighted[0]
-        for d in weighted[1:]:
-            total.add_(d)
+        total = accumulate_(weighted)
         divisor = math.fsum(weight)
         if normalize and abs(divisor) >= 1e-8:
             divide_(total, divisor)
@@ -433,245 +433,35 @@ def _agreeing_mix(weighted: Sequence[Tensor], weight: Sequence[float], *, normal
     return total
 
 
-def _merge(
-    base: Tensor,
-    models: Sequence[Tensor],
-    weight: Sequence[float],
-    stats: SparseStats | None,
-    chunk: ChunkInfo | None,
-    *,
-    consensus: bool,
-    normalize: bool,
-    lambda_: float,
-) -> Tensor:
-    if stats is None:
-        raise TypeError("this method needs its statistic: run it through its MethodSpec (executor, merge_in_chunks)")
-    mixed = mix(sparse_deltas(base, models, weight, stats, chunk), weight, consensus=consensus, normalize=normalize)
-    if lambda_ != 1:
-        mixed.mul_(lambda_)
-    return mixed.add_(base)
+def generalized_task_arithmetic(method: GtaMethod) -> Implementation:
+    """The tensor function and statistic of one member of the family (``catalog.GTA_FAMILY``): the
+    statistic makes the ``method.sparsifier`` masks (and L1 rescale factors), the function applies them
+    and mixes, with TIES sign election when ``method.consensus``."""
 
+    def merge(
+        base: Tensor,
+        models: Sequence[Tensor],
+        *,
+        weight: Sequence[float],
+        normalize: bool,
+        lambda_: float,
+        chunk: ChunkInfo | None = None,
+        stats: SparseStats | None = None,
+        **_sparsification: Any,  # density, rescale, gamma, epsilon, int8_mask: the statistic's
+    ) -> Tensor:
+        if stats is None:
+            raise TypeError(
+                f"{method.name} needs its statistic: run it through its MethodSpec (executor, merge_in_chunks)"
+            )
+        deltas = sparse_deltas(base, models, weight, stats, chunk)
+        mixed = mix(deltas, weight, consensus=method.consensus, normalize=normalize)
+        if lambda_ != 1:
+            mixed.mul_(lambda_)
+        return mixed.add_(base)
 
-# ---------------------------------------------------------------------------------------------
-# The generalized task arithmetic methods (mergekit's names, parameters and defaults)
-
-
-def _statistic(kind: str) -> StatisticFactory:
-    return StatisticFactory(SparseStatistic, kind)
-
-
-@merge_method(
-    "ties",
-    base="required",
-    per_model={"weight": REQUIRED, "density": 1.0},
-    elementwise=False,
-    statistic=_statistic("magnitude"),
-    reference="https://arxiv.org/abs/2306.01708",
-    temporaries=(4, 2),  # measured: tests/test_working_set.py
-)
-def ties(
-    base: Tensor,
-    models: Sequence[Tensor],
-    *,
-    weight: Sequence[float],
-    density: Sequence[float],
-    normalize: bool = True,
-    rescale: bool = False,
-    lambda_: float = 1.0,
-    int8_mask: bool = False,
-    chunk: ChunkInfo | None = None,
-    stats: SparseStats | None = None,
-) -> Tensor:
-    """TIES: keep each task vector's ⌊dᵢ·n⌋ largest |δ|, elect signs by mass, mean of the agreeing entries.
-
-    base + λ·Σᵢ wᵢ·topₖ(δᵢ)·[agrees] / Σᵢ wᵢ·[agrees]. Ties at the k-th magnitude keep the lowest flat
-    indices, so exactly k survive. ``int8_mask`` only saves memory in mergekit and is accepted for
-    compatibility.
-    """
-    del density, int8_mask
-    return _merge(base, models, weight, stats, chunk, consensus=True, normalize=normalize, lambda_=lambda_)
-
-
-@merge_method(
-    "dare_ties",
-    base="required",
-    per_model={"weight": REQUIRED, "density": 1.0},
-    elementwise=False,
-    statistic=_statistic("random"),
-    random=True,
-    reference="https://arxiv.org/abs/2311.03099",
-    temporaries=(4, 2),  # measured: tests/test_working_set.py
-)
-def dare_ties(
-    base: Tensor,
-    models: Sequence[Tensor],
-    *,
-    weight: Sequence[float],
-    density: Sequence[float],
-    normalize: bool = False,
-    rescale: bool = True,
-    lambda_: float = 1.0,
-    int8_mask: bool = False,
-    chunk: ChunkInfo | None = None,
-    stats: SparseStats | None = None,
-) -> Tensor:
-    """DARE + TIES: drop each element of δᵢ with probability 1 − dᵢ, rescale to the same L1 norm, TIES mix.
-
-    ``rescale`` multiplies the kept entries by ‖δᵢ‖₁/‖kept‖₁ (mergekit's definition: ≈ 1/dᵢ, not exactly).
-    """
-    del density, int8_mask
-    return _merge(base, models, weight, stats, chunk, consensus=True, normalize=normalize, lambda_=lambda_)
-
-
-@merge_method(
-    "dare_linear",
-    base="required",
-    per_model={"weight": REQUIRED, "density": 1.0},
-    elementwise=False,
-    statistic=_statistic("random"),
-    random=True,
-    reference="https://arxiv.org/abs/2311.03099",
-    temporaries=(4, 1),  # measured: tests/test_working_set.py
-)
-def dare_linear(
-    base: Tensor,
-    models: Sequence[Tensor],
-    *,
-    weight: Sequence[float],
-    density: Sequence[float],
-    normalize: bool = False,
-    rescale: bool = True,
-    lambda_: float = 1.0,
-    int8_mask: bool = False,
-    chunk: ChunkInfo | None = None,
-    stats: SparseStats | None = None,
-) -> Tensor:
-    """DARE: drop each element of δᵢ with probability 1 − dᵢ, rescale to the same L1 norm, then task arithmetic.
-
-    base + λ·Σᵢ wᵢ·maskᵢ·δᵢ·‖δᵢ‖₁/‖maskᵢ·δᵢ‖₁ (÷ Σ wᵢ when ``normalize``).
-    """
-    del density, int8_mask
-    return _merge(base, models, weight, stats, chunk, consensus=False, normalize=normalize, lambda_=lambda_)
-
-
-@merge_method(
-    "breadcrumbs",
-    base="required",
-    per_model={"weight": REQUIRED, "density": 1.0, "gamma": 0.01},
-    elementwise=False,
-    statistic=_statistic("magnitude_outliers"),
-    reference="https://arxiv.org/abs/2312.06795",
-    temporaries=(4, 1),  # measured: tests/test_working_set.py
-)
-def breadcrumbs(
-    base: Tensor,
-    models: Sequence[Tensor],
-    *,
-    weight: Sequence[float],
-    density: Sequence[float],
-    gamma: Sequence[float],
-    normalize: bool = False,
-    rescale: bool = False,
-    lambda_: float = 1.0,
-    int8_mask: bool = False,
-    chunk: ChunkInfo | None = None,
-    stats: SparseStats | None = None,
-) -> Tensor:
-    """Model Breadcrumbs: drop the ⌊γᵢ·n⌋ largest |δ| (outliers) and the smallest, keeping ⌊dᵢ·n⌋; task arithmetic.
-
-    base + λ·Σᵢ wᵢ·maskᵢ·δᵢ (÷ Σ wᵢ when ``normalize``).
-    """
-    del density, gamma, int8_mask
-    return _merge(base, models, weight, stats, chunk, consensus=False, normalize=normalize, lambda_=lambda_)
-
-
-@merge_method(
-    "breadcrumbs_ties",
-    base="required",
-    per_model={"weight": REQUIRED, "density": 1.0, "gamma": 0.01},
-    elementwise=False,
-    statistic=_statistic("magnitude_outliers"),
-    reference="https://arxiv.org/abs/2312.06795",
-    temporaries=(4, 2),  # measured: tests/test_working_set.py
-)
-def breadcrumbs_ties(
-    base: Tensor,
-    models: Sequence[Tensor],
-    *,
-    weight: Sequence[float],
-    density: Sequence[float],
-    gamma: Sequence[float],
-    normalize: bool = False,
-    rescale: bool = False,
-    lambda_: float = 1.0,
-    int8_mask: bool = False,
-    chunk: ChunkInfo | None = None,
-    stats: SparseStats | None = None,
-) -> Tensor:
-    """Model Breadcrumbs masks (drop the ⌊γᵢ·n⌋ largest and the smallest |δ|, keep ⌊dᵢ·n⌋) with TIES sign election."""
-    del density, gamma, int8_mask
-    return _merge(base, models, weight, stats, chunk, consensus=True, normalize=normalize, lambda_=lambda_)
-
-
-@merge_method(
-    "della",
-    base="required",
-    per_model={"weight": REQUIRED, "density": 1.0, "epsilon": 0.15},
-    elementwise=False,
-    statistic=_statistic("della"),
-    random=True,
-    reference="https://arxiv.org/abs/2406.11617",
-    temporaries=(6, 2),  # measured: tests/test_working_set.py
-)
-def della(
-    base: Tensor,
-    models: Sequence[Tensor],
-    *,
-    weight: Sequence[float],
-    density: Sequence[float],
-    epsilon: Sequence[float],
-    normalize: bool = True,
-    rescale: bool = True,
-    lambda_: float = 1.0,
-    int8_mask: bool = False,
-    chunk: ChunkInfo | None = None,
-    stats: SparseStats | None = None,
-) -> Tensor:
-    """DELLA: keep δ entries with probability dᵢ − εᵢ … dᵢ + εᵢ rising with their magnitude rank, rescale, TIES mix.
-
-    The rank runs along dim 1 (the whole vector for 1-D tensors); ``rescale`` restores ‖δᵢ‖₁.
-    """
-    del density, epsilon, int8_mask
-    return _merge(base, models, weight, stats, chunk, consensus=True, normalize=normalize, lambda_=lambda_)
-
-
-@merge_method(
-    "della_linear",
-    base="required",
-    per_model={"weight": REQUIRED, "density": 1.0, "epsilon": 0.15},
-    elementwise=False,
-    statistic=_statistic("della"),
-    random=True,
-    reference="https://arxiv.org/abs/2406.11617",
-    temporaries=(6, 2),  # measured: tests/test_working_set.py
-)
-def della_linear(
-    base: Tensor,
-    models: Sequence[Tensor],
-    *,
-    weight: Sequence[float],
-    density: Sequence[float],
-    epsilon: Sequence[float],
-    normalize: bool = False,
-    rescale: bool = True,
-    lambda_: float = 1.0,
-    int8_mask: bool = False,
-    chunk: ChunkInfo | None = None,
-    stats: SparseStats | None = None,
-) -> Tensor:
-    """DELLA's magnitude-ranked random drop (probability dᵢ ± εᵢ), L1 rescale, then task arithmetic."""
-    del density, epsilon, int8_mask
-    return _merge(base, models, weight, stats, chunk, consensus=False, normalize=normalize, lambda_=lambda_)
+    merge.__name__ = merge.__qualname__ = method.name
+    merge.__doc__ = method.summary
+    return Implementation(merge, statistic=StatisticFactory(SparseStatistic, method.sparsifier))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -726,7 +516,7 @@ class SceStatistic:
 
     def begin(self, shape: tuple[int, ...], n_models: int, params: Mapping[str, Any]) -> _SceState:
         select = float(params["select_topk"])
-        n, rows = _numel(shape), _rows(shape)
+        n, rows = math.prod(shape), tensor_rows(shape)
         if select >= 1:
             phases, selector = ["energy"], None
         elif select <= 0:
@@ -800,30 +590,17 @@ class SceStatistic:
         return SceStats(state.selector, tuple(weights))
 
 
-@merge_method(
-    "sce",
-    base="required",
-    elementwise=False,
-    statistic=SceStatistic,
-    reference="https://arxiv.org/abs/2408.07990",
-    temporaries=(6, 4),  # measured: tests/test_working_set.py
-)
 def sce(
     base: Tensor,
     models: Sequence[Tensor],
     *,
-    select_topk: float = 1.0,
-    int8_mask: bool = False,
     chunk: ChunkInfo | None = None,
     stats: SceStats | None = None,
+    **_selection: Any,  # select_topk (the statistic's) and int8_mask
 ) -> Tensor:
-    """SCE: keep the ⌊select_topk·nnz⌋ elements whose task vectors vary most across models, weight each
-    model by its share of Σ mean(δᵢ²), and average the entries agreeing with the elected sign.
-
-    base + Σᵢ ωᵢ·[agrees]·δᵢ / max(Σᵢ ωᵢ·[agrees], 1e-6), with ωᵢ = mean(δᵢ²)/Σⱼ mean(δⱼ²) over the
+    """base + Σᵢ ωᵢ·[agrees]·δᵢ / max(Σᵢ ωᵢ·[agrees], 1e-6), with ωᵢ = mean(δᵢ²)/Σⱼ mean(δⱼ²) over the
     selected δ (uniform when that sum is < 1e-6); nnz counts the elements of non-zero variance.
     """
-    del select_topk, int8_mask
     if stats is None or chunk is None:
         raise TypeError("sce needs its statistic and chunk: run it through its MethodSpec (executor, merge_in_chunks)")
     deltas = [m - base for m in models]
@@ -838,9 +615,7 @@ def sce(
         if w != 1:
             d.mul_(w)
         apply_keep_(d, m)  # ωᵢ·δᵢ where it agrees, +0.0 elsewhere
-    total = deltas[0]
-    for d in deltas[1:]:
-        total.add_(d)
+    total = accumulate_(deltas)
     return total.div_(agreeing_weight_sum(masks, stats.weights, zero_as_one=False).clamp_(min=1e-6)).add_(base)
 
 
@@ -853,3 +628,9 @@ def _sce_mix_by_definition(deltas: Sequence[Tensor], weights: Sequence[float]) -
         total.add_(torch.where(a, d * w, 0.0))
         divisor.add_(a.to(total.dtype) * w)
     return total.div_(divisor.clamp_(min=1e-6))
+
+
+IMPLEMENTATIONS = {
+    **{method.name: generalized_task_arithmetic(method) for method in GTA_FAMILY},
+    "sce": Implementation(sce, statistic=SceStatistic),
+}

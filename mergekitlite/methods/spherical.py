@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from mergekitlite.errors import MethodInputError
 from mergekitlite.methods.primitives import (
     GramStatistic,
     RowPartials,
@@ -29,7 +30,7 @@ from mergekitlite.methods.primitives import (
     quad,
     row_sums,
 )
-from mergekitlite.methods.registry import REQUIRED, ChunkInfo, merge_method
+from mergekitlite.methods.registry import ChunkInfo, Implementation, tensor_rows
 
 Gram = Sequence[Sequence[float]]
 
@@ -37,6 +38,17 @@ Gram = Sequence[Sequence[float]]
 def _need_stats(name: str, stats: object) -> None:
     if stats is None:
         raise TypeError(f"{name} needs its statistic: run it through its MethodSpec (executor, merge_in_chunks)")
+
+
+def _finite_gram(name: str, gram: Gram) -> Gram:
+    """The Gram matrix, if every entry is finite: the iterations in ``math`` raise on infinite ones (and
+    NaN ones would make every coefficient NaN)."""
+    if not all(math.isfinite(g) for row in gram for g in row):
+        raise MethodInputError(
+            f"{name}: the inputs hold NaN or infinite values (their dot products are not finite); "
+            "check the models' weights for this tensor"
+        )
+    return gram
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,19 +69,8 @@ def slerp_coefficients(
     return math.sin(theta - theta * t) / sin_theta, math.sin(theta * t) / sin_theta
 
 
-@merge_method(
-    "slerp",
-    base="required",
-    max_models=1,
-    elementwise=False,
-    statistic=StatisticFactory(GramStatistic, lambda base, models, params: [base, models[0]]),
-    reference="https://en.wikipedia.org/wiki/Slerp",
-    temporaries=(6, 2),  # measured: tests/test_working_set.py
-)
 def slerp(base: Tensor, models: Sequence[Tensor], *, t: float, stats: Gram | None = None) -> Tensor:
-    """Spherical interpolation from the base (t = 0) to the other model (t = 1), over the whole tensor.
-
-    slerp = sin((1−t)θ)/sin θ·base + sin(tθ)/sin θ·model, θ the angle between the two flattened tensors;
+    """slerp = sin((1−t)θ)/sin θ·base + sin(tθ)/sin θ·model, θ the angle between the two flattened tensors;
     (1−t)·base + t·model when they are nearly colinear (|cos θ| > 0.9995). ``t`` may vary per tensor
     (gradients, filters).
     """
@@ -140,7 +141,7 @@ class NuSlerpStatistic:
         self.passes = 0 if mode == "rows" else 1
         weight = params["weight"]
         assert isinstance(weight, Sequence)
-        rows = shape[0] if shape else 1
+        rows = tensor_rows(shape)
         state = _NuState(mode, nuslerp_t(weight), rows, RowPartials(3, rows))
         if mode == "columns":
             state.columns = torch.zeros((3, *shape[1:]), dtype=torch.float64)
@@ -200,26 +201,16 @@ def _coefficient_arrays(t: float, sums: Tensor) -> tuple[Tensor, Tensor]:
     return c[..., 0], c[..., 1]
 
 
-@merge_method(
-    "nuslerp",
-    base="optional",
-    per_model={"weight": REQUIRED},
-    min_models=2,
-    max_models=2,
-    elementwise=False,
-    statistic=NuSlerpStatistic,
-    temporaries=(6, 2),  # measured: tests/test_working_set.py
-)
 def nuslerp(
     base: Tensor | None,
     models: Sequence[Tensor],
     *,
     weight: Sequence[float],
-    nuslerp_row_wise: bool = False,
-    nuslerp_flatten: bool = True,
+    nuslerp_row_wise: bool,
+    nuslerp_flatten: bool,
     stats: tuple[float, float] | tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """SLERP of two models with t = w₁/(w₀ + w₁), of their task vectors when a base is given (base + slerp(δ₀, δ₁)).
+    """slerp(v₀, v₁, t) with t = w₁/(w₀ + w₁), vᵢ = δᵢ with a base (the result then added to it), else mᵢ.
 
     ``nuslerp_flatten`` (default): one angle for the whole tensor; otherwise one per row (fibers along the
     last dim), or per column with ``nuslerp_row_wise`` (fibers along dim 0, mergekit's naming). Lerp where
@@ -269,25 +260,16 @@ def multislerp_coefficients(gram: Gram, weight: Sequence[float], eps: float) -> 
     return [(math.cos(r) * mu[i] + math.sin(r) / r * tau[i]) * scale for i in range(n)]
 
 
-@merge_method(
-    "multislerp",
-    base="optional",
-    per_model={"weight": REQUIRED},
-    elementwise=False,
-    statistic=StatisticFactory(GramStatistic, lambda base, models, params: _nuslerp_vectors(base, models)),
-    reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
-    temporaries=(6, 2),  # measured: tests/test_working_set.py
-)
 def multislerp(
     base: Tensor | None,
     models: Sequence[Tensor],
     *,
     weight: Sequence[float],
-    normalize_weights: bool = True,
-    eps: float = 1e-8,
+    normalize_weights: bool,
+    eps: float,
     stats: Gram | None = None,
 ) -> Tensor:
-    """Barycentric SLERP of any number of models (of their task vectors when a base is given).
+    """Barycentric SLERP of the models, or of their task vectors with a base (the result then added to it).
 
     Project the unit vectors onto the tangent space at their weighted mean direction, average there
     with weights wᵢ (÷ Σ wᵢ when ``normalize_weights``), map back with the exponential map, and scale
@@ -302,14 +284,17 @@ def multislerp(
     if normalize_weights:
         total = math.fsum(w)
         if total == 0:
-            raise ValueError("multislerp: the weights sum to 0 and normalize_weights is set")
+            raise MethodInputError(
+                "multislerp: the weights sum to 0 and normalize_weights divides by their sum; change them or set "
+                "normalize_weights: false"
+            )
         w = [x / total for x in w]
-    coefficients = multislerp_coefficients(stats, w, eps)
+    coefficients = multislerp_coefficients(_finite_gram("multislerp", stats), w, eps)
     if coefficients is None:
         if len(models) != 2:
-            raise ValueError(
-                "multislerp: the weighted mean of the unit vectors is zero (antipodal inputs with balancing "
-                "weights); use different weights"
+            raise MethodInputError(
+                "multislerp: the weighted mean of the inputs' directions is zero (antipodal inputs with balancing "
+                "weights), so it has no direction; use different weights"
             )
         coefficients = w
     res = combine(vectors, coefficients)
@@ -363,23 +348,15 @@ def _karcher_points(base: Tensor | None, models: Sequence[Tensor]) -> list[Tenso
     return [*models, base] if base is not None else list(models)
 
 
-@merge_method(
-    "karcher",
-    base="optional",
-    elementwise=False,
-    statistic=StatisticFactory(GramStatistic, lambda base, models, params: _karcher_points(base, models)),
-    reference="https://en.wikipedia.org/wiki/Karcher_mean",
-    temporaries=(6, 2),  # measured: tests/test_working_set.py
-)
 def karcher(
     base: Tensor | None,
     models: Sequence[Tensor],
     *,
-    max_iter: int = 10,
-    tol: float = 1e-5,
+    max_iter: int,
+    tol: float,
     stats: Gram | None = None,
 ) -> Tensor:
-    """Karcher (Riemannian) mean of the inputs' directions on the unit sphere, times their mean norm.
+    """Karcher mean of the inputs' directions (``karcher_coefficients``), times their mean norm.
 
     All inputs weigh the same, the base model included when one is set (as in mergekit). Iterates
     at most ``max_iter`` times, until the tangent step is shorter than ``tol``.
@@ -389,4 +366,17 @@ def karcher(
         return points[0].clone()
     _need_stats("karcher", stats)
     assert stats is not None
-    return combine(points, karcher_coefficients(stats, max_iter, tol))
+    # max_iter is a whole number, but may be written 10.0.
+    return combine(points, karcher_coefficients(_finite_gram("karcher", stats), int(max_iter), tol))
+
+
+def _gram_of(vectors: Callable[[Tensor | None, Sequence[Tensor]], list[Tensor]]) -> StatisticFactory:
+    return StatisticFactory(GramStatistic, lambda base, models, params: vectors(base, models))
+
+
+IMPLEMENTATIONS = {
+    "slerp": Implementation(slerp, statistic=_gram_of(lambda base, models: [base, models[0]])),
+    "nuslerp": Implementation(nuslerp, statistic=NuSlerpStatistic),
+    "multislerp": Implementation(multislerp, statistic=_gram_of(_nuslerp_vectors)),
+    "karcher": Implementation(karcher, statistic=_gram_of(_karcher_points)),
+}

@@ -9,16 +9,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mergekitlite.methods.primitives import GramStatistic, StatisticFactory, divide_, fiber_dot
-from mergekitlite.methods.registry import merge_method
+from mergekitlite.errors import MethodInputError
+from mergekitlite.methods.primitives import GramStatistic, StatisticFactory, accumulate_, divide_, fiber_dot
+from mergekitlite.methods.registry import Implementation
+
+_DEGENERATE = "use other models, or another method for this tensor (e.g. a rule with method: linear)"
 
 
 def stock_ratio(cos_theta: float, n: int) -> float:
     """t = N·cos θ / (1 + (N − 1)·cos θ), the weight of the fine-tunes' average (Model Stock, eq. 2)."""
     denominator = 1 + (n - 1) * cos_theta
     if denominator == 0:
-        raise ValueError(
-            f"model_stock: the fine-tunes' offsets have mean cosine {cos_theta} = −1/(N−1), so t is infinite"
+        raise MethodInputError(
+            f"model_stock: the fine-tunes' offsets from the base have mean cosine {cos_theta} = −1/(N−1), "
+            f"so t = N·cos θ/(1 + (N − 1)·cos θ) divides by zero; {_DEGENERATE}"
         )
     return n * cos_theta / denominator
 
@@ -45,29 +49,17 @@ def _whole_tensor(shape: tuple[int, ...], params: Mapping[str, Any]) -> bool:
 
 
 def _average(models: Sequence[Tensor]) -> Tensor:
-    total = models[0].clone()
-    for m in models[1:]:
-        total.add_(m)
-    return divide_(total, len(models))
+    return divide_(accumulate_([models[0].clone(), *models[1:]]), len(models))
 
 
-@merge_method(
-    "model_stock",
-    base="required",
-    min_models=2,
-    elementwise=False,
-    statistic=StatisticFactory(GramStatistic, _offsets, _whole_tensor),
-    reference="https://arxiv.org/abs/2403.19522",
-    temporaries=(6, 2),  # measured: tests/test_working_set.py
-)
 def model_stock(
     base: Tensor,
     models: Sequence[Tensor],
     *,
-    filter_wise: bool = False,
+    filter_wise: bool,
     stats: Sequence[Sequence[float]] | None = None,
 ) -> Tensor:
-    """Model Stock: t·mean(models) + (1 − t)·base, with t = N·cos θ/(1 + (N − 1)·cos θ).
+    """t·mean(models) + (1 − t)·base, t = N·cos θ/(1 + (N − 1)·cos θ).
 
     θ is the angle between the fine-tunes' offsets from the base (the mean over pairs when N > 2),
     measured over the whole tensor, or per row (fibers along the last dim) with ``filter_wise`` —
@@ -100,5 +92,13 @@ def _row_ratios(offsets: Sequence[Tensor], n: int) -> Tensor:
     cos_theta = divide_(total, pairs)
     denominator = 1 + (n - 1) * cos_theta
     if bool((denominator == 0).any()):
-        raise ValueError("model_stock: a row's offsets have mean cosine −1/(N−1), so t is infinite")
+        raise MethodInputError(
+            "model_stock (filter_wise): a row's offsets from the base have mean cosine −1/(N−1), so "
+            f"t = N·cos θ/(1 + (N − 1)·cos θ) divides by zero; {_DEGENERATE}"
+        )
     return n * cos_theta / denominator
+
+
+IMPLEMENTATIONS = {
+    "model_stock": Implementation(model_stock, statistic=StatisticFactory(GramStatistic, _offsets, _whole_tensor))
+}
