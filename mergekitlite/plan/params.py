@@ -78,10 +78,9 @@ def resolve_params(
                 value = _coerce(p.name, value, p.default, f"{tensor} (model {model!r})", problems)
             values.append(value)
         resolved[p.name] = tuple(values)
-    if spec.name == "linear" and resolved.get("normalize") and isinstance(resolved.get("weight"), tuple):
-        weights = resolved["weight"]
-        if all(isinstance(w, (int, float)) for w in weights) and sum(weights) == 0:
-            problems.add(f"{tensor}: linear with normalize: the weights sum to 0 (division by zero)", group="zero-sum")
+    # Every value's range and the method's own cross-parameter rules (e.g. della's density ± epsilon).
+    for line in spec.check(resolved, model_names):
+        problems.add(f"{tensor}: {line}", group=f"check:{spec.name}:{line.split(':', 1)[0]}")
     return tuple(sorted(resolved.items()))
 
 
