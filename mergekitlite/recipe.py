@@ -533,6 +533,9 @@ def _normalize_numbers(data: dict[str, Any]) -> None:
     for _where, params in _raw_param_locations(data):
         for name in list(params):
             params[name] = _numeric_strings_to_floats(params[name])
+    for s in data.get("slices") or () if isinstance(data.get("slices"), list) else ():
+        if isinstance(s, dict) and "residual_weight" in s:  # mergekit's only other float field
+            s["residual_weight"] = _numeric_strings_to_floats(s["residual_weight"])
 
 
 def _check_kinds(setting: Any, where: tuple[str | int, ...], kind: str, problems: _Problems) -> None:
