@@ -7,10 +7,14 @@ resolves to the last one, are recorded so that the recipe loader can warn about 
 
 Anchors and aliases make a YAML file a graph: a few hundred bytes can stand for billions of values
 ("billion laughs"), and turning that into plain data would take minutes and gigabytes. So a
-document may hold at most ``MAX_VALUES`` values *after* alias expansion and nest at most
+file may hold at most ``MAX_VALUES`` values *after* alias expansion and nest at most
 ``MAX_DEPTH`` levels deep; beyond either, loading stops at once with a ``YamlSyntaxError`` naming
 the alias (or value) and the limit. Both limits are far above any real recipe (an 80-layer
 slice-by-slice recipe has about 2,000 values and nests 8 deep).
+
+Merge keys (``<<: *defaults``) follow the YAML spec, as PyYAML up to 6.0.2 does: a mapping's own
+keys win over merged ones, and of ``<<: [*a, *b]`` the first mapping wins. (PyYAML 6.0.3+ lets the
+*later* one win when the two key strings are distinct objects: it depends on string interning.)
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 import yaml
 from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
-from yaml.events import AliasEvent
+from yaml.events import AliasEvent, ScalarEvent
 from yaml.resolver import Resolver
 
 try:  # libyaml's parser: ~100x faster than PyYAML's, same events (marks count characters too)
@@ -35,7 +39,7 @@ except ImportError:  # pragma: no cover - PyYAML built without libyaml
 Path = tuple[str | int, ...]
 
 MAX_VALUES = 20_000  # per file, counting every value an alias stands for
-MAX_DEPTH = 32  # nesting of mappings and sequences, aliases followed
+MAX_DEPTH = 32  # mappings and sequences inside each other, aliases followed
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
@@ -43,6 +47,9 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 class Mark:
     line: int  # 1-based
     column: int  # 1-based
+
+
+Alias = tuple[str, Mark]  # an alias's anchor name and where the alias is written
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,7 @@ class _Budget:
     def __init__(self) -> None:
         self.used = 0
 
-    def take(self, mark: Mark, alias: tuple[str, Mark] | None) -> None:
+    def take(self, mark: Mark, alias: Alias | None) -> None:
         self.used += 1
         if self.used <= MAX_VALUES:
             return
@@ -129,7 +136,7 @@ class _BoundedLoader(Composer, *_PARSER_BASES, SafeConstructor, Resolver):  # ty
         self.budget = budget
         self.depth = 0
         # (id(parent node), sequence index or id(key node)) -> (anchor name, where the alias is written)
-        self.aliases: dict[tuple[int, int], tuple[str, Mark]] = {}
+        self.aliases: dict[tuple[int, int], Alias] = {}
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
         if self.check_event(AliasEvent):
@@ -139,8 +146,11 @@ class _BoundedLoader(Composer, *_PARSER_BASES, SafeConstructor, Resolver):  # ty
                 where = index if isinstance(index, int) else id(index)
                 self.aliases[(id(parent), where)] = (event.anchor, _mark(event.start_mark))
             return node
-        mark = _mark(self.peek_event().start_mark)
+        event = self.peek_event()
+        mark = _mark(event.start_mark)
         self.budget.take(mark, None)
+        if isinstance(event, ScalarEvent):
+            return super().compose_node(parent, index)
         self.depth += 1
         if self.depth > MAX_DEPTH:
             raise _too_deep(mark)
@@ -159,9 +169,11 @@ class _Builder:
         self.out = PositionedYaml(data=None)
         self.open: set[int] = set()  # nodes being built: an alias to one of them is a cycle
 
-    def build(self, node: yaml.Node, path: Path, alias: tuple[str, Mark] | None, depth: int) -> Any:
+    def build(self, node: yaml.Node, path: Path, alias: Alias | None, depth: int, written: Alias | None = None) -> Any:
+        """``alias``: the outermost alias being expanded (it pays for what it expands to);
+        ``written``: the alias written at this very place, if the value is one (its position is the value's)."""
         mark = _mark(node)
-        self.out.values[path] = mark
+        self.out.values[path] = written[1] if written else mark
         if isinstance(node, yaml.ScalarNode):
             if alias is not None:  # composed values were counted by the loader; repeats are counted here
                 self.budget.take(mark, alias)
@@ -176,15 +188,16 @@ class _Builder:
         self.open.add(id(node))
         try:
             if isinstance(node, yaml.SequenceNode):
-                return [
-                    self.build(item, (*path, i), alias or self._alias_at(node, i), depth + 1)
-                    for i, item in enumerate(node.value)
-                ]
+                items = []
+                for i, item in enumerate(node.value):
+                    here = self._alias_at(node, i)
+                    items.append(self.build(item, (*path, i), alias or here, depth + 1, here))
+                return items
             return self._mapping(node, path, alias, depth)
         finally:
             self.open.discard(id(node))
 
-    def _alias_at(self, parent: yaml.Node, where: int | yaml.Node) -> tuple[str, Mark] | None:
+    def _alias_at(self, parent: yaml.Node, where: int | yaml.Node) -> Alias | None:
         return self.loader.aliases.get((id(parent), where if isinstance(where, int) else id(where)))
 
     def _scalar(self, node: yaml.Node) -> Any:
@@ -196,10 +209,10 @@ class _Builder:
             raise YamlSyntaxError(f"invalid value: {exc}", _mark(node)) from None
 
     def _pairs(
-        self, node: yaml.MappingNode, alias: tuple[str, Mark] | None, depth: int
-    ) -> Iterator[tuple[yaml.Node, yaml.Node, tuple[str, Mark] | None, bool]]:
-        """(key, value, alias, merged) in the order a YAML loader assigns them: the pairs of
-        ``<<: *anchor`` merges first (the first merged mapping winning), then the mapping's own."""
+        self, node: yaml.MappingNode, alias: Alias | None, depth: int
+    ) -> Iterator[tuple[yaml.Node, yaml.Node, Alias | None, Alias | None, bool]]:
+        """(key, value, alias, written, merged) in the order a YAML loader assigns them: the pairs
+        of ``<<: *anchor`` merges first (the first merged mapping winning), then the mapping's own."""
         own = []
         for key, value in node.value:
             if key.tag != _MERGE_TAG:
@@ -212,15 +225,16 @@ class _Builder:
                     raise YamlSyntaxError("'<<' merges a mapping or a list of mappings", _mark(sub))
                 if depth > MAX_DEPTH:
                     raise _too_deep(via[1] if via else _mark(sub))
-                for k, v, a, _ in self._pairs(sub, via, depth + 1):
-                    yield k, v, a or via, True
+                for k, v, a, written, _ in self._pairs(sub, via, depth + 1):
+                    yield k, v, a or via, written, True
         for key, value in own:
-            yield key, value, alias or self._alias_at(node, key), False
+            here = self._alias_at(node, key)
+            yield key, value, alias or here, here, False
 
-    def _mapping(self, node: yaml.MappingNode, path: Path, alias: tuple[str, Mark] | None, depth: int) -> Any:
+    def _mapping(self, node: yaml.MappingNode, path: Path, alias: Alias | None, depth: int) -> Any:
         result: dict[Any, Any] = {}
         own_keys: dict[Any, Mark] = {}
-        for key_node, value_node, via, merged in self._pairs(node, alias, depth):
+        for key_node, value_node, via, written, merged in self._pairs(node, alias, depth):
             if not isinstance(key_node, yaml.ScalarNode):
                 raise YamlSyntaxError("a mapping key must be a plain value, not a list or mapping", _mark(key_node))
             key = self._scalar(key_node)
@@ -231,7 +245,7 @@ class _Builder:
                     self.out.duplicates.append(Duplicate(key_path, key_mark, own_keys[key]))
                 own_keys[key] = key_mark
             self.out.keys[key_path] = key_mark
-            result[key] = self.build(value_node, key_path, via, depth + 1)
+            result[key] = self.build(value_node, key_path, via, depth + 1, written)
         return result
 
 
