@@ -67,6 +67,8 @@ DType = Annotated[str, Field(json_schema_extra={"enum": [*DTYPES, *_DTYPE_ALIASE
 
 
 class Strict(BaseModel):
+    # Unknown keys are refused here, so that the JSON schema refuses them (editors, --strict); the
+    # loader then drops those that mergekit ignores, with a warning (_validate_schema).
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -458,13 +460,13 @@ def _pydantic_problems(errors: list[Any], data: Any, problems: _Problems, skip: 
             problems.add(loc, f"{msg[0].lower()}{msg[1:]}{shown}")
 
 
-def _validate_schema(data: dict[str, Any], problems: _Problems, warnings: _Problems, skip: set[Where]) -> Recipe | None:
+def _validate_schema(data: dict[str, Any], warnings: _Problems) -> tuple[Recipe | None, list[Any]]:
     """Pydantic validation, mergekit's way: a key that its model of that mapping ignores is
     dropped (with a warning) and the rest validated again, so the recipe means what it means to
-    mergekit. Our models forbid unknown keys so that the JSON schema (editors, --strict) does."""
+    mergekit. Returns the recipe, or the Pydantic errors left."""
     while True:
         try:
-            return Recipe.model_validate(data)
+            return Recipe.model_validate(data), []
         except ValidationError as exc:
             errors = exc.errors(include_url=False)
         dropped = False
@@ -479,8 +481,7 @@ def _validate_schema(data: dict[str, Any], problems: _Problems, warnings: _Probl
             del _mapping_at(data, loc[:-1])[loc[-1]]
             dropped = True
         if not dropped:
-            _pydantic_problems(errors, data, problems, skip)
-            return None
+            return None, errors
 
 
 def _raw_param_locations(data: dict[str, Any]) -> Iterable[tuple[tuple[str | int, ...], dict[str, Any]]]:
@@ -745,8 +746,8 @@ def _validate_document(
             key=True,
         )
     _normalize_numbers(pos.data)
-    non_finite = _check_finite(pos.data, problems)
-    recipe = _validate_schema(pos.data, problems, warnings, skip=non_finite)
+    recipe, errors = _validate_schema(pos.data, warnings)
+    _pydantic_problems(errors, pos.data, problems, skip=_check_finite(pos.data, problems))
     _raw_checks(pos.data, problems, warnings)
     if recipe is not None:
         _semantic_checks(recipe, problems)

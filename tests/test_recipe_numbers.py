@@ -157,3 +157,11 @@ def test_linear_needs_a_weight_for_every_model_in_both_forms():
     assert problems(slices) == [
         "r.yaml:5:16: slices[0].sources[0].model: linear needs parameters.weight for this model"
     ]
+
+
+def test_a_non_finite_number_under_an_ignored_key_is_only_the_key_warning():
+    """mergekit never reads it: the key's warning, and no error for what it holds."""
+    text = HEAD + "      weight: 1\n    wieghts: [.nan]\n"
+    assert parse_recipe(text, source="r.yaml").warnings == (
+        "r.yaml:7:5: models[0].wieghts: unknown key; expected one of: model, parameters; mergekit ignores this key",
+    )
