@@ -109,11 +109,12 @@ class _Budget:
     def __init__(self) -> None:
         self.used = 0
 
-    def take(self, mark: Mark, alias: Alias | None) -> None:
+    def take(self, at: Mark | yaml.Mark, alias: Alias | None) -> None:
         self.used += 1
         if self.used <= MAX_VALUES:
             return
         if alias is None:
+            mark = at if isinstance(at, Mark) else _mark(at)
             raise YamlSyntaxError(f"more than {MAX_VALUES} values (the limit for a recipe)", mark)
         name, where = alias
         raise YamlSyntaxError(
@@ -139,21 +140,19 @@ class _BoundedLoader(Composer, *_PARSER_BASES, SafeConstructor, Resolver):  # ty
         self.aliases: dict[tuple[int, int], Alias] = {}
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
-        if self.check_event(AliasEvent):
-            event = self.peek_event()
+        event = self.peek_event()
+        if isinstance(event, AliasEvent):
             node = super().compose_node(parent, index)
             if parent is not None and index is not None:  # keys are plain scalars (checked when built)
                 where = index if isinstance(index, int) else id(index)
                 self.aliases[(id(parent), where)] = (event.anchor, _mark(event.start_mark))
             return node
-        event = self.peek_event()
-        mark = _mark(event.start_mark)
-        self.budget.take(mark, None)
+        self.budget.take(event.start_mark, None)
         if isinstance(event, ScalarEvent):
             return super().compose_node(parent, index)
         self.depth += 1
         if self.depth > MAX_DEPTH:
-            raise _too_deep(mark)
+            raise _too_deep(_mark(event.start_mark))
         try:
             return super().compose_node(parent, index)
         finally:
@@ -198,6 +197,8 @@ class _Builder:
             self.open.discard(id(node))
 
     def _alias_at(self, parent: yaml.Node, where: int | yaml.Node) -> Alias | None:
+        if not self.loader.aliases:  # most recipes have none
+            return None
         return self.loader.aliases.get((id(parent), where if isinstance(where, int) else id(where)))
 
     def _scalar(self, node: yaml.Node) -> Any:

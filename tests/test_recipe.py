@@ -27,14 +27,7 @@ def warnings_of(text: str, source: str = "r.yaml") -> list[str]:
 
 def position(text: str, needle: str, occurrence: int = 1, offset: int = 0) -> str:
     """'line:col' (1-based) of the ``occurrence``-th ``needle`` in the dedented text, plus ``offset`` columns."""
-    text = textwrap.dedent(text).lstrip("\n")
-    pos = -1
-    for _ in range(occurrence):
-        pos = text.index(needle, pos + 1)
-    pos += offset
-    line = text.count("\n", 0, pos) + 1
-    col = pos - (text.rfind("\n", 0, pos) + 1) + 1
-    return f"{line}:{col}"
+    return builders.text_position(textwrap.dedent(text).lstrip("\n"), needle, occurrence, offset)
 
 
 GOOD = """

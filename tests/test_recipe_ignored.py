@@ -13,20 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 from builders import assert_bitwise, load_tensors, ref_task_arithmetic
+from builders import text_position as at
 
 from mergekitlite import MergeOptions, parse_recipe, run_merge
 from mergekitlite.cli import main, merge_main
 from mergekitlite.errors import RecipeError
 from mergekitlite.recipe import load_recipe, load_recipes, parse_recipes
-
-
-def at(text: str, needle: str, occurrence: int = 1) -> str:
-    """'line:col' (1-based) of the ``occurrence``-th ``needle`` in ``text``."""
-    pos = -1
-    for _ in range(occurrence):
-        pos = text.index(needle, pos + 1)
-    return f"{text.count(chr(10), 0, pos) + 1}:{pos - (text.rfind(chr(10), 0, pos) + 1) + 1}"
-
 
 BASE = """\
 merge_method: task_arithmetic

@@ -4,6 +4,7 @@ per-model parameter (weight) is needed in the models: and the slices: form alike
 from __future__ import annotations
 
 import pytest
+from builders import text_position as at
 
 from mergekitlite import parse_recipe
 from mergekitlite.cli import main
@@ -14,11 +15,6 @@ def problems(text: str) -> list[str]:
     with pytest.raises(RecipeError) as info:
         parse_recipe(text, source="r.yaml")
     return info.value.problems
-
-
-def at(text: str, needle: str) -> str:
-    pos = text.index(needle)
-    return f"{text.count(chr(10), 0, pos) + 1}:{pos - (text.rfind(chr(10), 0, pos) + 1) + 1}"
 
 
 HEAD = "merge_method: task_arithmetic\nbase_model: org/base\nmodels:\n  - model: org/a\n    parameters:\n"
