@@ -34,6 +34,8 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from mergekitlite.tokens import builtin_chat_template
+
 DEMO = Path(__file__).resolve().parent
 DATA = DEMO / "data"
 
@@ -42,13 +44,8 @@ ENDOFTEXT, IM_START, IM_END, UNK = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # though only the chat fine-tune ever trains the ChatML ones.
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, UNK)
 
-# The same ChatML template as mergekitlite's built-in "chatml" (no default system prompt).
-CHATML_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
+# mergekitlite's built-in "chatml" template (no default system prompt).
+CHATML_TEMPLATE = builtin_chat_template("chatml")
 
 # Fixed: the float reduction order (hence the exact weights) depends on the thread count. One thread is also the
 # fastest on a shared 2-core machine, where two busy threads fight other work for the cores.

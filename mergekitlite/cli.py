@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mergekitlite.budget import human, parse_size
@@ -93,6 +94,7 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
         "--intermediate-dir", type=Path, help="where named steps of a multi-step recipe go (default OUT.steps/)"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    p.add_argument("--strict", action="store_true", help="recipe warnings (e.g. keys mergekit ignores) are errors")
     _add_mergekit_args(p)
 
 
@@ -182,7 +184,7 @@ def _options(args: argparse.Namespace) -> MergeOptions:
 
 def _print_warnings(console: Console, warnings: Sequence[str]) -> None:
     for w in warnings:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
 
 
 def _plan_table(plan: Plan, console: Console, show_tensors: bool) -> None:
@@ -260,7 +262,7 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
     from mergekitlite.api import default_output, run_merge
     from mergekitlite.recipe import load_recipes
 
-    steps = load_recipes(args.recipe)
+    steps = load_recipes(args.recipe, strict=args.strict)
     options = _options(args)
     for note in mergekit_notes(args):
         console.print(f"[dim]note: {note}[/]", highlight=False)
@@ -361,7 +363,7 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     failed = 0
     for path in args.recipes:
         try:
-            steps = load_recipes(path)
+            steps = load_recipes(path, strict=args.strict)
         except MergekitliteError as exc:
             failed += 1
             console.print(str(exc), style="red", highlight=False, markup=False)
@@ -409,8 +411,9 @@ def cmd_methods(args: argparse.Namespace, console: Console) -> int:
 def _run(handler: Callable[[argparse.Namespace, Console], int], args: argparse.Namespace) -> int:
     # soft_wrap: a message stays on one line whatever the width, so that `file:line:col: ...`
     # lines remain parseable by editors and CI logs.
-    console = Console(stderr=False, quiet=getattr(args, "quiet", False), soft_wrap=True)
-    errors = Console(stderr=True, soft_wrap=True)
+    # emoji=False: 'r.yaml:100:3' must not print as 'r.yaml💯3'.
+    console = Console(stderr=False, quiet=getattr(args, "quiet", False), soft_wrap=True, emoji=False)
+    errors = Console(stderr=True, soft_wrap=True, emoji=False)
     try:
         return handler(args, console)
     except MergekitliteError as exc:
@@ -448,6 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("validate", help="check recipe files without opening any model")
     p.add_argument("recipes", nargs="+", type=Path)
+    p.add_argument("--strict", action="store_true", help="warnings (e.g. keys mergekit ignores) are errors")
     p.set_defaults(handler=cmd_validate)
 
     p = sub.add_parser("schema", help="write the recipe JSON schema (for editors and CI)")

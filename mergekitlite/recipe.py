@@ -2,13 +2,21 @@
 
 Loading collects *every* problem — schema errors from Pydantic and consistency checks that need
 no model files — and raises one ``RecipeError`` whose lines read
-``recipes/x.yaml:7:5: models[1].paramters: unknown key (did you mean 'parameters'?)``.
+``recipes/x.yaml:7:5: dtype: unknown dtype 'bfloat17'; expected one of float32, ...``.
+
+What mergekit *ignores* is a warning, not an error: its Pydantic models ignore unknown keys, its
+methods read only the parameters they declare, and YAML keeps the later of two equal keys. A
+published config with such a key gives the same model here as in mergekit, and the warning says
+where the key is, what was probably meant and what mergekit does with it
+(``recipes/x.yaml:7:5: models[1].paramters: unknown key (did you mean 'parameters'?); mergekit
+ignores this key: no parameters are set here``). ``strict=True`` makes every warning an error.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,7 +39,7 @@ from pydantic import (
 from mergekitlite.errors import RecipeError, UnknownMethodError
 from mergekitlite.methods import REGISTRY, Param, Range
 from mergekitlite.tokens import builtin_chat_template, builtin_chat_templates
-from mergekitlite.yamlpos import Mark, PositionedYaml, YamlSyntaxError, load_positioned_all
+from mergekitlite.yamlpos import PositionedYaml, YamlSyntaxError, load_positioned_all
 
 SCHEMA_URL_COMMENT = "# yaml-language-server: $schema=../schemas/recipe.schema.json"
 
@@ -59,6 +67,8 @@ DType = Annotated[str, Field(json_schema_extra={"enum": [*DTYPES, *_DTYPE_ALIASE
 
 
 class Strict(BaseModel):
+    # Unknown keys are refused here, so that the JSON schema refuses them (editors, --strict); the
+    # loader then drops those that mergekit ignores, with a warning (_validate_schema).
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -150,7 +160,8 @@ class InputSlice(Strict):
 class OutputSlice(Strict):
     sources: list[InputSlice] = Field(min_length=1)
     base_model: ModelName | None = None
-    residual_weight: float | None = None
+    # Accepted as in mergekit, whose planner never reads it either.
+    residual_weight: Annotated[float, Field(allow_inf_nan=False)] | None = None
     parameters: Parameters | None = None
 
 
@@ -176,7 +187,9 @@ class TokenSpec(Strict):
 
 class TokenizerConfig(Strict):
     source: ModelName = Field(
-        description="'base', or the model whose tokenizer the output gets ('union' is not supported)"
+        "union",
+        description="'base', or the model whose tokenizer the output gets ('union', mergekit's default, is not "
+        "supported yet)",
     )
     tokens: dict[str | int, TokenSpec] | None = Field(
         None, description="Per-token embedding/lm_head rows, keyed by token text or id."
@@ -230,7 +243,9 @@ class Recipe(Strict):
     )
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = Field(
-        None, description="'auto', a built-in template name (chatml), or a Jinja template."
+        None,
+        description="'auto' (the inputs' most common template), a built-in template name (alpaca, chatml, exaone, "
+        "llama3, mistral), or a Jinja template.",
     )
     # -- mergekitlite additions (all optional) --
     name: str | None = Field(
@@ -311,68 +326,129 @@ def _fmt_path(path: Iterable[str | int]) -> str:
     return out or "(top level)"
 
 
+Where = tuple[str | int, ...]
+
+
 class _Problems:
-    """Collects (path, message) pairs and renders them as file:line:col lines."""
+    """Collects (path, message) pairs and renders them as ``file:line:col: path: message`` lines."""
 
     def __init__(self, source: str, pos: PositionedYaml):
         self.source = source
         self.pos = pos
-        self.items: list[tuple[Mark | None, str]] = []
+        self.items: list[tuple[tuple[int, int], str]] = []
+        self.paths: set[Where] = set()
 
-    def add(self, path: tuple[str | int, ...], message: str, *, key: bool = False) -> None:
+    def add(self, path: Where, message: str, *, key: bool = False) -> None:
         mark = self.pos.locate(path, prefer_key=key)
-        self.items.append((mark, f"{_fmt_path(path)}: {message}"))
+        where = f"{self.source}:{mark.line}:{mark.column}" if mark else self.source
+        self.items.append(((mark.line, mark.column) if mark else (0, 0), f"{where}: {_fmt_path(path)}: {message}"))
+        self.paths.add(path)
 
     def lines(self) -> list[str]:
-        def sort_key(item: tuple[Mark | None, str]) -> tuple[int, int]:
-            m = item[0]
-            return (m.line, m.column) if m else (0, 0)
-
-        out = []
-        for mark, msg in sorted(self.items, key=sort_key):
-            where = f"{self.source}:{mark.line}:{mark.column}" if mark else self.source
-            out.append(f"{where}: {msg}")
-        return out
+        return [line for _pos, line in sorted(self.items, key=lambda item: item[0])]
 
 
-def _known_keys(model: type[BaseModel]) -> list[str]:
-    return list(model.model_fields)
+# Which model validates the mapping under a field: (model, field) -> (child model, whether the
+# field is a mapping of arbitrary names to children rather than a child or a list of them).
+_CHILDREN: dict[tuple[type[BaseModel], str], tuple[type[BaseModel], bool]] = {
+    (Recipe, "models"): (InputModel, False),
+    (Recipe, "slices"): (OutputSlice, False),
+    (OutputSlice, "sources"): (InputSlice, False),
+    (Recipe, "tokenizer"): (TokenizerConfig, False),
+    (TokenizerConfig, "tokens"): (TokenSpec, True),
+    (TokenSpec, "source"): (TokenSource, False),
+    (Recipe, "rules"): (Rule, False),
+    **{(m, "parameters"): (ConditionalParameter, True) for m in (Recipe, InputModel, InputSlice, OutputSlice, Rule)},
+}
+
+# Keys mergekit reads that mergekitlite does not implement: ignoring them would give another model.
+_UNSUPPORTED: dict[tuple[type[BaseModel], str], str] = {
+    (Recipe, "modules"): "mergekit's per-module merges (for multimodal models) are not supported; "
+    "merge the language model with 'models:' or 'slices:'",
+}
+
+# Parts of Pydantic error locations that name a union member, not a key of the user's file.
+_TYPE_TAGS = _SETTING_TAGS | {"str", "int", "float", "bool", "TokenSource"}
 
 
-def _model_for_path(path: tuple[str | int, ...]) -> type[BaseModel] | None:
-    """Which Pydantic model a mapping at ``path`` is validated against (for 'did you mean')."""
-    names = [p for p in path if isinstance(p, str) and p not in _SETTING_TAGS]
-    if not names:
-        return Recipe
-    last = names[-1]
-    table: dict[str, type[BaseModel]] = {
-        "models": InputModel,
-        "slices": OutputSlice,
-        "sources": InputSlice,
-        "tokenizer": TokenizerConfig,
-        "rules": Rule,
-    }
-    if len(names) >= 2 and names[-2] == "parameters":
-        return ConditionalParameter
-    return table.get(last)
+def _model_for_path(path: Where) -> type[BaseModel] | None:
+    """Which Pydantic model validates the mapping at ``path`` (None: not a model's mapping)."""
+    model: type[BaseModel] = Recipe
+    named_entry = False
+    for part in path:
+        if named_entry:  # a parameter name or token
+            named_entry = False
+        elif isinstance(part, int):  # a list entry
+            continue
+        elif (child := _CHILDREN.get((model, part))) is None:
+            return None
+        else:
+            model, named_entry = child
+    return model
 
 
-def _pydantic_problems(exc: ValidationError, problems: _Problems) -> None:
-    for err in exc.errors(include_url=False):
-        # Discriminator tags ('rules', 'gradient') are not part of the user's file: drop them.
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _SETTING_TAGS))
+def _data_path(data: Any, loc: tuple[Any, ...]) -> Where:
+    """A Pydantic error location as a path in the user's data: union member tags ('rules',
+    'TokenSource', 'str') dropped; a missing key (the last part) kept."""
+    path: list[str | int] = []
+    node = data
+    for i, part in enumerate(loc):
+        if (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        ):
+            path.append(part)
+            node = node[part]
+        elif i == len(loc) - 1 and isinstance(node, dict) and part not in _TYPE_TAGS:
+            path.append(part)
+    return tuple(path)
+
+
+def _mapping_at(data: Any, path: Where) -> dict[Any, Any]:
+    node = data
+    for part in path:
+        node = node[part]
+    assert isinstance(node, dict)
+    return node
+
+
+def _ignored_key_message(data: dict[str, Any], path: Where, model: type[BaseModel]) -> str:
+    """The warning for a key that mergekit's ``model`` ignores: where it probably belongs, and
+    what mergekit makes of the mapping without it (which is what mergekitlite makes of it too)."""
+    key = str(path[-1])
+    mapping = _mapping_at(data, path[:-1])
+    known = list(model.model_fields)
+    close = difflib.get_close_matches(key, known, n=1)
+    meant = close[0] if close else None
+    misplaced_parameter = not meant and key in REGISTRY.all_param_names() and "parameters" in known
+    if meant:
+        hint = f" (did you mean {meant!r}?)"
+    elif misplaced_parameter:
+        hint = f" ({key!r} is a merge parameter: it takes effect under 'parameters:')"
+    else:
+        hint = f"; expected one of: {', '.join(known)}"
+    if misplaced_parameter:
+        effect = ": it sets no parameter"
+    elif model is ConditionalParameter and "filter" not in mapping:
+        effect = ": this rule has no filter, so it applies to every tensor"
+    elif meant in ("tokenizer_source", "tokenizer") and not {"tokenizer_source", "tokenizer"} & set(mapping):
+        effect = ": the tokenizer comes from the base model"
+    elif meant == "parameters" and "parameters" not in mapping:
+        effect = ": no parameters are set here"
+    elif meant and meant not in mapping and model.model_fields[meant].is_required():
+        effect = f", and {meant!r} is required"
+    else:
+        effect = ""
+    return f"unknown key{hint}; mergekit ignores this key{effect}"
+
+
+def _pydantic_problems(errors: list[Any], data: Any, problems: _Problems, skip: set[Where]) -> None:
+    for err in errors:
+        loc = _data_path(data, err["loc"])
+        if any(loc[: len(s)] == s for s in skip):
+            continue  # already reported (a non-finite number)
         kind = err["type"]
-        if kind == "extra_forbidden":
-            key = loc[-1]
-            model = _model_for_path(loc[:-1])
-            hint = ""
-            if model is not None:
-                close = difflib.get_close_matches(str(key), _known_keys(model), n=1)
-                if close:
-                    hint = f" (did you mean {close[0]!r}?)"
-                else:
-                    hint = f"; expected one of: {', '.join(_known_keys(model))}"
-            problems.add(loc, f"unknown key{hint}", key=True)
+        if kind == "extra_forbidden":  # left after the ignored keys were dropped: a key mergekit uses
+            problems.add(loc, _UNSUPPORTED.get((_model_for_path(loc[:-1]), loc[-1]), "unknown key"), key=True)
         elif kind == "missing":
             problems.add(loc, "required key is missing")
         elif kind == "parameter_setting":
@@ -382,6 +458,30 @@ def _pydantic_problems(exc: ValidationError, problems: _Problems) -> None:
             msg = err["msg"].removeprefix("Value error, ")
             shown = f"; got {got!r}" if not isinstance(got, (dict, list)) and repr(got) not in msg else ""
             problems.add(loc, f"{msg[0].lower()}{msg[1:]}{shown}")
+
+
+def _validate_schema(data: dict[str, Any], warnings: _Problems) -> tuple[Recipe | None, list[Any]]:
+    """Pydantic validation, mergekit's way: a key that its model of that mapping ignores is
+    dropped (with a warning) and the rest validated again, so the recipe means what it means to
+    mergekit. Returns the recipe, or the Pydantic errors left."""
+    while True:
+        try:
+            return Recipe.model_validate(data), []
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+        dropped = False
+        for err in errors:
+            if err["type"] != "extra_forbidden":
+                continue
+            loc = _data_path(data, err["loc"])
+            model = _model_for_path(loc[:-1])
+            if model is None or (model, loc[-1]) in _UNSUPPORTED:
+                continue
+            warnings.add(loc, _ignored_key_message(data, loc, model), key=True)
+            del _mapping_at(data, loc[:-1])[loc[-1]]
+            dropped = True
+        if not dropped:
+            return None, errors
 
 
 def _raw_param_locations(data: dict[str, Any]) -> Iterable[tuple[tuple[str | int, ...], dict[str, Any]]]:
@@ -434,6 +534,9 @@ def _normalize_numbers(data: dict[str, Any]) -> None:
     for _where, params in _raw_param_locations(data):
         for name in list(params):
             params[name] = _numeric_strings_to_floats(params[name])
+    for s in data.get("slices") or () if isinstance(data.get("slices"), list) else ():
+        if isinstance(s, dict) and "residual_weight" in s:  # mergekit's only other float field
+            s["residual_weight"] = _numeric_strings_to_floats(s["residual_weight"])
 
 
 def _check_values(setting: Any, where: tuple[str | int, ...], param: Param, problems: _Problems) -> None:
@@ -448,11 +551,13 @@ def _check_values(setting: Any, where: tuple[str | int, ...], param: Param, prob
         for i, item in enumerate(setting):
             _check_values(item, (*where, i), param, problems)
         return
+    if isinstance(setting, float) and not math.isfinite(setting):
+        return  # reported once, with the recipe's own spelling, by the non-finite check
     if (problem := param.check(setting)) is not None:
         problems.add(where, problem)
 
 
-def _raw_checks(data: dict[str, Any], problems: _Problems, warnings: list[str]) -> None:
+def _raw_checks(data: dict[str, Any], problems: _Problems, warnings: _Problems) -> None:
     """Method name and parameter names, checked on the raw mapping."""
     method = data.get("merge_method")
     if not isinstance(method, str):
@@ -462,8 +567,9 @@ def _raw_checks(data: dict[str, Any], problems: _Problems, warnings: list[str]) 
     except UnknownMethodError as exc:
         problems.add(("merge_method",), exc.problems[0])
         return
-    # Typos are errors; names that belong to another method are warnings (published configs
-    # often carry e.g. int8_mask or density whatever the method).
+    # Parameters the method does not take are warnings: mergekit's planner reads only the names a
+    # method declares (plan.py: `for p in tensor_merge_method.parameters()`) and ignores the rest,
+    # typos included, and published configs often carry e.g. int8_mask or density whatever the method.
     known_everywhere = REGISTRY.all_param_names()
     rule_methods = (
         {i: r.get("method") for i, r in enumerate(data.get("rules") or ()) if isinstance(r, dict)}
@@ -485,13 +591,56 @@ def _raw_checks(data: dict[str, Any], problems: _Problems, warnings: list[str]) 
                 _check_values(setting, (*where, name), param, problems)
                 continue
             if name in known_everywhere:
-                warnings.append(f"{_fmt_path((*where, name))}: {mine_spec.name} does not use '{name}'; ignored")
+                warnings.add((*where, name), f"{mine_spec.name} does not use '{name}'; mergekit ignores it", key=True)
                 continue
             close = difflib.get_close_matches(str(name), sorted(known_everywhere), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             expected = ", ".join(sorted(mine)) or "none"
-            problems.add(
-                (*where, name), f"unknown parameter for {mine_spec.name}{hint}; it takes: {expected}", key=True
+            warnings.add(
+                (*where, name),
+                f"unknown parameter for {mine_spec.name}{hint}; it takes: {expected}; mergekit ignores it",
+                key=True,
+            )
+
+
+def _yaml_float(value: float) -> str:
+    return ".nan" if math.isnan(value) else ".inf" if value > 0 else "-.inf"
+
+
+def _check_finite(data: Any, problems: _Problems) -> set[Where]:
+    """Every number must be finite: a .nan or .inf weight (or 1e400, which is infinite) would
+    give a model of NaNs without a word. Returns where they are, so that schema errors about the
+    same values are not reported twice."""
+    found: set[Where] = set()
+
+    def walk(node: Any, path: Where) -> None:  # the YAML loader bounds the depth
+        if isinstance(node, float) and not math.isfinite(node):
+            hint = " (numbers beyond ±1.8e308 are infinite)" if math.isinf(node) else ""
+            problems.add(path, f"expected a finite number, got {_yaml_float(node)}{hint}")
+            found.add(path)
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, (*path, k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, (*path, i))
+
+    walk(data, ())
+    return found
+
+
+def _inputs(recipe: Recipe) -> Iterable[tuple[Where, str, tuple[Parameters | None, ...], str | None]]:
+    """Every input model with where it is written, its parameter levels (most specific first)
+    and the base model it is merged against."""
+    for i, m in enumerate(recipe.models or ()):
+        yield ("models", i), m.model, (m.parameters,), recipe.base_model
+    for i, s in enumerate(recipe.slices or ()):
+        for j, src in enumerate(s.sources):
+            yield (
+                ("slices", i, "sources", j),
+                src.model,
+                (src.parameters, s.parameters),
+                s.base_model or recipe.base_model,
             )
 
 
@@ -517,17 +666,22 @@ def _semantic_checks(recipe: Recipe, problems: _Problems) -> None:
             f"{spec.name} needs 'base_model' (the model the differences are taken from, e.g. the pretrained parent)",
         )
 
-    # Required per-model parameters (e.g. weight) must be given for each non-base model, either
-    # on the model or globally.
+    # A required per-model parameter (weight, for linear, task_arithmetic, ties, ...) must be given
+    # for every input but the base model, on the input, its slice or globally: mergekit declares it
+    # required (ConfigParameterDef(name="weight", required=True)) and its planner stops with "Missing
+    # required parameter" otherwise (plan.py: required=p.required and not is_base) - in the models:
+    # form, which it turns into one slice, and in the slices: form alike. So both forms are checked
+    # here, the same way, before any model is opened. Filters that leave some tensors without a
+    # value are found by the planner, which knows the tensor names.
     global_names = set(recipe.parameters or {})
     for p in spec.model_params:
         if not p.required or p.name in global_names:
             continue
-        for i, m in enumerate(recipe.models or ()):
-            if spec.base != "unused" and m.model == recipe.base_model:
+        for where, model, levels, base in _inputs(recipe):
+            if spec.base != "unused" and model == base:
                 continue
-            if p.name not in (m.parameters or {}):
-                problems.add(("models", i, "model"), f"{spec.name} needs parameters.{p.name} for this model")
+            if not any(p.name in (level or {}) for level in levels):
+                problems.add((*where, "model"), f"{spec.name} needs parameters.{p.name} for this model")
 
     count = len([m for m in recipe.models or () if not (spec.base != "unused" and m.model == recipe.base_model)])
     if recipe.models:
@@ -552,17 +706,19 @@ def _semantic_checks(recipe: Recipe, problems: _Problems) -> None:
             except re.error as exc:
                 problems.add(("rules", i, "match"), f"invalid regular expression: {exc}")
 
-    if recipe.tokenizer_source == "union" or (recipe.tokenizer and recipe.tokenizer.source == "union"):
-        problems.add(
-            ("tokenizer_source",) if recipe.tokenizer_source else ("tokenizer", "source"),
-            "'union' tokenizers are not supported yet; name the model whose tokenizer the output should use",
-        )
+    union = "a 'union' tokenizer (every model's tokens) is not supported yet; name the model whose tokenizer to use"
+    if recipe.tokenizer_source == "union":
+        problems.add(("tokenizer_source",), union)
+    elif recipe.tokenizer and recipe.tokenizer.source == "union":
+        given = "source" in recipe.tokenizer.model_fields_set
+        problems.add(("tokenizer", "source"), union if given else f"not given, so mergekit's default applies: {union}")
     template = recipe.chat_template
     if template is not None and template != "auto" and builtin_chat_template(template) is None and "{" not in template:
         names = ", ".join(builtin_chat_templates())
         problems.add(
             ("chat_template",),
-            f"{template!r} is neither a built-in template ({names}), 'auto', nor a Jinja template",
+            f"unknown chat template {template!r}; the built-in ones are {names} "
+            "('auto' takes the inputs' most common template; a Jinja template is used as written)",
         )
     if recipe.tokenizer and recipe.tokenizer.pad_to_multiple_of:
         problems.add(("tokenizer", "pad_to_multiple_of"), "padding the vocabulary is not supported yet")
@@ -573,27 +729,32 @@ def _semantic_checks(recipe: Recipe, problems: _Problems) -> None:
 
 
 def _validate_document(
-    pos: PositionedYaml, text: str, source: str, path: Path | None, whole: bool
+    pos: PositionedYaml, text: str, source: str, path: Path | None, whole: bool, strict: bool
 ) -> tuple[LoadedRecipe | None, list[str]]:
-    problems = _Problems(source, pos)
-    for dup_path, _mark in pos.duplicates:
-        problems.add(dup_path, "duplicate key (the later value would silently win)", key=True)
     if not isinstance(pos.data, dict):
         kind = "empty" if pos.data is None else type(pos.data).__name__
         first = pos.values.get(())
         where = f"{source}:{first.line}:{first.column}" if first else source
         return None, [f"{where}: expected a mapping with merge_method, models, ...; found {kind}"]
-    warnings: list[str] = []
-    recipe: Recipe | None = None
+    problems = _Problems(source, pos)
+    warnings = _Problems(source, pos)
+    for dup in pos.duplicates:
+        warnings.add(
+            dup.path,
+            f"duplicate key (also on line {dup.earlier.line}); mergekit, as any YAML loader, "
+            f"uses this later value and ignores the one on line {dup.earlier.line}",
+            key=True,
+        )
     _normalize_numbers(pos.data)
-    try:
-        recipe = Recipe.model_validate(pos.data)
-    except ValidationError as exc:
-        _pydantic_problems(exc, problems)
+    recipe, errors = _validate_schema(pos.data, warnings)
+    _pydantic_problems(errors, pos.data, problems, skip=_check_finite(pos.data, problems))
     _raw_checks(pos.data, problems, warnings)
     if recipe is not None:
         _semantic_checks(recipe, problems)
-    if problems.items or recipe is None:
+    if problems.items or recipe is None or (strict and warnings.items):
+        # Strict: every warning is an error. Failing anyway: the warnings often say why (a
+        # misspelled 'paramters' is why a model has no weight), so they are listed too.
+        problems.items += warnings.items
         return None, problems.lines()
     doc_text = text[pos.span[0] : pos.span[1]] if pos.span != (0, 0) and not whole else text
     loaded = LoadedRecipe(
@@ -601,15 +762,18 @@ def _validate_document(
         text=doc_text if doc_text.strip() else text,
         file_text=text,
         path=path,
-        warnings=tuple(f"{source}: {w}" for w in warnings),
+        warnings=tuple(warnings.lines()),
         positions=pos,
     )
     return loaded, []
 
 
-def parse_recipes(text: str, source: str = "<recipe>", path: Path | None = None) -> list[LoadedRecipe]:
+def parse_recipes(
+    text: str, source: str = "<recipe>", path: Path | None = None, *, strict: bool = False
+) -> list[LoadedRecipe]:
     """Validate every document (merge step) of ``text``; later steps may use earlier steps'
-    ``name`` as a model (mergekit-multi's format). Raises one RecipeError listing every problem."""
+    ``name`` as a model (mergekit-multi's format). Raises one RecipeError listing every problem;
+    with ``strict``, what would be a warning (a key mergekit ignores) is a problem too."""
     try:
         docs = load_positioned_all(text)
     except YamlSyntaxError as exc:
@@ -621,7 +785,7 @@ def parse_recipes(text: str, source: str = "<recipe>", path: Path | None = None)
     lines: list[str] = []
     for pos in docs:
         # A single-step recipe keeps its whole text, comments included (the card quotes it).
-        loaded, errs = _validate_document(pos, text, source, path, whole=len(docs) == 1)
+        loaded, errs = _validate_document(pos, text, source, path, whole=len(docs) == 1, strict=strict)
         lines += errs
         if loaded is not None:
             steps.append(loaded)
@@ -679,9 +843,11 @@ def _check_steps(steps: list[LoadedRecipe], source: str) -> list[str]:
     return lines
 
 
-def parse_recipe(text: str, source: str = "<recipe>", path: Path | None = None) -> LoadedRecipe:
+def parse_recipe(
+    text: str, source: str = "<recipe>", path: Path | None = None, *, strict: bool = False
+) -> LoadedRecipe:
     """Validate a single-step recipe ``text``; ``source`` is how error lines name it."""
-    steps = parse_recipes(text, source, path)
+    steps = parse_recipes(text, source, path, strict=strict)
     if len(steps) > 1:
         raise RecipeError(
             [f"{source}: has {len(steps)} merge steps; use parse_recipes/load_recipes for multi-step recipes"]
@@ -701,16 +867,17 @@ def _read_text(path: str | Path) -> tuple[Path, str]:
         raise RecipeError([f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
 
 
-def load_recipes(path: str | Path) -> list[LoadedRecipe]:
+def load_recipes(path: str | Path, *, strict: bool = False) -> list[LoadedRecipe]:
     """Read and validate a recipe file of one or more merge steps."""
     p, text = _read_text(path)
-    return parse_recipes(text, source=str(path), path=p.resolve())
+    return parse_recipes(text, source=str(path), path=p.resolve(), strict=strict)
 
 
-def load_recipe(path: str | Path) -> LoadedRecipe:
-    """Read and validate a single-step recipe file. Raises ``RecipeError`` listing every problem."""
+def load_recipe(path: str | Path, *, strict: bool = False) -> LoadedRecipe:
+    """Read and validate a single-step recipe file. Raises ``RecipeError`` listing every problem
+    (with ``strict``, the warnings too)."""
     p, text = _read_text(path)
-    return parse_recipe(text, source=str(path), path=p.resolve())
+    return parse_recipe(text, source=str(path), path=p.resolve(), strict=strict)
 
 
 def _bounded_setting(valid: Range) -> dict[str, Any]:

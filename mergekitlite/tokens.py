@@ -74,15 +74,20 @@ class TokenInfo:
         return list(dict.fromkeys(ids))
 
 
-def builtin_chat_template(name: str) -> str | None:
-    """A chat template shipped with mergekitlite (``chat_template: chatml``), or None."""
-    path = resources.files("mergekitlite") / "templates" / f"{name}.jinja"
-    return path.read_text(encoding="utf-8") if path.is_file() else None
-
-
 def builtin_chat_templates() -> list[str]:
+    """Names of the chat templates shipped in ``mergekitlite/templates/``: mergekit's names
+    (alpaca, chatml, exaone, llama3, mistral), each written from its model family's documented format."""
     folder = resources.files("mergekitlite") / "templates"
     return sorted(p.name.removesuffix(".jinja") for p in folder.iterdir() if p.name.endswith(".jinja"))
+
+
+def builtin_chat_template(name: str) -> str | None:
+    """The shipped chat template called ``name`` (``chat_template: llama3``), or None. Its text is
+    the file's without the newline that ends the file (a template ends where its last tag does)."""
+    if name not in builtin_chat_templates():
+        return None
+    path = resources.files("mergekitlite") / "templates" / f"{name}.jinja"
+    return path.read_text(encoding="utf-8").removesuffix("\n")
 
 
 def chat_template_of(folder: Path) -> str | None:

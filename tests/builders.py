@@ -488,6 +488,16 @@ def ref_add_difference(
     return total + models[0].to(dtype)
 
 
+def text_position(text: str, needle: str, occurrence: int = 1, offset: int = 0) -> str:
+    """'line:col' (1-based, as error messages write it) of the ``occurrence``-th ``needle`` in ``text``,
+    plus ``offset`` columns."""
+    pos = -1
+    for _ in range(occurrence):
+        pos = text.index(needle, pos + 1)
+    pos += offset
+    return f"{text.count(chr(10), 0, pos) + 1}:{pos - (text.rfind(chr(10), 0, pos) + 1) + 1}"
+
+
 def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, name: str = "") -> None:
     """Same dtype, shape and bits (NaN-safe), with a helpful message when not."""
     assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"

@@ -59,8 +59,8 @@ models:
         ("1.5", "1.0", "", "1.5", "models[0].parameters.density", "must be between 0 and 1, got 1.5"),
         ("-0.2", "1.0", "", "-0.2", "models[0].parameters.density", "must be between 0 and 1, got -0.2"),
         ("[0.2, 1.25]", "1.0", "", "1.25", "models[0].parameters.density[1]", "must be between 0 and 1, got 1.25"),
-        ("0.5", ".nan", "", ".nan", "models[1].parameters.weight", "must be a finite number, got nan"),
-        ("0.5", "-.inf", "", "-.inf", "models[1].parameters.weight", "must be a finite number, got -inf"),
+        ("0.5", ".nan", "", ".nan", "models[1].parameters.weight", "expected a finite number, got .nan"),
+        ("0.5", "-.inf", "", "-.inf", "models[1].parameters.weight", "expected a finite number, got -.inf"),
         (
             "[{filter: mlp, value: 2}, {value: 0.5}]",
             "1.0",
@@ -78,7 +78,7 @@ models:
             "must be between 0 and 1, got -1",
         ),
         ("0.5", "1.0", "\n  density: 7", "7", "parameters.density", "must be between 0 and 1, got 7"),
-        ("0.5", "1.0", "\n  lambda: .inf", ".inf", "parameters.lambda", "must be a finite number, got inf"),
+        ("0.5", "1.0", "\n  lambda: .inf", ".inf", "parameters.lambda", "expected a finite number, got .inf"),
     ],
 )
 def test_out_of_range_value_is_a_recipe_error_at_the_value(
@@ -90,7 +90,7 @@ def test_out_of_range_value_is_a_recipe_error_at_the_value(
     line, col = where(text, needle)
     assert code == 2, err
     assert f"{recipe}:{line}:{col}: {key}: {message}" in err
-    assert err.count("must be") == 1
+    assert err.count(f"{key}:") == 1  # reported once
 
 
 def test_rule_and_slice_values_are_checked_against_their_method(write_recipe, capsys) -> None:

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from mergekitlite.cli import main
-from mergekitlite.recipe import load_recipes, recipe_json_schema
+from mergekitlite.errors import RecipeError
+from mergekitlite.recipe import load_recipes, parse_recipes, recipe_json_schema
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA_FILE = REPO / "schemas" / "recipe.schema.json"
@@ -59,25 +60,32 @@ def test_every_shipped_recipe_validates_and_loads(schema):
     assert checked == len(RECIPES)  # an empty recipes/ folder passes, having checked nothing
 
 
-@pytest.mark.parametrize(
-    ("doc", "why"),
-    [
-        ({"merge_method": "linear", "modles": []}, "unknown top-level key"),
-        ({"models": [{"model": "a"}]}, "merge_method missing"),
-        ({"merge_method": "linear", "models": [{"model": "a", "paramters": {}}]}, "unknown model key"),
-        (
-            {
-                "merge_method": "linear",
-                "models": [{"model": "a", "parameters": {"weight": {"filtr": "x", "value": 1}}}],
-            },
-            "unknown rule key",
-        ),
-        ({"merge_method": "linear", "models": [{"model": "a"}], "dtype": "int8"}, "unknown dtype"),
-        ({"merge_method": "linear", "models": [{"model": "a"}], "compute_dtype": "float8"}, "unknown compute dtype"),
-    ],
-)
-def test_schema_rejects_invalid_recipes(schema, doc, why):
+# Recipes the schema rejects, and what the loader names when it rejects them (keys mergekit ignores: with strict).
+A = {"model": "a", "parameters": {"weight": 1}}
+INVALID = [
+    ({"merge_method": "linear", "models": [A], "modles": []}, "unknown top-level key", "modles"),
+    ({"models": [A]}, "merge_method missing", "merge_method"),
+    ({"merge_method": "linear", "models": [{**A, "paramters": {}}]}, "unknown model key", "paramters"),
+    (
+        {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": {"filtr": "x", "value": 1}}}]},
+        "unknown rule key",
+        "filtr",
+    ),
+    ({"merge_method": "linear", "models": [A], "dtype": "int8"}, "unknown dtype", "int8"),
+    ({"merge_method": "linear", "models": [A], "compute_dtype": "float8"}, "unknown compute dtype", "float8"),
+]
+
+
+@pytest.mark.parametrize(("doc", "why", "needle"), INVALID)
+def test_schema_rejects_invalid_recipes(schema, doc, why, needle):
     assert list(jsonschema.Draft202012Validator(schema).iter_errors(doc)), why
+
+
+@pytest.mark.parametrize(("doc", "why", "needle"), INVALID)
+def test_the_strict_loader_rejects_what_the_schema_rejects(doc, why, needle):
+    with pytest.raises(RecipeError) as info:
+        parse_recipes(yaml.safe_dump(doc), strict=True)
+    assert [p for p in info.value.problems if needle in p], (why, info.value.problems)
 
 
 def test_schema_accepts_mergekit_forms(schema):

@@ -20,17 +20,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mergekitlite.tokens import builtin_chat_template
+
 if TYPE_CHECKING:  # transformers is imported lazily: it is slow to import
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 ENDOFTEXT, IM_START, IM_END, UNK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"
 SPECIALS = (ENDOFTEXT, IM_START, IM_END, UNK)
-CHATML = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
+CHATML = builtin_chat_template("chatml")
 ALPHABET = "".join(chr(c) for c in range(0x20, 0x7F)) + "\n"
 
 
