@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import save_file
 
 from mergekitlite.cli import main
+from mergekitlite.cli.heatmap import plot_heatmap
+from mergekitlite.cli.labels import module_labels as short_labels
 from mergekitlite.diff import (
     DiffResult,
     diff_models,
     layer_and_module,
     open_model,
-    plot_heatmap,
-    short_labels,
 )
 
 H = 8
