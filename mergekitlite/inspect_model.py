@@ -322,8 +322,9 @@ def unstoppable_end_flags(tokens: TokenInfo, stops: Sequence[int], result: Inspe
         ):
             continue
         flags.append(
-            f"{row.token} (id {row.id}) ends turns and its {label} row looks trained (norm {fmt_norm(norm)}; all "
-            f"rows: {describe_norms(stats)}), but generation stops on {where} and {template}: answers that end with "
+            f"{row.token} (id {row.id}) ends turns and the model can emit it (its {label} row's norm "
+            f"{fmt_norm(norm)} is like the others': {describe_norms(stats)}), but generation stops on {where} and "
+            f"{template}: answers that end with "
             f"{row.token} will run on to max_new_tokens (add {row.id} to eos_token_id in generation_config.json, "
             "or take tokenizer, chat template and generation_config.json from the chat model: tokenizer_source)"
         )

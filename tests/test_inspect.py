@@ -144,8 +144,8 @@ def test_chat_template_end_token_not_an_eos_is_flagged(tmp_path):
     no_template = inspect(make_model(tmp_path / "base", stop_on=(0,), chat_template=None))
     assert not no_template.chat_template
     assert no_template.flags == [
-        "<|im_end|> (id 2) ends turns and its lm_head row looks trained (norm 8; all rows: mean "
-        f"{no_template.lm_head_stats.mean:.3g}, std {no_template.lm_head_stats.std:.3g}, median "
+        "<|im_end|> (id 2) ends turns and the model can emit it (its lm_head row's norm 8 is like the others': "
+        f"mean {no_template.lm_head_stats.mean:.3g}, std {no_template.lm_head_stats.std:.3g}, median "
         f"{no_template.lm_head_stats.median:.3g}), but generation stops on eos ids [0] and there is no chat "
         "template: answers that end with <|im_end|> will run on to max_new_tokens (add 2 to eos_token_id in "
         "generation_config.json, or take tokenizer, chat template and generation_config.json from the chat model: "

@@ -95,7 +95,7 @@ def methods_table(specs: dict[str, MethodSpec]) -> Table:
         params = _parameters(spec)
         body.append(f"; {params}" if params else "; no parameters", style="dim")
         table.add_row(label, body)
-    table.caption = "* per model: set under each model's parameters (or globally); =value: the default"
+    table.caption = "* per model (under each model's parameters, or globally); =value: the default"
     return table
 
 

@@ -4,7 +4,7 @@ One panel per metric. Each panel reads top to bottom like the model: the tensors
 (token embedding), the layers (x = module, y = layer, layer 0 at the top), the tensors after them (final
 norm, lm_head). Every relative-norm panel shares one colour scale, from 0 to the largest value (never
 less than ``NOISE_FLOOR``, so float rounding between identical models stays the colour of 0); the cosine
-panel is on its own fixed −1 … 1 scale; grey cells are undefined (a zero delta or reference). Cells carry
+panel is on its own fixed −1 … 1 scale; hatched cells are undefined (a zero delta or reference). Cells carry
 their numbers while there is room for them (up to ``ANNOTATED_LAYERS`` layers).
 
 matplotlib's object API (``Figure`` + Agg canvas) is used, so no global pyplot state or backend is touched.
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 NOISE_FLOOR = 1e-6  # relative differences below this are rounding, not a change: the scale's smallest top
 ANNOTATED_LAYERS = 24  # at most this many layers get numbers in their cells
-UNDEFINED = "#d0d0d0"
+UNDEFINED = "white"  # and hatched: no colour map uses hatching
 
 
 def short_number(value: float | None, metric: str) -> str:
@@ -49,19 +49,25 @@ def _text_colour(rgba: tuple[float, ...]) -> str:
     return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
 
 
-def _cell_texts(ax: Any, grid: list[list[float]], texts: list[list[str]], cmap: Any, norm: Any, size: float) -> None:
+def _cells(ax: Any, grid: list[list[float]], cmap: Any, norm: Any, texts: list[list[str]] | None, size: float) -> None:
+    """Draw ``grid``; hatch the undefined (NaN) cells; write ``texts`` in the cells in a colour that reads."""
+    from matplotlib.patches import Rectangle
+
+    ax.imshow(grid, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
-            shade = cmap(norm(value)) if math.isfinite(value) else (0.8, 0.8, 0.8, 1.0)
-            ax.text(j, i, texts[i][j], ha="center", va="center", fontsize=size, color=_text_colour(shade))
+            if math.isnan(value):
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="0.6", lw=0))
+            if texts is not None:
+                shade = cmap(norm(value)) if not math.isnan(value) else (1.0, 1.0, 1.0, 1.0)
+                ax.text(j, i, texts[i][j], ha="center", va="center", fontsize=size, color=_text_colour(shade))
 
 
 def _strip(ax: Any, tensors: list[TensorDelta], labels: dict[str, str], metric: str, cmap: Any, norm: Any) -> None:
     """One row of cells for the tensors outside the layers, each with its name and number."""
     grid = [[_number(getattr(t, metric)) for t in tensors]]
-    ax.imshow(grid, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     texts = [[f"{labels[t.name]}\n{short_number(getattr(t, metric), metric)}" for t in tensors]]
-    _cell_texts(ax, grid, texts, cmap, norm, 8)
+    _cells(ax, grid, cmap, norm, texts, 8)
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -71,12 +77,21 @@ def _number(value: float | None) -> float:
 
 
 def plot_heatmap(result: DiffResult, path: Path) -> None:
+    """Write ``result``'s heatmap to ``path`` (PNG)."""
+    fig = heatmap_figure(result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def heatmap_figure(result: DiffResult) -> Any:
+    """The heatmap as a matplotlib ``Figure`` (see the module docstring for its layout)."""
     try:
         from matplotlib import colormaps
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.cm import ScalarMappable
         from matplotlib.colors import Normalize
         from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         raise MergekitliteError("--png needs matplotlib: pip install 'mergekitlite[plot]'") from None
     layers, modules = result.layers(), result.modules()
@@ -88,7 +103,8 @@ def plot_heatmap(result: DiffResult, path: Path) -> None:
     metrics = result.metrics
     relative = [m for m in metrics if m != "cosine"]
     top = max([*(v for m in relative for v in _values(result, m)), NOISE_FLOOR])
-    scales = {m: Normalize(0.0, top) for m in relative} | {"cosine": Normalize(-1.0, 1.0)}
+    shared = Normalize(0.0, top)  # the one scale of every relative-norm panel
+    scales = {m: shared for m in relative} | {"cosine": Normalize(-1.0, 1.0)}
     cmaps = {m: colormaps["viridis"].with_extremes(bad=UNDEFINED) for m in relative}
     cmaps["cosine"] = colormaps["coolwarm"].with_extremes(bad=UNDEFINED)
 
@@ -113,29 +129,25 @@ def plot_heatmap(result: DiffResult, path: Path) -> None:
                     ax.set_ylabel("before\nlayers" if kind == "before" else "after\nlayers", rotation=0, ha="right")
                 continue
             grid = result.grid(metric)
-            ax.imshow(grid, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
-            if annotate:
-                texts = [[short_number(v, metric) for v in row] for row in grid]
-                _cell_texts(ax, grid, texts, cmap, norm, 7 if len(modules) > 8 else 8)
+            texts = [[short_number(v, metric) for v in row] for row in grid] if annotate else None
+            _cells(ax, grid, cmap, norm, texts, 7 if len(modules) > 8 else 8)
             ax.set_xticks(range(len(modules)), [labels[m] for m in modules], rotation=45, ha="right")
             ax.set_yticks(range(len(layers)), layers, fontsize=8 if len(layers) <= 32 else 6)
             ax.set_ylabel("layer")
         panels[metric][0].set_title(title)
     rel_axes = [ax for m in relative for ax in panels[m]]
-    fig.colorbar(ScalarMappable(norm=scales[relative[0]], cmap=cmaps[relative[0]]), ax=rel_axes, shrink=0.8)
+    bar = fig.colorbar(ScalarMappable(norm=shared, cmap=cmaps[relative[0]]), ax=rel_axes, shrink=0.8)
+    bar.formatter = FuncFormatter(lambda v, _: short_number(v, relative[0]))  # 2e-06, not an offset "1e-6" on top
     if "cosine" in metrics:
         fig.colorbar(ScalarMappable(norm=scales["cosine"], cmap=cmaps["cosine"]), ax=panels["cosine"], shrink=0.8)
     names = [f"A = {result.a}", f"B = {result.b}"] + ([f"base = {result.base}"] if result.base else [])
     if result.identical():
         names.append("identical: every relative difference is 0" if not result.base else "both deltas are 0")
-    fig.suptitle("\n".join(names), fontsize=9, ha="left", x=0.01)
-    scale = (
-        f"one colour scale for the {len(relative)} relative-norm panels, 0 … {top:.3g}"
-        if len(relative) > 1
-        else (f"colour scale 0 … {top:.3g}")
-    )
+    fig.suptitle("\n".join(names), fontsize=9, ha="left", x=0.01, parse_math=False)  # paths may hold "$"
+    scale = f"colour scale 0 … {top:.3g}"
+    if len(relative) > 1:
+        scale = f"one colour scale for the {len(relative)} relative-norm panels, 0 … {top:.3g}"
     if "cosine" in metrics:
         scale += "; cosine −1 … 1"
-    fig.supxlabel(f"{scale}; grey: undefined (zero delta or reference)", fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.supxlabel(f"{scale}; hatched: undefined (zero delta or reference)", fontsize=8)
+    return fig
