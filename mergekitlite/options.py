@@ -84,6 +84,16 @@ def option(
     return field(default=default, metadata={"flag": flag})
 
 
+def size_option(default: int | None, *names: str, help: str, **declared: Any) -> Any:
+    """A byte size (``5GB``, ``500MiB``, ``2e9``), more than 0; ``declared``: more of ``option``'s arguments."""
+    return option(default, *names, parse=size, check=positive, help=help, **({"metavar": "SIZE"} | declared))
+
+
+def count_option(default: int | None, *names: str, help: str, **declared: Any) -> Any:
+    """A whole number, at least 1; ``declared``: more of ``option``'s arguments."""
+    return option(default, *names, parse=integer, check=at_least_one, help=help, **({"metavar": "N"} | declared))
+
+
 def flag_of(f: dataclasses.Field[Any]) -> Flag | None:
     return f.metadata.get("flag")
 
@@ -112,20 +122,15 @@ class MergeOptions:
     device: str = option(
         "cpu", "--device", help="where to compute: cpu (default), cuda, cuda:1, mps, auto", planning=True
     )
-    shard_size: int = option(
+    shard_size: int = size_option(
         DEFAULT_SHARD_SIZE,
         "--shard-size",
-        parse=size,
-        check=positive,
-        metavar="SIZE",
         help="maximum output shard size (default 5GB)",
         planning=True,
     )
-    shard_params: int | None = option(
+    shard_params: int | None = size_option(
         None,
         "--out-shard-size",
-        parse=size,
-        check=positive,
         metavar="N",
         help="parameters per output shard, mergekit's unit (e.g. 1B); --shard-size counts bytes",
         group=MERGEKIT_GROUP,
@@ -138,21 +143,15 @@ class MergeOptions:
         help="override the recipe's compute_dtype (default float32)",
         planning=True,
     )
-    max_ram: int | None = option(
+    max_ram: int | None = size_option(
         None,
         "--max-ram",
-        parse=size,
-        check=positive,
-        metavar="SIZE",
         help="RAM the whole process may use, e.g. 32GB (default: a quarter of what is free)",
         planning=True,
     )
-    max_vram: int | None = option(
+    max_vram: int | None = size_option(
         None,
         "--max-vram",
-        parse=size,
-        check=positive,
-        metavar="SIZE",
         help="GPU memory for the arithmetic, e.g. 8GB (default: 80% of what is free)",
         planning=True,
     )
@@ -166,13 +165,10 @@ class MergeOptions:
     )
     resume: bool = option(False, "--resume", help="continue an interrupted merge from OUT.partial")
     overwrite: bool = option(False, "--overwrite", help="replace OUT if it exists (after the new merge is complete)")
-    threads: int | None = option(
+    threads: int | None = count_option(
         None,
         "-j",
         "--threads",
-        parse=integer,
-        check=at_least_one,
-        metavar="N",
         help="chunks merged in parallel (default: one per core)",
         planning=True,  # the number of chunks in flight sizes them
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergekitlite.options import at_least_one, check_values, integer, option, positive, size
+from mergekitlite.options import check_values, count_option, option, size_option
 
 
 @dataclass(frozen=True)
@@ -24,20 +24,14 @@ class LoadOptions:
         choices=("auto", "float32", "bfloat16", "float16"),
         help="weights dtype when loading (default: the checkpoint's)",
     )
-    max_ram: int | None = option(
+    max_ram: int | None = size_option(
         None,
         "--max-ram",
-        parse=size,
-        check=positive,
-        metavar="SIZE",
         help="RAM for weights, e.g. 24GB; the rest is offloaded to disk",
     )
-    max_vram: int | None = option(
+    max_vram: int | None = size_option(
         None,
         "--max-vram",
-        parse=size,
-        check=positive,
-        metavar="SIZE",
         help="GPU memory for weights, e.g. 7GB; the rest stays in RAM or on disk",
     )
     offload_folder: Path | None = option(
@@ -78,9 +72,7 @@ class EvalOptions:
         metavar="FILE",
         help="YAML list of {prompt, reference} (default: the packaged Japanese+English set)",
     )
-    max_prompts: int | None = option(
-        None, "--max-prompts", parse=integer, check=at_least_one, metavar="N", help="use only the first N prompts"
-    )
+    max_prompts: int | None = count_option(None, "--max-prompts", help="use only the first N prompts")
     chat_template_from: str | None = option(
         None,
         "--chat-template-from",
@@ -88,44 +80,29 @@ class EvalOptions:
         help="model folder, .jinja file or built-in template name whose chat template renders the prompts "
         "(default: the merged model's, else the first parent's that has one)",
     )
-    max_new_tokens: int = option(
+    max_new_tokens: int = count_option(
         256,
         "--max-new-tokens",
-        parse=integer,
-        check=at_least_one,
-        metavar="N",
         help="generation limit per prompt (default 256)",
     )
-    max_length: int | None = option(
+    max_length: int | None = count_option(
         None,
         "--max-length",
-        parse=integer,
-        check=at_least_one,
-        metavar="N",
         help="perplexity window in tokens (default: the models' context, at most 2048)",
     )
-    stride: int | None = option(
+    stride: int | None = count_option(
         None,
         "--stride",
-        parse=integer,
-        check=at_least_one,
-        metavar="N",
         help="window step in tokens, less than the window (default: half the window)",
     )
-    max_text_tokens: int | None = option(
+    max_text_tokens: int | None = count_option(
         None,
         "--max-text-tokens",
-        parse=integer,
-        check=at_least_one,
-        metavar="N",
         help="score only the first N tokens of --text",
     )
-    kl_tokens: int = option(
+    kl_tokens: int = count_option(
         512,
         "--kl-tokens",
-        parse=integer,
-        check=at_least_one,
-        metavar="N",
         help="text positions the KL is averaged over (default 512; memory: N × vocab floats)",
     )
     load: LoadOptions = field(default_factory=LoadOptions)
