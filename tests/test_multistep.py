@@ -309,7 +309,7 @@ def test_plan_steps_plans_what_it_can_and_says_what_it_waits_for(fam, tmp_path):
     assert first.plan is not None and first.plan.recipe.merge_method == "task_vector"
     assert (second.name, second.last, second.output) == ("final", True, out)
     assert second.uses == ("chatvec",) and second.waits_for == ("chatvec",) and second.plan is None
-    with pytest.raises(RecipeError, match="has 2 steps; plan them with mergekitlite.plan_steps"):
+    with pytest.raises(RecipeError, match=r"has 2 steps; plan them with mergekitlite\.plan_steps"):
         mergekitlite.plan_merge(recipe)
 
     run_merge(recipe, out, MergeOptions(hash_inputs=False))

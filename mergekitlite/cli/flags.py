@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from mergekitlite.options import Check, at_least_one, flag_of, integer, positive, size
+from mergekitlite.options import Check, at_least_one, flag_of, integer
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -36,7 +36,6 @@ def arg_type(parse: Callable[[str], Any], check: Check | None = None) -> Callabl
     return convert
 
 
-size_arg = arg_type(size, positive)  # bytes: 5GB, 500MiB, 2e9
 count_arg = arg_type(integer, at_least_one)  # 1, 2, ...
 
 
