@@ -14,9 +14,11 @@ __version__ = "0.1.0"
 # The public names load their modules on first use (PEP 562), so that `merge --help` and
 # `mergekitlite validate` do not pay for importing torch.
 _EXPORTS = {
-    "MergeOptions": "mergekitlite.api",
+    "MergeOptions": "mergekitlite.options",
     "MergeResult": "mergekitlite.api",
+    "StepPlan": "mergekitlite.api",
     "plan_merge": "mergekitlite.api",
+    "plan_steps": "mergekitlite.api",
     "run_merge": "mergekitlite.api",
     "Recipe": "mergekitlite.recipe",
     "load_recipe": "mergekitlite.recipe",
@@ -24,7 +26,8 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from mergekitlite.api import MergeOptions, MergeResult, plan_merge, run_merge
+    from mergekitlite.api import MergeResult, StepPlan, plan_merge, plan_steps, run_merge
+    from mergekitlite.options import MergeOptions
     from mergekitlite.recipe import Recipe, load_recipe, parse_recipe
 
 
@@ -38,9 +41,11 @@ __all__ = [
     "MergeOptions",
     "MergeResult",
     "Recipe",
+    "StepPlan",
     "__version__",
     "load_recipe",
     "parse_recipe",
     "plan_merge",
+    "plan_steps",
     "run_merge",
 ]

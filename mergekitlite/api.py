@@ -6,11 +6,10 @@ format); named steps are written to their own folders and later steps use them l
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -18,29 +17,23 @@ from mergekitlite.artifacts import InputHasher, default_cache_dir, write_card, w
 from mergekitlite.budget import Budget
 from mergekitlite.errors import RecipeError
 from mergekitlite.execute import ExecContext, NullProgress, Progress, resolve_device, run_tasks
+from mergekitlite.options import MergeOptions
 from mergekitlite.output import open_partial
-from mergekitlite.plan import DEFAULT_SHARD_SIZE, build_plan
+from mergekitlite.plan import build_plan
 from mergekitlite.recipe import LoadedRecipe, load_recipes
 from mergekitlite.taskgraph import Plan
+from mergekitlite.tokens import read_json_object
 
-
-@dataclass(frozen=True)
-class MergeOptions:
-    device: str = "cpu"
-    shard_size: int = DEFAULT_SHARD_SIZE
-    shard_params: int | None = None  # parameters per shard instead (mergekit's --out-shard-size)
-    compute_dtype: str | None = None  # overrides the recipe's compute_dtype
-    max_ram: int | None = None  # bytes for the whole process; default: a share of what is free
-    max_vram: int | None = None  # bytes of GPU memory for chunks; default: 80% of what is free
-    random_seed: int | None = None  # overrides the recipe's random_seed
-    resume: bool = False
-    overwrite: bool = False
-    threads: int | None = None  # chunk workers (default: one per core)
-    hash_inputs: bool = True
-    native: bool = True  # linear methods on the CPU in the fused kernel, when built (same bits)
-    copy_tokenizer: bool = True  # False: no tokenizer files or chat template (mergekit's --no-copy-tokenizer)
-    cache_dir: Path | None = None  # input-hash cache; default ~/.cache/mergekitlite
-    intermediate_dir: Path | None = None  # named steps of multi-step recipes; default OUT.steps/
+__all__ = [
+    "MergeOptions",
+    "MergeResult",
+    "StepPlan",
+    "default_output",
+    "plan_merge",
+    "plan_steps",
+    "run_merge",
+    "step_outputs",
+]
 
 
 @dataclass(frozen=True)
@@ -56,12 +49,13 @@ class MergeResult:
     up_to_date: bool = False  # an intermediate step whose output already matched its plan
 
 
-def _steps(recipe: str | Path | LoadedRecipe | list[LoadedRecipe]) -> list[LoadedRecipe]:
+def _steps(recipe: str | Path | LoadedRecipe | list[LoadedRecipe], strict: bool = False) -> list[LoadedRecipe]:
+    """The recipe's steps; a path is loaded (``strict``: warnings are errors)."""
     if isinstance(recipe, LoadedRecipe):
         return [recipe]
     if isinstance(recipe, list):
         return recipe
-    return load_recipes(recipe)
+    return load_recipes(recipe, strict=strict)
 
 
 def default_output(loaded: LoadedRecipe) -> Path:
@@ -78,9 +72,9 @@ def plan_merge(
 ) -> Plan:
     """Validate a single-step recipe and plan the merge from the inputs' headers; reads no weights."""
     opts = options or MergeOptions()
-    steps = _steps(recipe)
+    steps = _steps(recipe, opts.strict)
     if len(steps) != 1:
-        raise RecipeError([f"{steps[0].path}: has {len(steps)} steps; plan them with plan_steps"])
+        raise RecipeError([f"{steps[0].path}: has {len(steps)} steps; plan them with mergekitlite.plan_steps"])
     # Planning for a GPU needs no GPU (``plan --device cuda`` on a laptop); only ``auto`` looks.
     on_gpu = not opts.device.startswith("cpu") and (opts.device != "auto" or resolve_device("auto").type != "cpu")
     budget = Budget(ram=opts.max_ram, vram=opts.max_vram, on_gpu=on_gpu)
@@ -97,7 +91,7 @@ def plan_merge(
     )
 
 
-def step_outputs(steps: list[LoadedRecipe], out: Path, options: MergeOptions) -> dict[str, Path]:
+def step_outputs(steps: Sequence[LoadedRecipe], out: Path, options: MergeOptions) -> dict[str, Path]:
     """Where each named step of a multi-step recipe writes: its ``output:``, else the
     intermediate folder; the last step writes to ``out``."""
     inter = options.intermediate_dir or out.with_name(out.name + ".steps")
@@ -109,9 +103,48 @@ def step_outputs(steps: list[LoadedRecipe], out: Path, options: MergeOptions) ->
     return where
 
 
-def waiting_for(step: LoadedRecipe, where: Mapping[str, Path]) -> list[str]:
-    """Earlier steps whose results ``step`` uses and that do not exist yet (it cannot be planned)."""
-    return [r for r in step.recipe.referenced_models() if r in where and not where[r].is_dir()]
+@dataclass(frozen=True)
+class StepPlan:
+    """One step of a recipe file, planned as far as it can be before anything runs."""
+
+    index: int  # 0-based position in the file
+    count: int  # steps in the file
+    recipe: LoadedRecipe
+    output: Path  # where the step writes
+    uses: tuple[str, ...]  # earlier steps whose outputs are its inputs
+    waits_for: tuple[str, ...]  # those of them not made yet: it cannot be planned before they run
+    plan: Plan | None  # None exactly when ``waits_for`` is not empty
+
+    @property
+    def name(self) -> str:
+        return self.recipe.recipe.name or "final"
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.count - 1
+
+
+def plan_steps(
+    recipe: str | Path | LoadedRecipe | list[LoadedRecipe],
+    out: str | Path | None = None,
+    options: MergeOptions | None = None,
+) -> list[StepPlan]:
+    """Plan every step of a recipe file (one or several ``---``-separated steps) from headers only.
+    A step whose inputs are made by earlier steps that have not run yet gets no plan and says which
+    steps it waits for; ``run_merge`` plans it once they have run."""
+    opts = options or MergeOptions()
+    steps = _steps(recipe, opts.strict)
+    target = Path(out) if out is not None else default_output(steps[-1])
+    where = step_outputs(steps, target, opts) if len(steps) > 1 else {}
+    planned = []
+    for i, step in enumerate(steps):
+        last = i == len(steps) - 1
+        uses = tuple(r for r in step.recipe.referenced_models() if r in where)
+        waits = tuple(r for r in uses if not where[r].is_dir())
+        plan = None if waits else plan_merge(step, opts, aliases=where or None)
+        output = target if last else where[step.recipe.name or ""]
+        planned.append(StepPlan(i, len(steps), step, output, uses, waits, plan))
+    return planned
 
 
 def peak_rss_bytes() -> int:
@@ -120,10 +153,7 @@ def peak_rss_bytes() -> int:
 
 
 def _is_up_to_date(plan: Plan, out: Path) -> bool:
-    try:
-        recorded = json.loads((out / "mergekitlite.json").read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
+    recorded = read_json_object(out / "mergekitlite.json") or {}
     return recorded.get("plan_fingerprint") == plan.fingerprint()
 
 
@@ -134,32 +164,40 @@ def run_merge(
     progress: Progress | None = None,
     plan: Plan | None = None,
     on_step: Callable[[int, int, LoadedRecipe, Path], None] | None = None,
+    planned: Sequence[StepPlan] | None = None,
 ) -> MergeResult:
     """Merge as the recipe says into ``out`` (default: the recipe's ``output``, else
     ``merged/<recipe stem>``). Nothing named ``out`` exists until the merge is complete.
 
     Multi-step recipes run their steps in order; a named step whose output already matches its
     plan (same recipe, same inputs) is not merged again, so an interrupted pipeline resumes
-    between steps."""
+    between steps. ``plan`` (a single-step recipe's) or ``planned`` (``plan_steps``' result for
+    the same recipe, ``out`` and options): plans the caller has made already."""
     opts = options or MergeOptions()
-    steps = _steps(recipe)
+    steps = _steps(recipe, opts.strict)
     target = Path(out) if out is not None else default_output(steps[-1])
-    if len(steps) == 1:
-        return _run_step(steps[0], target, opts, progress, plan, aliases=None)
+    if planned is None and plan is not None and len(steps) == 1:
+        planned = [StepPlan(0, 1, steps[0], target, (), (), plan)]
+    if planned is None:
+        planned = plan_steps(steps, target, opts)
+    if len(planned) == 1:
+        return _run_step(planned[0].recipe, target, opts, progress, planned[0].plan, aliases=None)
     where = step_outputs(steps, target, opts)
     done: list[MergeResult] = []
-    for i, step in enumerate(steps):
-        dest = where[step.recipe.name] if i < len(steps) - 1 and step.recipe.name else target
+    for step in planned:
         if on_step:
-            on_step(i, len(steps), step, dest)
-        step_plan = plan_merge(step, opts, aliases=where)
-        if i < len(steps) - 1 and _is_up_to_date(step_plan, dest):
-            done.append(MergeResult(dest, step_plan, 0, 0, 0.0, peak_rss_bytes(), up_to_date=True))
+            on_step(step.index, step.count, step.recipe, step.output)
+        # A step that reads earlier steps' outputs is planned after they ran: a plan made before
+        # read their previous outputs' headers, or none at all.
+        step_plan = plan_merge(step.recipe, opts, aliases=where) if step.uses or step.plan is None else step.plan
+        if not step.last and _is_up_to_date(step_plan, step.output):
+            done.append(MergeResult(step.output, step_plan, 0, 0, 0.0, peak_rss_bytes(), up_to_date=True))
             continue
         # An intermediate folder that no longer matches its recipe is simply remade.
-        last = i == len(steps) - 1
-        step_opts = opts if last else replace(opts, overwrite=True)
-        done.append(_run_step(step, dest, step_opts, progress, step_plan, aliases=where, whole_file=last))
+        step_opts = opts if step.last else replace(opts, overwrite=True)
+        done.append(
+            _run_step(step.recipe, step.output, step_opts, progress, step_plan, aliases=where, whole_file=step.last)
+        )
     last = done[-1]
     return MergeResult(
         last.output,

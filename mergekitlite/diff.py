@@ -19,22 +19,17 @@ Gram matrix of the deltas), so a 14B model is compared in a few tens of MB of me
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
 from mergekitlite.budget import CACHE_CHUNK_ELEMENTS
-from mergekitlite.errors import MergekitliteError
 from mergekitlite.io.files import InputFiles
-from mergekitlite.io.safetensors_header import FLOAT_CODES, TensorInfo, torch_dtype
-from mergekitlite.roles import split_layer
+from mergekitlite.io.safetensors_header import FLOAT_CODES, TensorInfo
+from mergekitlite.roles import before_layers, split_layer
+from mergekitlite.rowscan import read_rows, row_ranges
 from mergekitlite.sources import ModelSource, index_model, resolve_model_path
 
 # metric key → column title (the keys are TensorDelta field names)
@@ -79,6 +74,18 @@ class DiffResult:
     def others(self) -> list[TensorDelta]:
         """Tensors outside the layer stack (embeddings, final norm, lm_head)."""
         return [t for t in self.tensors if t.layer is None]
+
+    def before(self) -> list[TensorDelta]:
+        """Tensors outside the layers that come before them (embeddings and their norms)."""
+        return [t for t in self.others() if before_layers(t.name)]
+
+    def after(self) -> list[TensorDelta]:
+        """Tensors outside the layers that come after them (final norm, output head)."""
+        return [t for t in self.others() if not before_layers(t.name)]
+
+    def identical(self) -> bool:
+        """Every compared tensor of A equals B (without a base) or both deltas are zero (with one)."""
+        return bool(self.tensors) and all(t.rel_a == 0.0 and (t.rel_b is None or t.rel_b == 0.0) for t in self.tensors)
 
     def grid(self, metric: str) -> list[list[float]]:
         """``grid[i][j]``: ``metric`` of layer ``layers()[i]``, module ``modules()[j]`` (NaN if absent)."""
@@ -126,20 +133,7 @@ def layer_and_module(name: str, several_stacks: bool) -> tuple[str | None, str]:
     return (f"{prefix}{idx}" if several_stacks else str(idx)), rest
 
 
-# ------------------------------------------------------------------------------------------ reading
-
-
-def read_rows(files: InputFiles, info: TensorInfo, first: int, count: int) -> torch.Tensor:
-    """Rows ``first .. first+count`` of ``info`` (a scalar is one row), flattened, as float64."""
-    row_bytes = info.row_bytes
-    raw = files.read(info, first * row_bytes, count * row_bytes)
-    return torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).to(torch.float64)
-
-
-def rows_per_chunk(info: TensorInfo, chunk_elements: int) -> int:
-    rows = info.shape[0] if info.shape else 1
-    per_row = max(1, info.numel // max(rows, 1))
-    return max(1, min(rows, chunk_elements // per_row))
+# ------------------------------------------------------------------------------------------ measuring
 
 
 def tensor_sums(
@@ -150,12 +144,9 @@ def tensor_sums(
     Sums are float64 dot products over row chunks; each chunk's partial sum is exact to float64
     rounding, so the result matches a float64 computation over the full tensors.
     """
-    rows = ref.shape[0] if ref.shape else 1
-    step = rows_per_chunk(ref, chunk_elements)
     rr = 0.0
     gram = [[0.0] * len(others) for _ in others]
-    for first in range(0, rows, step):
-        count = min(step, rows - first)
+    for first, count in row_ranges(ref, chunk_elements):
         r = read_rows(files, ref, first, count)
         deltas = [read_rows(files, x, first, count) - r for x in others]
         rr += float(torch.dot(r, r))
@@ -269,148 +260,3 @@ def diff_bytes(a: ModelSource, b: ModelSource, base: ModelSource | None) -> int:
     for name, info in a.tensors.items():
         total += info.nbytes + sum(src.tensors[name].nbytes for src in (b, base) if src and name in src.tensors)
     return total
-
-
-# ------------------------------------------------------------------------------------------ output
-
-
-def short_labels(modules: Sequence[str]) -> dict[str, str]:
-    """The shortest dotted suffix of each module name (without ``.weight``) that is still unique:
-    ``self_attn.q_proj.weight`` → ``q_proj``, but Qwen v1's ``attn.c_proj`` and ``mlp.c_proj`` stay apart."""
-    stripped = {m: m.removesuffix(".weight").split(".") for m in modules}
-    out: dict[str, str] = {}
-    for m, parts in stripped.items():
-        # "bias" alone says nothing: a bias keeps the name of its module.
-        for k in range(2 if parts[-1] == "bias" and len(parts) > 1 else 1, len(parts) + 1):
-            label = ".".join(parts[-k:])
-            clash = [o for o, p in stripped.items() if o != m and ".".join(p[-k:]) == label]
-            if not clash or k == len(parts):
-                out[m] = label
-                break
-    return out
-
-
-def format_value(value: float | None) -> str:
-    if value is None or math.isnan(value):
-        return "—"
-    if math.isinf(value):
-        return "inf"
-    return f"{value:.3g}"
-
-
-def layer_tables(result: DiffResult) -> list[Table]:
-    """One rich table per metric: rows = layers, columns = modules; then the tensors outside layers."""
-    modules = result.modules()
-    labels = short_labels(modules)
-    tables = []
-    for metric, title in result.metrics.items():
-        table = Table(title=title, title_justify="left")
-        table.add_column("layer", justify="right", style="bold")
-        for m in modules:
-            table.add_column(labels[m], justify="right")
-        for label, row in zip(result.layers(), result.grid(metric), strict=True):
-            table.add_row(label, *(format_value(v) for v in row))
-        tables.append(table)
-    others = result.others()
-    if others:
-        table = Table(title="outside the layers", title_justify="left")
-        table.add_column("tensor")
-        for title in result.metrics.values():
-            table.add_column(title, justify="right")
-        for t in others:
-            table.add_row(t.name, *(format_value(getattr(t, m)) for m in result.metrics))
-        tables.append(table)
-    return tables
-
-
-def long_table(result: DiffResult) -> Table:
-    """One row per tensor."""
-    table = Table()
-    for col in ("layer", "module", "elements"):
-        table.add_column(col, justify="right" if col != "module" else "left")
-    for title in result.metrics.values():
-        table.add_column(title, justify="right")
-    for t in result.tensors:
-        table.add_row(t.layer or "", t.module, f"{t.numel:,}", *(format_value(getattr(t, m)) for m in result.metrics))
-    return table
-
-
-def write_json(result: DiffResult, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def plot_heatmap(result: DiffResult, path: Path) -> None:
-    """A PNG with one heatmap per metric: x = module, y = layer (layer 0 at the top).
-
-    Uses matplotlib's object API (``Figure`` + Agg canvas), so no global pyplot state or backend
-    is touched.
-    """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise MergekitliteError("--png needs matplotlib: pip install 'mergekitlite[plot]'") from None
-    layers, modules = result.layers(), result.modules()
-    if not layers:
-        raise MergekitliteError("--png: the models have no layer tensors to plot")
-    labels = short_labels(modules)
-    metrics = result.metrics
-    width = max(4.0, 0.45 * len(modules) + 2.0)
-    height = max(3.0, 0.22 * len(layers) + 2.0)
-    fig = Figure(figsize=(width * len(metrics), height), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    for ax, (metric, title) in zip(axes, metrics.items(), strict=True):
-        grid = torch.tensor(result.grid(metric), dtype=torch.float64).numpy()
-        if metric == "cosine":
-            image = ax.imshow(grid, aspect="auto", cmap="coolwarm", vmin=-1.0, vmax=1.0, interpolation="nearest")
-        else:
-            image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set_title(title)
-        ax.set_xticks(range(len(modules)), [labels[m] for m in modules], rotation=90)
-        ax.set_yticks(range(len(layers)), layers)
-        ax.set_xlabel("module")
-        ax.set_ylabel("layer")
-        fig.colorbar(image, ax=ax)
-    fig.suptitle(f"A = {result.a}   B = {result.b}" + (f"   base = {result.base}" if result.base else ""))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-
-
-# ------------------------------------------------------------------------------------------ command
-
-
-def cmd_diff(args: argparse.Namespace, console: Console) -> int:
-    """``mergekitlite diff A B [--base BASE] [--long] [--png PATH] [--json PATH]``."""
-    from mergekitlite.progress import byte_progress
-
-    a, b = open_model(args.a), open_model(args.b)
-    base = open_model(args.base) if args.base else None
-    progress = byte_progress(console, "comparing", disable=args.quiet)
-    with progress:
-        task = progress.add_task("diff", total=diff_bytes(a, b, base), tensor="")
-        result = diff_models(
-            a, b, base, on_tensor=lambda name, nbytes: progress.update(task, advance=nbytes, tensor=name)
-        )
-    if not result.tensors:
-        raise MergekitliteError(f"{args.a} and {args.b} have no tensor in common that can be compared")
-    if not args.quiet:
-        console.print(
-            f"A = {result.a}\nB = {result.b}" + (f"\nbase = {result.base}" if result.base else ""), highlight=False
-        )
-        for table in [long_table(result)] if args.long else layer_tables(result):
-            console.print(table)
-        if result.skipped:
-            console.print(f"[yellow]not compared ({len(result.skipped)}):[/]", highlight=False)
-            for line in result.skipped[:20]:
-                console.print(f"  {line}", highlight=False, markup=False)
-            if len(result.skipped) > 20:
-                console.print(f"  … and {len(result.skipped) - 20} more (see --json)", highlight=False)
-    if args.json:
-        write_json(result, args.json)
-        console.print(f"wrote {args.json}", highlight=False)
-    if args.png:
-        plot_heatmap(result, args.png)
-        console.print(f"wrote {args.png}", highlight=False)
-    return 0

@@ -13,36 +13,40 @@ Reported, from headers and JSON files (no model or tokenizer is instantiated, no
 
 Flags: an untrained-looking special-token row; a chat template whose end-of-turn token is not among
 the eos ids (the seed's merge: ChatML turns end with ``<|im_end|>`` but ``generate`` only stopped on
-``<|endoftext|>``, so every answer ran to ``max_new_tokens``); an eos or special-token id outside
-the embedding matrix. The command exits 0 even with flags (it is a report) unless ``--strict``.
+``<|endoftext|>``, so every answer ran to ``max_new_tokens``); a trained end-of-turn token
+(``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ... whose output row has a norm like the others)
+that is neither an eos id nor closed by the chat template (the same failure with the base model's
+metadata and no template at all, as mergekit writes it); an eos or special-token id outside the
+embedding matrix. The command exits 0 even with flags (it is a report) unless ``--strict``.
+The command itself (tables, JSON file) is ``cli/cmd_inspect.py``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
-from mergekitlite.budget import CACHE_CHUNK_ELEMENTS, human
+from mergekitlite.budget import CACHE_CHUNK_ELEMENTS
 from mergekitlite.io.files import InputFiles
-from mergekitlite.io.safetensors_header import FLOAT_CODES, NAME_BY_CODE, TensorInfo, torch_dtype
+from mergekitlite.io.safetensors_header import FLOAT_CODES, NAME_BY_CODE, TensorInfo
 from mergekitlite.roles import Role, find
+from mergekitlite.rowscan import read_rows, row_ranges
 from mergekitlite.sources import ModelSource, index_model, resolve_model_path
 from mergekitlite.tokens import TokenInfo, read_token_info
 
 # A row is "untrained-looking" below mean − STD_FACTOR·std or below MEDIAN_FACTOR × median.
 STD_FACTOR = 2.0
 MEDIAN_FACTOR = 0.5
+# Texts of end-of-turn / end-of-text tokens across families, without their brackets: ChatML's <|im_end|>,
+# Llama 3's <|eot_id|> and <|end_of_text|>, Gemma's <end_of_turn>, Phi-3's <|end|>, GPT-2's
+# <|endoftext|>, Llama 2's </s>, <eos>. Exact words, so that <|end_header_id|> is not one.
+END_OF_TURN_WORDS = frozenset(
+    {"im_end", "eot_id", "eot", "end_of_turn", "end", "endoftext", "end_of_text", "/s", "eos"}
+)
 
 
 @dataclass(frozen=True)
@@ -120,12 +124,9 @@ def find_matrix(source: ModelSource, role: Role, rows: int | None = None) -> Ten
 def row_norms(files: InputFiles, info: TensorInfo, chunk_elements: int = CACHE_CHUNK_ELEMENTS) -> torch.Tensor:
     """L2 norm of every row of a 2-D tensor (float64), read in row chunks."""
     rows, cols = info.shape
-    step = max(1, chunk_elements // max(cols, 1))
     out = torch.empty(rows, dtype=torch.float64)
-    for first in range(0, rows, step):
-        count = min(step, rows - first)
-        raw = files.read(info, first * info.row_bytes, count * info.row_bytes)
-        chunk = torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).view(count, cols).to(torch.float64)
+    for first, count in row_ranges(info, chunk_elements):
+        chunk = read_rows(files, info, first, count).view(count, cols)
         out[first : first + count] = torch.linalg.vector_norm(chunk, dim=1)
     return out
 
@@ -187,6 +188,17 @@ def template_flags(tokens: TokenInfo, stops: Sequence[int]) -> list[str]:
                 "generation_config.json)"
             )
     return flags
+
+
+def reads_as_end_of_turn(token: str) -> bool:
+    """``<|im_end|>``, ``</s>``, ``<end_of_turn>``, ...: a token that closes a turn or a text."""
+    return token.strip("<>|[]").lower() in END_OF_TURN_WORDS
+
+
+def open_and_inspect(ref: str, chunk_elements: int = CACHE_CHUNK_ELEMENTS) -> InspectResult:
+    """``inspect_model`` of a model folder or hub id."""
+    path, hub = resolve_model_path(ref)
+    return inspect_model(index_model(ref, path, hub), chunk_elements)
 
 
 def inspect_model(source: ModelSource, chunk_elements: int = CACHE_CHUNK_ELEMENTS) -> InspectResult:
@@ -276,105 +288,55 @@ def _flags(tokens: TokenInfo, stops: Sequence[int], result: InspectResult) -> li
             effect = "the model barely reads it as input" if label == "embedding" else "the model can hardly emit it"
             flags.append(
                 f"{row.token} (id {row.id}, {', '.join(row.roles)}): its {label} row looks untrained "
-                f"(norm {_fmt(value)}; all rows: {_describe(st)}): {effect}"
+                f"(norm {fmt_norm(value)}; all rows: {describe_norms(st)}): {effect}"
             )
+    return flags + unstoppable_end_flags(tokens, stops, result)
+
+
+def unstoppable_end_flags(tokens: TokenInfo, stops: Sequence[int], result: InspectResult) -> list[str]:
+    """A trained end-of-turn token that generation does not stop on and no chat template closes turns with.
+
+    The model can emit it (its output row's norm is like the other rows'), so a chat model or a chat-vector
+    merge will end its answers with it, and ``generate`` runs on to ``max_new_tokens``: the seed's merge,
+    with the base model's ``generation_config.json`` (eos ``<|endoftext|>``) and no chat template. A
+    template that does close turns with it is ``template_flags``' case.
+    """
+    closed_by_template = set(tokens.turn_end_tokens())
+    # The output head decides what the model emits; with tied embeddings it is the embedding.
+    label = "lm_head" if result.lm_head_stats is not None else "embedding"
+    stats = result.lm_head_stats or result.embed_stats
+    if stats is None:
+        return []
+    where = f"eos ids {list(stops)}" if stops else "no eos id at all"
+    template = "the chat template does not end turns with it" if tokens.chat_template else "there is no chat template"
+    flags = []
+    for row in result.tokens:
+        norm = row.lm_head_norm if label == "lm_head" else row.embed_norm
+        if (
+            row.token not in tokens.special
+            or not reads_as_end_of_turn(row.token)
+            or row.id in stops
+            or row.token in closed_by_template
+            or norm is None
+            or norm < stats.threshold
+        ):
+            continue
+        flags.append(
+            f"{row.token} (id {row.id}) ends turns and the model can emit it (its {label} row's norm "
+            f"{fmt_norm(norm)} is like the others': {describe_norms(stats)}), but generation stops on {where} and "
+            f"{template}: answers that end with "
+            f"{row.token} will run on to max_new_tokens (add {row.id} to eos_token_id in generation_config.json, "
+            "or take tokenizer, chat template and generation_config.json from the chat model: tokenizer_source)"
+        )
     return flags
 
 
-# ------------------------------------------------------------------------------------------ output
-
-
-def _fmt(value: float | None) -> str:
+def fmt_norm(value: float | None) -> str:
+    """A norm as the flags and tables show it."""
     return "—" if value is None or math.isnan(value) else f"{value:.3g}"
 
 
-def _describe(st: RowStats | None) -> str:
+def describe_norms(st: RowStats | None) -> str:
     if st is None:
         return "no statistics"
     return f"mean {st.mean:.3g}, std {st.std:.3g}, median {st.median:.3g}"
-
-
-def render(result: InspectResult, console: Console, all_tokens: bool = False) -> None:
-    """Summary, special tokens and flags as rich tables."""
-    # Token texts such as Mistral's "[INST]" would read as rich markup: cells are Text, messages escaped.
-    summary = Table(title=Text(f"inspect: {result.path}"), show_header=False, title_justify="left")
-    summary.add_row("tensors", f"{result.tensors:,}")
-    summary.add_row("parameters", f"{result.params:,} ({human(result.bytes)})")
-    summary.add_row("dtypes", ", ".join(f"{d}: {n:,}" for d, n in sorted(result.params_by_dtype.items())))
-    summary.add_row("layers", str(result.layers))
-    summary.add_row(
-        "embedding / lm_head",
-        f"{result.embed_tensor or '—'} / "
-        f"{result.lm_head_tensor or ('tied to the embedding' if result.tied_embeddings else '—')}",
-    )
-    summary.add_row("tokenizer eos", Text(result.eos_token or "—"))
-    gen = str(result.generation_eos) if result.has_generation_config else "no generation_config.json"
-    summary.add_row("generation_config eos", gen)
-    summary.add_row("config eos", str(result.config_eos))
-    summary.add_row("generate() stops on", str(result.stop_ids))
-    template = "yes" if result.chat_template else "no"
-    if result.chat_template:
-        template += f", ends turns with {', '.join(result.turn_end_tokens) or 'no special token it writes literally'}"
-    summary.add_row("chat template", Text(template))
-    for label, st in (("embedding", result.embed_stats), ("lm_head", result.lm_head_stats)):
-        if st is not None:
-            summary.add_row(
-                f"{label} row norms",
-                f"mean {st.mean:.3g}, std {st.std:.3g}, median {st.median:.3g}, "
-                f"min {st.min:.3g}, max {st.max:.3g}; untrained below {st.threshold:.3g}",
-            )
-    console.print(summary)
-
-    table = Table(title="special tokens", title_justify="left")
-    for col, justify in (
-        ("id", "right"),
-        ("token", "left"),
-        ("used as", "left"),
-        ("embedding norm", "right"),
-        ("lm_head norm", "right"),
-        ("", "left"),
-    ):
-        table.add_column(col, justify=justify)
-    limit = None if all_tokens else 40
-    shown = [r for r in result.tokens if r.untrained or _important(r)] + [
-        r for r in result.tokens if not (r.untrained or _important(r))
-    ]
-    for row in shown[:limit]:
-        mark = (
-            Text("looks untrained: " + ", ".join(row.untrained), style="red")
-            if row.untrained
-            else Text("; ".join(row.notes), style="dim")
-        )
-        table.add_row(
-            str(row.id), Text(row.token), ", ".join(row.roles), _fmt(row.embed_norm), _fmt(row.lm_head_norm), mark
-        )
-    console.print(table)
-    if limit is not None and len(shown) > limit:
-        console.print(f"[dim]… {len(shown) - limit} more special tokens (--all-tokens lists them)[/]")
-    if result.flags:
-        console.print(f"[yellow]{len(result.flags)} flag(s):[/]")
-        for flag in result.flags:
-            console.print(f"  [yellow]•[/] {escape(flag)}", highlight=False)
-    else:
-        console.print("[green]no flags[/]")
-
-
-def _important(row: TokenRow) -> bool:
-    return any(r != "special" and r != "added" for r in row.roles)
-
-
-def write_json(result: InspectResult, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
-    """``mergekitlite inspect MODEL [--strict] [--json PATH] [--all-tokens]``."""
-    path, hub = resolve_model_path(args.model)
-    result = inspect_model(index_model(args.model, path, hub))
-    if not args.quiet:
-        render(result, console, all_tokens=args.all_tokens)
-    if args.json:
-        write_json(result, args.json)
-        console.print(f"wrote {args.json}", highlight=False)
-    return 1 if args.strict and result.flags else 0

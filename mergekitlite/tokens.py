@@ -18,7 +18,8 @@ from typing import Any
 _END_HINTS = ("end", "eot", "eos", "</s>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None when the file is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
@@ -94,9 +95,9 @@ def chat_template_of(folder: Path) -> str | None:
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
-    tmpl = (_read_json(folder / "chat_template.json") or {}).get("chat_template")
+    tmpl = (read_json_object(folder / "chat_template.json") or {}).get("chat_template")
     if tmpl is None:
-        tmpl = (_read_json(folder / "tokenizer_config.json") or {}).get("chat_template")
+        tmpl = (read_json_object(folder / "tokenizer_config.json") or {}).get("chat_template")
     if isinstance(tmpl, list):  # named templates: the default one
         tmpl = next((t.get("template") for t in tmpl if isinstance(t, dict) and t.get("name") == "default"), None)
     return tmpl if isinstance(tmpl, str) else None
@@ -104,20 +105,20 @@ def chat_template_of(folder: Path) -> str | None:
 
 def read_token_info(folder: Path) -> TokenInfo:
     info = TokenInfo(folder)
-    tok = _read_json(folder / "tokenizer.json") or {}
+    tok = read_json_object(folder / "tokenizer.json") or {}
     for entry in tok.get("added_tokens") or []:
         if isinstance(entry, dict) and isinstance(entry.get("content"), str) and isinstance(entry.get("id"), int):
             info.ids[entry["content"]] = entry["id"]
             if entry.get("special"):
                 info.special.add(entry["content"])
-    cfg = _read_json(folder / "tokenizer_config.json") or {}
+    cfg = read_json_object(folder / "tokenizer_config.json") or {}
     for key, entry in (cfg.get("added_tokens_decoder") or {}).items():
         text = _token_text(entry)
         if text is not None and str(key).isdigit():
             info.ids.setdefault(text, int(key))
             if isinstance(entry, dict) and entry.get("special"):
                 info.special.add(text)
-    special_map = _read_json(folder / "special_tokens_map.json") or {}
+    special_map = read_json_object(folder / "special_tokens_map.json") or {}
     info.eos_token = _token_text(cfg.get("eos_token")) or _token_text(special_map.get("eos_token"))
     vocab = (tok.get("model") or {}).get("vocab")
     if isinstance(vocab, dict) and info.eos_token and info.eos_token not in info.ids and info.eos_token in vocab:
@@ -128,11 +129,11 @@ def read_token_info(folder: Path) -> TokenInfo:
             info.special.add(text)
     if info.eos_token:
         info.special.add(info.eos_token)
-    gen = _read_json(folder / "generation_config.json") or {}
+    gen = read_json_object(folder / "generation_config.json") or {}
     info.generation_eos = as_ids(gen.get("eos_token_id"))
     for stop in gen.get("stop_words_ids") or []:  # Qwen v1's generation config
         if isinstance(stop, list) and len(stop) == 1 and isinstance(stop[0], int):
             info.generation_eos.append(stop[0])
-    info.config_eos = as_ids((_read_json(folder / "config.json") or {}).get("eos_token_id"))
+    info.config_eos = as_ids((read_json_object(folder / "config.json") or {}).get("eos_token_id"))
     info.chat_template = chat_template_of(folder)
     return info

@@ -78,3 +78,30 @@ def test_continued_model_learned_the_new_domain(one_thread: None) -> None:
         for name in ("base", "continued")
     }
     assert ppl["continued"] < 0.5 * ppl["base"], ppl
+
+
+def test_inspect_flags_the_eos_broken_demo_merge(
+    at_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The seed's bug on the real demo output: <|im_end|> is trained (the chat vector taught the model to
+    end its answers with it) but the base's metadata neither stops on it nor has a template that closes
+    turns with it. inspect flags it, and --strict fails; the fixed merge has no flag."""
+    from mergekitlite.cli import main
+    from mergekitlite.inspect_model import open_and_inspect
+
+    for name in ("demo", "demo-eos-broken"):
+        run_merge(at_root / "recipes" / f"{name}.yaml", tmp_path / name, MergeOptions(hash_inputs=False))
+    broken = open_and_inspect(str(tmp_path / "demo-eos-broken"))
+    assert broken.stop_ids == [0] and not broken.chat_template
+    assert len(broken.flags) == 1, broken.flags
+    assert broken.flags[0].startswith("<|im_end|> (id 2) ends turns and the model can emit it (its lm_head row's norm")
+    assert "but generation stops on eos ids [0] and there is no chat template" in broken.flags[0]
+    im_end = next(row for row in broken.tokens if row.token == "<|im_end|>")
+    assert broken.lm_head_stats is not None and im_end.lm_head_norm >= broken.lm_head_stats.threshold
+    fixed = open_and_inspect(str(tmp_path / "demo"))
+    assert fixed.flags == [] and 2 in fixed.stop_ids
+
+    assert main(["inspect", str(tmp_path / "demo-eos-broken"), "--strict"]) == 1
+    assert "1 flag(s)" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "demo"), "--strict"]) == 0
+    assert "no flags" in capsys.readouterr().out

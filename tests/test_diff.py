@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import save_file
 
 from mergekitlite.cli import main
+from mergekitlite.cli.heatmap import NOISE_FLOOR, heatmap_figure, plot_heatmap, short_number
+from mergekitlite.cli.labels import module_labels as short_labels
 from mergekitlite.diff import (
     DiffResult,
     diff_models,
     layer_and_module,
     open_model,
-    plot_heatmap,
-    short_labels,
 )
 
 H = 8
@@ -36,11 +36,13 @@ def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "300")  # rich wraps messages at $COLUMNS when not on a terminal
 
 
-def weights(seed: int, base: dict[str, torch.Tensor] | None = None, scale: float = 0.1) -> dict[str, torch.Tensor]:
+def weights(
+    seed: int, base: dict[str, torch.Tensor] | None = None, scale: float = 0.1, layers: int = LAYERS
+) -> dict[str, torch.Tensor]:
     """A Llama-like state dict: random, or ``base`` plus seeded noise of std ``scale``."""
     gen = torch.Generator().manual_seed(seed)
     shapes = {"model.embed_tokens.weight": (16, H), "model.norm.weight": (H,), "lm_head.weight": (16, H)}
-    shapes |= {f"model.layers.{i}.{m}": s for i in range(LAYERS) for m, s in MODULES.items()}
+    shapes |= {f"model.layers.{i}.{m}": s for i in range(layers) for m, s in MODULES.items()}
     out = {}
     for name, shape in shapes.items():
         noise = torch.randn(shape, generator=gen, dtype=torch.float64)
@@ -152,6 +154,78 @@ def test_heatmap_png(models, tmp_path):
     plot_heatmap(diff_models(a, b, base), png)
     data = png.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 2000
+
+
+def panels(fig) -> dict[str, list]:
+    """The heatmap's axes by kind: "grid" (layers), "strip" (tensors outside the layers)."""
+    axes = [ax for ax in fig.axes if ax.images]
+    return {
+        "grid": [ax for ax in axes if ax.get_ylabel() == "layer"],
+        "strip": [ax for ax in axes if ax.get_ylabel() != "layer"],
+    }
+
+
+def cell_texts(ax) -> dict[tuple[int, int], str]:
+    return {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+
+
+def test_heatmap_has_one_scale_for_the_norms_and_shows_embedding_and_norm(models):
+    pytest.importorskip("matplotlib", reason="the heatmap needs matplotlib (the 'plot' extra)")
+    a, b, base = (open_model(str(models[k])) for k in ("a", "b", "base"))
+    result = diff_models(a, b, base)
+    fig = heatmap_figure(result)
+    grids, strips = panels(fig)["grid"], panels(fig)["strip"]
+    assert len(grids) == 3  # rel_a, rel_b, cosine; one column each
+    norms = [ax.images[0].norm for ax in grids + strips]
+    rel = [n for n in norms if n.vmin == 0.0]
+    cos = [n for n in norms if n.vmin == -1.0]
+    assert len(rel) == 6 and len(cos) == 3  # panels × (before strip, layers, after strip)
+    assert all(n is rel[0] for n in rel), "relative-norm panels must share one colour scale"
+    top = max(getattr(t, m) for t in result.tensors for m in ("rel_a", "rel_b"))
+    assert rel[0].vmax == top and cos[0].vmax == 1.0
+    # Every layer cell carries its number, and the strips name the tensors outside the layers.
+    for ax, metric in zip(grids, ("rel_a", "rel_b", "cosine"), strict=True):
+        expected = {
+            (i, j): short_number(v, metric) for i, row in enumerate(result.grid(metric)) for j, v in enumerate(row)
+        }
+        assert cell_texts(ax) == expected
+    by_name = {t.name: t for t in result.tensors}
+    strip_text = {text for ax in strips for text in cell_texts(ax).values()}
+    emb = by_name["model.embed_tokens.weight"]
+    assert f"embed_tokens\n{short_number(emb.rel_a, 'rel_a')}" in strip_text
+    assert f"norm\n{short_number(by_name['model.norm.weight'].rel_b, 'rel_b')}" in strip_text
+    assert f"embed_tokens\n{short_number(emb.cosine, 'cosine')}" in strip_text
+
+
+def test_heatmap_of_identical_models_is_uniform(tmp_path):
+    pytest.importorskip("matplotlib", reason="the heatmap needs matplotlib (the 'plot' extra)")
+    same = {k: v.to(torch.bfloat16).double() for k, v in weights(9).items()}  # the same values in both dtypes
+    a, b = save(tmp_path / "a", same, torch.bfloat16), save(tmp_path / "b", same, torch.float32)
+    result = diff_models(open_model(str(a)), open_model(str(b)))
+    assert result.identical()
+    fig = heatmap_figure(result)
+    images = [ax.images[0] for group in panels(fig).values() for ax in group]
+    assert all(float(abs(im.get_array()).max()) == 0.0 for im in images)
+    assert all(im.norm.vmin == 0.0 and im.norm.vmax == NOISE_FLOOR for im in images)
+    assert "identical" in fig.get_suptitle()
+
+
+@pytest.mark.parametrize("layers", [3, 48])
+def test_heatmap_layout_reads_at_3_and_48_layers(tmp_path, layers):
+    pytest.importorskip("matplotlib", reason="the heatmap needs matplotlib (the 'plot' extra)")
+    base = weights(0, layers=layers)
+    a, b = weights(1, base, 0.1, layers), weights(2, base, 0.05, layers)
+    paths = {k: save(tmp_path / k, v, torch.float32) for k, v in (("base", base), ("a", a), ("b", b))}
+    result = diff_models(*(open_model(str(paths[k])) for k in ("a", "b", "base")))
+    fig = heatmap_figure(result)
+    grid = panels(fig)["grid"][0]
+    assert [t.get_text() for t in grid.get_yticklabels()] == [str(i) for i in range(layers)]
+    assert sorted(t.get_text() for t in grid.get_xticklabels()) == ["input_layernorm", "q_proj", "scale", "up_proj"]
+    assert bool(grid.texts) == (layers <= 24)  # numbers while they fit, colours only beyond
+    width, height = fig.get_size_inches()
+    assert height >= 0.2 * layers and width < 30
+    plot_heatmap(result, tmp_path / "h.png")
+    assert (tmp_path / "h.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_cli(models, tmp_path, capsys):

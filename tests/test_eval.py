@@ -369,11 +369,11 @@ def test_cli_missing_model(fam, tmp_path, capsys):
 def test_small_models_are_evaluated_on_one_thread(fam, monkeypatch):
     """Without -j, models under 100M parameters get one thread (a pool only slows them on a busy
     machine); larger ones keep torch's default; a model that cannot be opened is an error, exit 2."""
-    import mergekitlite.evaluate as evaluate
+    import mergekitlite.evaluate.loading as loading
 
-    models = evaluate.open_models(str(fam["merged"]), [str(fam[k]) for k in ("parent", "stop")])
+    models = loading.open_models(str(fam["merged"]), [str(fam[k]) for k in ("parent", "stop")])
     assert default_eval_threads(models) == 1
-    monkeypatch.setattr(evaluate, "SMALL_MODEL_PARAMS", 10)
+    monkeypatch.setattr(loading, "SMALL_MODEL_PARAMS", 10)
     assert default_eval_threads(models) is None
     # A model that cannot be opened is still reported as before: the command's clear error, exit 2.
     assert main(["eval", str(fam["merged"]) + "-missing", "--against", str(fam["parent"])]) == 2

@@ -139,8 +139,36 @@ def test_chat_template_end_token_not_an_eos_is_flagged(tmp_path):
         "the chat template ends turns with <|im_end|> (id 2) but generation stops on eos ids [0]: chat answers will "
         "run to max_new_tokens (add 2 to eos_token_id in generation_config.json)"
     ]
+    # No chat template and a trained <|im_end|> (its rows have the others' norm) that is no eos id: the same
+    # failure with the base's metadata and no template (mergekit's default), flagged by the trained-end rule.
     no_template = inspect(make_model(tmp_path / "base", stop_on=(0,), chat_template=None))
-    assert no_template.flags == [] and not no_template.chat_template
+    assert not no_template.chat_template
+    assert no_template.flags == [
+        "<|im_end|> (id 2) ends turns and the model can emit it (its lm_head row's norm 8 is like the others': "
+        f"mean {no_template.lm_head_stats.mean:.3g}, std {no_template.lm_head_stats.std:.3g}, median "
+        f"{no_template.lm_head_stats.median:.3g}), but generation stops on eos ids [0] and there is no chat "
+        "template: answers that end with <|im_end|> will run on to max_new_tokens (add 2 to eos_token_id in "
+        "generation_config.json, or take tokenizer, chat template and generation_config.json from the chat model: "
+        "tokenizer_source)"
+    ]
+    # Without a template but stopping on <|im_end|>: nothing to flag.
+    assert inspect(make_model(tmp_path / "stops", stop_on=(2, 0), chat_template=None)).flags == []
+
+
+def test_untrained_end_of_turn_token_is_not_called_trained(tmp_path):
+    """A base model whose <|im_end|> was never trained (tiny output row) cannot emit it: that row is flagged
+    as untrained, not as an end-of-turn token generation misses."""
+    result = inspect(make_model(tmp_path / "base", stop_on=(0,), chat_template=None, shrink={"head:<|im_end|>": 1e-3}))
+    assert len(result.flags) == 1 and "its lm_head row looks untrained" in result.flags[0]
+
+
+def test_end_of_turn_words():
+    from mergekitlite.inspect_model import reads_as_end_of_turn
+
+    ends = ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>", "<|end_of_text|>"]
+    assert all(reads_as_end_of_turn(t) for t in ends)
+    others = ["<|im_start|>", "<|end_header_id|>", "<|start_header_id|>", "<s>", "[INST]", "<|endofprompt|>"]
+    assert not any(reads_as_end_of_turn(t) for t in others)
 
 
 def test_tied_embeddings(tmp_path):

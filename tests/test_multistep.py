@@ -294,3 +294,38 @@ def test_plan_and_dry_run_before_the_intermediate_exists(fam, tmp_path, monkeypa
     assert main(["plan", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "plan: task_vector" in out and "plan: add_delta" in out and "planned when" not in out
+
+
+def test_plan_steps_plans_what_it_can_and_says_what_it_waits_for(fam, tmp_path):
+    """One API function plans every step of a file: step 2 waits for step 1's output until it exists."""
+    import mergekitlite
+
+    recipe = tmp_path / "pipe.yaml"
+    recipe.write_text(two_step(fam))
+    out = tmp_path / "out"
+    first, second = mergekitlite.plan_steps(recipe, out, MergeOptions())
+    assert (first.index, first.count, first.name, first.last) == (0, 2, "chatvec", False)
+    assert first.output == tmp_path / "out.steps" / "chatvec" and first.waits_for == () and first.uses == ()
+    assert first.plan is not None and first.plan.recipe.merge_method == "task_vector"
+    assert (second.name, second.last, second.output) == ("final", True, out)
+    assert second.uses == ("chatvec",) and second.waits_for == ("chatvec",) and second.plan is None
+    with pytest.raises(RecipeError, match=r"has 2 steps; plan them with mergekitlite\.plan_steps"):
+        mergekitlite.plan_merge(recipe)
+
+    run_merge(recipe, out, MergeOptions(hash_inputs=False))
+    first, second = mergekitlite.plan_steps(recipe, out, MergeOptions())
+    assert second.waits_for == () and second.uses == ("chatvec",)
+    assert second.plan is not None and second.plan.recipe.merge_method == "add_delta"
+    assert second.plan.sources["chatvec"].path.resolve() == first.output.resolve()
+
+
+def test_plan_json_of_a_pipeline(fam, tmp_path, capsys, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "pipe.yaml"
+    recipe.write_text(two_step(fam))
+    assert main(["plan", str(recipe), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [(s["name"], s["waits_for"]) for s in data["steps"]] == [("chatvec", []), (None, ["chatvec"])]
+    assert data["steps"][0]["plan"]["tensors"] and data["steps"][1]["plan"] is None

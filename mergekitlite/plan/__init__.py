@@ -22,8 +22,8 @@ from pathlib import Path
 from mergekitlite.budget import Budget
 from mergekitlite.io.safetensors_header import CODE_BY_NAME
 from mergekitlite.methods import get_method
+from mergekitlite.options import DEFAULT_SHARD_SIZE
 from mergekitlite.plan.finish import (
-    DEFAULT_SHARD_SIZE,
     donors,
     layout_shards,
     output_config,

@@ -22,8 +22,6 @@ from mergekitlite.roles import is_vocab_tensor
 from mergekitlite.sources import ModelSource
 from mergekitlite.taskgraph import TensorTask
 
-DEFAULT_SHARD_SIZE = 5 * 1000**3
-
 
 def donors(recipe: Recipe, slices: Sequence[Slice]) -> tuple[str, str]:
     """(config donor, tokenizer donor): config.json comes from the base (else the first model); tokenizer,
