@@ -174,7 +174,13 @@ def write_side_files(plan: Plan, out: Path, *, copy_tokenizer: bool = True) -> S
         result.origins["modelling code (" + ", ".join(p.name for p in code) + ")"] = cfg_src.ref
 
     copied: list[str] = []
-    if copy_tokenizer:
+    rebuilt = plan.vocab.tokenizer if plan.vocab is not None else None
+    if copy_tokenizer and rebuilt is not None:
+        # The output's vocabulary is not the donor's (a union, or tokens added): write the tokenizer made for it.
+        rebuilt.save_pretrained(str(out))
+        what = "union of every model's" if plan.vocab.source == "union" else f"{tok_src.ref}'s plus added tokens"
+        result.origins["tokenizer (made for the output: " + what + ")"] = tok_src.ref
+    elif copy_tokenizer:
         copied += [name for name in TOKENIZER_FILES if (tok_src.path / name).is_file()]
         copied += [p.name for pattern in TOKENIZER_GLOBS for p in sorted(tok_src.path.glob(pattern))]
     else:
@@ -183,7 +189,7 @@ def write_side_files(plan: Plan, out: Path, *, copy_tokenizer: bool = True) -> S
         _copy(tok_src.path / name, out)
     if copied:
         result.origins["tokenizer (" + ", ".join(copied) + ")"] = tok_src.ref
-    elif copy_tokenizer:
+    elif copy_tokenizer and rebuilt is None:
         result.notes.append(f"{tok_src.ref!r} has no tokenizer files: the output has no tokenizer")
 
     template = _resolve_chat_template(plan) if copy_tokenizer else None

@@ -26,11 +26,13 @@ from typing import Any, Protocol
 import torch
 
 from mergekitlite.errors import MergekitliteError, MethodInputError, OutputError
+from mergekitlite.gather import gather_rows
 from mergekitlite.io.files import InputFiles, ShardFile
 from mergekitlite.io.safetensors_header import CODE_BY_NAME, itemsize, torch_dtype
 from mergekitlite.methods import ChunkInfo, get_method, native
 from mergekitlite.methods.apply import compute_stats
 from mergekitlite.methods.linear_form import LinearForm
+from mergekitlite.rounding import narrow_once
 from mergekitlite.taskgraph import InputRef, Plan, RowRule, TensorTask
 
 
@@ -154,7 +156,9 @@ def _read_rows(
             raw = torch.empty(n, dtype=torch.uint8)
         else:
             raw = bufs.get("raw", i, n, torch.uint8, torch.device("cpu"))
-        if n:
+        if n and ref.rows is not None:
+            gather_rows(files, ref.rows, first_row, rows, _bytes_view(raw))
+        elif n:
             files.read_into(ref.tensor, first_row * rb, _bytes_view(raw))
         out.append(raw)
     return out
@@ -177,26 +181,6 @@ def _read_part(files: InputFiles, chunk: _Chunk, bufs: ChunkBuffers | None) -> l
 
 def _typed(raw: torch.Tensor, code: str, shape: tuple[int, ...]) -> torch.Tensor:
     return raw.view(torch_dtype(code)).view(shape)
-
-
-def narrow_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x.to(dtype)`` with a single correct rounding also from float64 to bf16/fp16.
-
-    torch converts float64 → bf16 through float32, rounding twice: a value just above a bf16
-    midpoint can land on the midpoint in float32 and then round to even, the wrong way. Rounding to
-    float32 *to odd* first (truncate, then set the last bit when inexact) keeps the information that
-    the value was not on the midpoint; float32 has more than 2·p + 2 bits for both targets, so the
-    second rounding is then exact (Boldo & Melquiond's double rounding theorem)."""
-    if x.dtype != torch.float64 or dtype not in (torch.bfloat16, torch.float16):
-        return x.to(dtype)
-    nearest = x.to(torch.float32)
-    back = nearest.to(torch.float64)
-    inexact = back != x
-    bits = nearest.view(torch.int32)
-    # Where rounding went away from zero, one step back toward zero (sign-magnitude: bits − 1).
-    bits = torch.where(inexact & (back.abs() > x.abs()), bits - 1, bits)
-    bits = torch.where(inexact, bits | 1, bits)
-    return bits.view(torch.float32).to(dtype)
 
 
 def _to_output(result: torch.Tensor, code: str, bufs: ChunkBuffers | None) -> memoryview:

@@ -188,23 +188,27 @@ class TokenSpec(Strict):
 class TokenizerConfig(Strict):
     source: ModelName = Field(
         "union",
-        description="'base', or the model whose tokenizer the output gets ('union', mergekit's default, is not "
-        "supported yet)",
+        description="The output's vocabulary: 'union' (default, as in mergekit: every model's tokens), 'base', or "
+        "a model. Embedding and lm_head rows are then found by token text in every input.",
     )
     tokens: dict[str | int, TokenSpec] | None = Field(
-        None, description="Per-token embedding/lm_head rows, keyed by token text or id."
+        None,
+        description="Per-token default rows for models that lack the token (all models with force: true), keyed "
+        "by token text (added to the vocabulary when new) or, mergekitlite, by output id (an unquoted number).",
     )
-    pad_to_multiple_of: int | None = None
+    pad_to_multiple_of: int | None = Field(
+        None, ge=1, description="Pad the vocabulary to a multiple of this many rows (padding rows: each input's mean)."
+    )
     special_tokens: Literal["merge", "take", "zero"] = Field(
         "merge",
         description="mergekitlite: rows of every special token of the tokenizer source: merge (default), take them "
         "unchanged from the tokenizer source (protects e.g. <|im_end|> in a chat-vector merge), or zero them.",
     )
-    vocab_policy: Literal["keep", "mean", "zero"] = Field(
-        "keep",
-        description="mergekitlite: embedding/lm_head rows that exist in some inputs only (different vocabulary "
-        "sizes): keep them from the tokenizer source (else the first model that has them), mean of the models "
-        "that have them, or zero.",
+    vocab_policy: Literal["keep", "mean", "zero"] | None = Field(
+        None,
+        description="mergekitlite: match rows by position instead of by token text; rows that exist in some "
+        "inputs only (different vocabulary sizes) are kept from the tokenizer source (else the first model that "
+        "has them), the mean of the models that have them, or zero, after the merge.",
     )
 
 
@@ -239,7 +243,7 @@ class Recipe(Strict):
     tokenizer_source: ModelName | None = Field(
         None,
         description="Model whose tokenizer, chat template and generation config the output gets: 'base' "
-        "(the default, as in mergekit) or a model.",
+        "(the default, as in mergekit), a model, or 'union' (every model's tokens; the rest from the base).",
     )
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = Field(
@@ -706,12 +710,6 @@ def _semantic_checks(recipe: Recipe, problems: _Problems) -> None:
             except re.error as exc:
                 problems.add(("rules", i, "match"), f"invalid regular expression: {exc}")
 
-    union = "a 'union' tokenizer (every model's tokens) is not supported yet; name the model whose tokenizer to use"
-    if recipe.tokenizer_source == "union":
-        problems.add(("tokenizer_source",), union)
-    elif recipe.tokenizer and recipe.tokenizer.source == "union":
-        given = "source" in recipe.tokenizer.model_fields_set
-        problems.add(("tokenizer", "source"), union if given else f"not given, so mergekit's default applies: {union}")
     template = recipe.chat_template
     if template is not None and template != "auto" and builtin_chat_template(template) is None and "{" not in template:
         names = ", ".join(builtin_chat_templates())
@@ -720,8 +718,6 @@ def _semantic_checks(recipe: Recipe, problems: _Problems) -> None:
             f"unknown chat template {template!r}; the built-in ones are {names} "
             "('auto' takes the inputs' most common template; a Jinja template is used as written)",
         )
-    if recipe.tokenizer and recipe.tokenizer.pad_to_multiple_of:
-        problems.add(("tokenizer", "pad_to_multiple_of"), "padding the vocabulary is not supported yet")
     for key, spec_ in (recipe.tokenizer.tokens or {}).items() if recipe.tokenizer else ():
         src = spec_.source
         if isinstance(src, TokenSource) and src.kind == "model_token" and src.model is None:

@@ -8,7 +8,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mergekitlite.budget import BASELINE_RSS, Budget, RowCost, row_cost
@@ -19,9 +19,36 @@ from mergekitlite.sources import ModelSource
 
 
 @dataclass(frozen=True)
+class RowSource:
+    """Where each row of an input comes from when its rows are not simply its own rows in order: the
+    embedding and output head of a model whose vocabulary differs from the output's (rows found by token
+    text, mergekit's rules for tokens it lacks). Row ``r`` of the input is ``refs[index[r]]``'s row
+    ``row[r]``, or (``index[r]``) ``ZERO``, ``MEAN`` (the float64 mean of the rows ``means[r]`` lists, as
+    (ref, row) pairs) or ``PAD`` (the mean of rows 0..``real_rows``−1 of this input as gathered). Rows are
+    read in the dtype of ``refs[0]`` (the input's own tensor); other tensors' rows are cast to it once."""
+
+    ZERO = -1
+    MEAN = -2
+    PAD = -3
+
+    refs: tuple[InputRef, ...]
+    index: Any = field(compare=False, repr=False)  # numpy int16 [rows]
+    row: Any = field(compare=False, repr=False)  # numpy int64 [rows]
+    means: Mapping[int, tuple[tuple[int, int], ...]] = field(compare=False, repr=False)
+    real_rows: int
+    digest: str  # identifies the mapping (fingerprints, equality)
+
+
+@dataclass(frozen=True)
 class InputRef:
     model: str
     tensor: TensorInfo
+    rows: RowSource | None = None  # set when the rows are gathered (see RowSource)
+
+    @property
+    def files(self) -> tuple[InputRef, ...]:
+        """Every plain tensor this input reads from."""
+        return (self,) if self.rows is None else self.rows.refs
 
 
 @dataclass(frozen=True)
@@ -120,6 +147,7 @@ class Plan:
     budget: Budget
     random_seed: int
     warnings: tuple[str, ...] = ()
+    vocab: Any = None  # plan.vocab.OutputVocab when rows are found by token text (and the tokenizer it needs)
 
     @property
     def recipe(self) -> Recipe:
@@ -153,7 +181,7 @@ class Plan:
         h.update(f"{self.compute_dtype}:{self.random_seed}".encode())
         stats = {}  # one stat per input file, not one per tensor read from it
         for t in self.tasks:
-            for i in t.inputs:
+            for i in (f for ref in t.inputs for f in ref.files):
                 if i.tensor.file not in stats:
                     st = i.tensor.file.stat()
                     stats[i.tensor.file] = f"{st.st_size}:{st.st_mtime_ns}"
@@ -167,8 +195,11 @@ class Plan:
                     ]
                 ).encode()
             )
-            for i in t.inputs:
-                h.update(f"{i.tensor.file}:{stats[i.tensor.file]}:{i.tensor.begin}".encode())
+            for ref in t.inputs:
+                if ref.rows is not None:
+                    h.update(ref.rows.digest.encode())
+                for i in ref.files:
+                    h.update(f"{i.tensor.file}:{stats[i.tensor.file]}:{i.tensor.begin}".encode())
         for s in self.shards:
             h.update(s.header)
         return h.hexdigest()

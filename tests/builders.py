@@ -292,7 +292,7 @@ def make_tokenizer(
     generation_eos_id: int | None = None,
     words: Sequence[str] = (),
 ) -> Path:
-    """A tiny word-level fast tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) that
+    """A tiny word-level fast tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) of ``VOCAB`` tokens that
     transformers loads with AutoTokenizer; optionally a ``generation_config.json``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -300,6 +300,9 @@ def make_tokenizer(
     path.mkdir(parents=True, exist_ok=True)
     specials = ["<unk>", "<s>", "</s>", "<|im_end|>", "<|im_start|>"]
     vocab_list = specials + [w for w in ("hello", "world", "user", "assistant", *words) if w not in specials]
+    # As many tokens as the models have embedding rows, as real tokenizers do (a merge that names a tokenizer
+    # gives the output one row per token).
+    vocab_list += [f"t{i}" for i in range(len(vocab_list), VOCAB)]
     vocab = {w: i for i, w in enumerate(vocab_list)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -163,38 +163,21 @@ def test_keys_mergekit_uses_but_we_do_not_implement_stay_errors():
 
 
 @pytest.mark.parametrize(
-    ("extra", "needle", "message"),
+    ("extra", "source", "pad"),
     [
-        (
-            "tokenizer_source: union\n",
-            "union",
-            "tokenizer_source: a 'union' tokenizer (every model's tokens) is not supported yet; "
-            "name the model whose tokenizer to use",
-        ),
-        (
-            "tokenizer:\n  source: union\n",
-            "union",
-            "tokenizer.source: a 'union' tokenizer (every model's tokens) is not supported yet; "
-            "name the model whose tokenizer to use",
-        ),
-        (
-            "tokenizer: {}\n",
-            "{}",
-            "tokenizer.source: not given, so mergekit's default applies: a 'union' tokenizer (every model's "
-            "tokens) is not supported yet; name the model whose tokenizer to use",
-        ),
-        (
-            "tokenizer:\n  source: base\n  pad_to_multiple_of: 64\n",
-            "64",
-            "tokenizer.pad_to_multiple_of: padding the vocabulary is not supported yet",
-        ),
+        ("tokenizer_source: union\n", None, None),
+        ("tokenizer:\n  source: union\n", "union", None),
+        ("tokenizer: {}\n", "union", None),  # mergekit's default source
+        ("tokenizer:\n  source: base\n  pad_to_multiple_of: 64\n", "base", 64),
     ],
 )
-def test_unsupported_tokenizer_settings_are_one_line_errors(extra, needle, message):
-    text = BASE + extra
-    with pytest.raises(RecipeError) as info:
-        parse_recipe(text, source="r.yaml")
-    assert info.value.problems == [f"r.yaml:{at(text, needle)}: {message}"]
+def test_union_and_padding_validate(extra, source, pad):
+    recipe = parse_recipe(BASE + extra, source="r.yaml").recipe
+    if source is None:
+        assert recipe.tokenizer_source == "union"
+    else:
+        assert recipe.tokenizer is not None
+        assert (recipe.tokenizer.source, recipe.tokenizer.pad_to_multiple_of) == (source, pad)
 
 
 # ---------------------------------------------------------------- through the command line

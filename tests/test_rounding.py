@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergekitlite.execute import narrow_once
+from mergekitlite.rounding import narrow_once
 
 
 def nearest(value: float, dtype: torch.dtype) -> float:

@@ -148,16 +148,20 @@ def assert_all(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) 
 
 
 def test_per_token_sources(fam, tmp_path):
+    """mergekit's rules: a token setting is the row a model that lacks the token takes; with force: true every
+    model takes it (so the merge of equal rows gives that row, bit for bit); a setting for a token every model
+    has is not used. Unquoted numbers are output ids (mergekitlite), strings are token texts."""
     chat, base, a = (load_tensors(fam[k]) for k in ("chat", "base", "a"))
     tokenizer = (
         "tokenizer:\n"
         f"  source: {fam['chat']}\n"
         "  tokens:\n"
-        f'    "<|im_end|>": {{source: {fam["chat"]}}}\n'
-        '    "<|im_start|>": {source: {kind: zero}}\n'
-        f'    63: {{source: {{kind: model_token, model: {fam["base"]}, token: "<|endoftext|>"}}}}\n'
-        f"    5: {{source: {{kind: model_token, model: {fam['a']}, token_id: 9}}}}\n"
-        f'    "7": {{source: {fam["base"]}}}\n'
+        f'    "<|im_end|>": {{source: {fam["chat"]}, force: true}}\n'
+        '    "<|im_start|>": {source: {kind: zero}, force: true}\n'
+        f'    63: {{source: {{kind: model_token, model: {fam["base"]}, token: "<|endoftext|>"}}, force: true}}\n'
+        f"    5: {{source: {{kind: model_token, model: {fam['a']}, token_id: 9}}, force: true}}\n"
+        f"    7: {{source: {fam['base']}, force: true}}\n"
+        f'    "w8": {{source: {fam["base"]}}}\n'
         '    "<|endoftext|>": {source: {kind: merge}}\n'
     )
     got, _ = merge(tmp_path, fam, tokenizer)
@@ -169,9 +173,32 @@ def test_per_token_sources(fam, tmp_path):
         e[63] = base[name][EOT]
         e[5] = a[name][9]
         e[7] = base[name][7]
-        expected[name] = e
-        assert not torch.equal(got[name][EOT], chat[name][EOT]), "kind: merge row should be merged"
+        expected[name] = e  # w8 (every model has it, not forced) and <|endoftext|> stay merged
+        assert not torch.equal(got[name][8], base[name][8]), "an unforced setting must not replace a merged row"
     assert_all(got, expected)
+
+
+def test_a_new_token_joins_the_vocabulary(fam, tmp_path):
+    """A token text the vocabulary lacks is added to it (as mergekit does): one more row, set as asked for
+    every model (no model has it), and a tokenizer that encodes it."""
+    from transformers import AutoTokenizer
+
+    chat = load_tensors(fam["chat"])
+    tokenizer = (
+        f"tokenizer:\n  source: {fam['chat']}\n  tokens:\n"
+        '    "<|nope|>": {source: {kind: zero}}\n'
+        f'    "<|tool|>": {{source: {{kind: model_token, model: {fam["chat"]}, token: "<|im_end|>"}}}}\n'
+    )
+    got, _ = merge(tmp_path, fam, tokenizer)
+    expected = merged_reference(fam)
+    for name in VOCAB_MATRICES:
+        zero = torch.zeros(1, builders.HIDDEN, dtype=torch.bfloat16)
+        expected[name] = torch.cat([expected[name], zero, chat[name][IM_END : IM_END + 1]])
+    assert_all(got, expected)
+    assert read_config(tmp_path / "out")["vocab_size"] == V + 2
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok.convert_tokens_to_ids(["<|nope|>", "<|tool|>"]) == [V, V + 1]
+    assert tok.encode("w3 <|tool|>", add_special_tokens=False) == [3, V + 1]
 
 
 @pytest.mark.parametrize("mode", ["take", "zero"])
@@ -188,11 +215,12 @@ def test_special_tokens_take_or_zero(fam, tmp_path, mode):
 
 
 def test_tokens_override_special_tokens(fam, tmp_path):
-    """A per-token setting wins over special_tokens for that token."""
+    """A per-token setting exempts its token from special_tokens: <|im_start|> (kind: merge) is merged, token 0
+    (forced to zero for every model) is zero; the other special tokens are taken from the chat model."""
     chat = load_tensors(fam["chat"])
     tokenizer = (
         f"tokenizer:\n  source: {fam['chat']}\n  special_tokens: take\n"
-        '  tokens:\n    "<|im_start|>": {source: {kind: merge}}\n    0: {source: {kind: zero}}\n'
+        '  tokens:\n    "<|im_start|>": {source: {kind: merge}}\n    0: {source: {kind: zero}, force: true}\n'
     )
     got, _ = merge(tmp_path, fam, tokenizer)
     expected = merged_reference(fam)
@@ -203,11 +231,15 @@ def test_tokens_override_special_tokens(fam, tmp_path):
     assert_all(got, expected)
 
 
+GONE = '    "<|im_end|>": {source: {kind: model_token, model: BASE, token: "<|gone|>"}}\n'
+
+
 @pytest.mark.parametrize(
     ("tokens", "needle"),
     [
-        ('    "<|nope|>": {source: {kind: zero}}\n', "'<|nope|>' is not a token of"),
-        ('    "<|im_end|>": {source: {kind: model_token, model: BASE, token: "<|gone|>"}}\n', "'<|gone|>'"),
+        (GONE, "'<|gone|>' is not a token of"),
+        ('    "<|brand-new|>": {source: BASE}\n', "'<|brand-new|>' is not a token of"),
+        ("    640: {source: {kind: zero}}\n", "640 is not a token of the output vocabulary"),
     ],
 )
 def test_unknown_token_is_a_clear_error(fam, tmp_path, capsys, tokens, needle):

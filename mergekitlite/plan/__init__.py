@@ -37,6 +37,7 @@ from mergekitlite.plan.params import gradients_without_layers
 from mergekitlite.plan.problems import Problems
 from mergekitlite.plan.rowrules import eos_warnings
 from mergekitlite.plan.tensors import TensorContext, plan_tensor
+from mergekitlite.plan.vocab import output_vocab
 from mergekitlite.recipe import LoadedRecipe
 from mergekitlite.taskgraph import Plan
 from mergekitlite.tokens import read_token_info
@@ -65,6 +66,8 @@ def build_plan(
     problems = Problems()
     for line in gradients_without_layers(recipe, sources, reference):
         problems.add(line)
+    merged = list(dict.fromkeys(src.model for slc in slices for src in slc.sources))
+    vocab, vocab_notes = output_vocab(recipe, sources, merged, config_donor, problems)
     ctx = TensorContext(
         recipe=recipe,
         spec=spec,
@@ -73,6 +76,7 @@ def build_plan(
         tokenizer_donor=tokenizer_donor,
         tokens=read_token_info(sources[tokenizer_donor].path),
         out_dtype=CODE_BY_NAME[recipe.out_dtype_name] if recipe.out_dtype_name else None,
+        vocab=vocab,
     )
     layout = enumerate_outputs(recipe, slices, sources, reference)
     planned = [plan_tensor(slot, ctx, problems) for slot in layout.slots]
@@ -80,6 +84,7 @@ def build_plan(
 
     tasks = [p.task for p in planned if p is not None]
     warnings = [*loaded.warnings, *(p.note for p in planned if p is not None and p.note)]
+    warnings += vocab_notes
     warnings += uncovered_tensors(layout, sources, reference.ref)
     warnings += eos_warnings(recipe, sources, tokenizer_donor)
 
@@ -101,4 +106,5 @@ def build_plan(
         budget=budget,
         random_seed=seed,
         warnings=tuple(warnings),
+        vocab=vocab,
     )

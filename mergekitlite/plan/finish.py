@@ -25,10 +25,11 @@ from mergekitlite.taskgraph import TensorTask
 
 def donors(recipe: Recipe, slices: Sequence[Slice]) -> tuple[str, str]:
     """(config donor, tokenizer donor): config.json comes from the base (else the first model); tokenizer,
-    chat template and generation config from ``tokenizer_source`` (default: the config donor)."""
+    chat template and generation config from ``tokenizer_source`` (default, ``base`` and ``union``: the config
+    donor, whose tokenizer a union extends)."""
     config_donor = recipe.base_model or slices[0].sources[0].model
     tok = tokenizer_choice(recipe)
-    return config_donor, config_donor if tok in (None, "base") else tok
+    return config_donor, config_donor if tok in (None, "base", "union") else tok
 
 
 def plan_seed(loaded: LoadedRecipe, override: int | None) -> int:

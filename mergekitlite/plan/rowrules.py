@@ -58,8 +58,12 @@ def token_rules(
     sources: Mapping[str, ModelSource],
     donor: str,
     problems: Problems,
+    *,
+    tokens_merged: bool = False,
 ) -> tuple[RowRule, ...]:
-    """Rows of single tokens set by the recipe's ``tokenizer.tokens`` and ``special_tokens``."""
+    """Rows of single tokens set by the recipe's ``tokenizer.tokens`` and ``special_tokens``, applied to the
+    merged rows. With ``tokens_merged`` the ``tokens`` settings were applied to the inputs before the merge
+    (``plan/vocab.py``): here they only exempt their tokens from ``special_tokens``."""
     if cfg is None:
         return ()
     rows = shape[0]
@@ -70,6 +74,10 @@ def token_rules(
             if tid is not None:
                 wanted[tid] = (cfg.special_tokens, text)
     for key, spec in (cfg.tokens or {}).items():
+        if tokens_merged:
+            tid = key if isinstance(key, int) else tok.id_of(str(key))
+            wanted.pop(tid, None)  # type: ignore[arg-type]
+            continue
         tid = key if isinstance(key, int) else int(key) if str(key).isdigit() else tok.id_of(str(key))
         if tid is None:
             problems.add(f"tokenizer.tokens: {key!r} is not a token of {donor!r} (give its id instead)", group="token")

@@ -14,6 +14,7 @@ from mergekitlite.plan.layout import OutputSlot
 from mergekitlite.plan.params import Levels, resolve_params
 from mergekitlite.plan.problems import Problems
 from mergekitlite.plan.rowrules import token_rules, vocab_layout
+from mergekitlite.plan.vocab import OutputVocab, gathered_inputs
 from mergekitlite.recipe import Recipe, Rule
 from mergekitlite.roles import is_vocab_tensor
 from mergekitlite.settings import name_matches
@@ -33,6 +34,7 @@ class TensorContext:
     tokenizer_donor: str
     tokens: TokenInfo  # the tokenizer donor's tokens
     out_dtype: str | None  # the recipe's output dtype (safetensors code) for floating-point tensors
+    vocab: OutputVocab | None = None  # the output vocabulary, when inputs are re-indexed by token text
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ def plan_tensor(slot: OutputSlot, ctx: TensorContext, problems: Problems) -> Pla
     if refs is None:
         return None
     lead = lead_input(slot, ctx.reference)
+    if ctx.vocab is not None and is_vocab_tensor(slot.name, refs[lead].tensor.shape):
+        refs = gathered_inputs(slot.name, refs, slot.slice.base_model, ctx.vocab, ctx.sources, problems)
     out = output_shape(slot.name, refs, lead, ctx, problems)
     if out is None:
         return None
@@ -99,10 +103,12 @@ def output_shape(
     single tokens the recipe sets."""
     shapes = {r.model: r.tensor.shape for r in refs}
     shape, merge_rows, rules, note = refs[lead].tensor.shape, None, (), None
-    if len(set(shapes.values())) > 1:
+    if ctx.vocab is not None and is_vocab_tensor(name, shape) and len({s[1:] for s in shapes.values()}) == 1:
+        shape = (ctx.vocab.rows, *shape[1:])  # rows by token text (plan/vocab.py)
+    elif len(set(shapes.values())) > 1:
         donor_info = lookup_tensor(ctx.sources[ctx.tokenizer_donor], name)
         donor = InputRef(ctx.tokenizer_donor, donor_info) if donor_info is not None else None
-        policy = ctx.recipe.tokenizer.vocab_policy if ctx.recipe.tokenizer else "keep"
+        policy = (ctx.recipe.tokenizer.vocab_policy if ctx.recipe.tokenizer else None) or "keep"
         layout = vocab_layout(name, refs, refs[lead], donor, policy)
         if layout is None:
             listing = ", ".join(f"{list(s)} in {m!r}" for m, s in shapes.items())
@@ -110,7 +116,16 @@ def output_shape(
             return None
         shape, merge_rows, rules, note = layout
     if is_vocab_tensor(name, shape):
-        rules += token_rules(name, shape, ctx.recipe.tokenizer, ctx.tokens, ctx.sources, ctx.tokenizer_donor, problems)
+        rules += token_rules(
+            name,
+            shape,
+            ctx.recipe.tokenizer,
+            ctx.tokens,
+            ctx.sources,
+            ctx.tokenizer_donor,
+            problems,
+            tokens_merged=ctx.vocab is not None,
+        )
     return OutputShape(shape, merge_rows, rules, note)
 
 
