@@ -219,8 +219,12 @@ class Rule(Strict):
         description="Tensor names, matched like parameter filters: substring, glob (e.g. '*embed_tokens*'), "
         "or 're:<regex>'."
     )
-    take: ModelName | None = Field(None, description="Copy these tensors unchanged from this model.")
+    take: ModelName | None = Field(
+        None,
+        description="Copy these tensors unchanged from this model (also tensors the output would otherwise lack).",
+    )
     method: str | None = Field(None, description="Merge these tensors with another method.")
+    drop: bool = Field(False, description="Leave these tensors out of the output.")
     parameters: Parameters | None = Field(None, description="Parameters for these tensors (over the global ones).")
 
 
@@ -697,8 +701,8 @@ def _semantic_checks(recipe: Recipe, problems: _Problems) -> None:
             problems.add(("models",), f"{spec.name} takes at most {spec.max_models} model(s), got {count}")
 
     for i, r in enumerate(recipe.rules or ()):
-        if (r.take is None) == (r.method is None):
-            problems.add(("rules", i), "a rule needs exactly one of 'take' (a model) or 'method'")
+        if (r.take is not None) + (r.method is not None) + r.drop != 1:
+            problems.add(("rules", i), "a rule needs exactly one of 'take' (a model), 'method' or 'drop: true'")
         if r.method is not None:
             try:
                 REGISTRY.get(r.method)

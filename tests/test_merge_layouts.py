@@ -201,6 +201,32 @@ def test_mixed_tied_base_untied_model_warns(llama_tied_family, tmp_path):
     assert any("lm_head.weight" in w and "b-untied" in w for w in result.plan.warnings), result.plan.warnings
 
 
+def test_a_tensor_the_base_lacks_is_never_dropped_silently(llama_family, tmp_path, capsys):
+    """The base lost its lm_head (its config still says untied): the output would load with lm_head MISSING.
+    The merge stops and says how to resolve it; with the rule it names, the output loads with no missing or
+    unexpected keys and holds the taken tensor."""
+    from transformers import AutoModelForCausalLM
+
+    from mergekitlite.cli import merge_main
+
+    fam = llama_family
+    base = load_tensors(fam["base"])
+    del base["lm_head.weight"]
+    broken = builders.write_safetensors_model(tmp_path / "base", base, read_config(fam["base"]))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(ta_recipe(broken, [fam["a"], fam["b"]], [1.0, 1.0]))
+    assert merge_main([str(recipe), str(tmp_path / "out"), "--no-hash"]) == 2
+    err = capsys.readouterr().err
+    assert "'lm_head.weight' is in" in err and "take:" in err and "drop: true" in err
+    assert not (tmp_path / "out").exists()
+
+    recipe.write_text(recipe.read_text() + f"rules:\n  - match: lm_head.weight\n    take: {fam['a']}\n")
+    assert merge_main([str(recipe), str(tmp_path / "out"), "--no-hash"]) == 0
+    assert_bitwise(load_tensors(tmp_path / "out")["lm_head.weight"], load_tensors(fam["a"])["lm_head.weight"])
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
 # ---------------------------------------------------------------- Qwen v1 (remote-code layout)
 
 

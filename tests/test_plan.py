@@ -212,10 +212,40 @@ def test_fingerprint_identifies_the_plan(llama_family, tmp_path):
     assert plan_merge(r1).fingerprint() != f1
 
 
-def test_unused_tensors_warn(llama_family, tmp_path):
+def test_a_tensor_the_output_would_lack_is_a_plan_error_with_its_fixes(llama_family, tmp_path):
+    """Nothing is lost silently: a tensor a merged model has but the base (which the output follows) lacks stops
+    the plan, naming the tensor, the model and the two rules that resolve it; each rule does what it says."""
     a = builders.load_tensors(llama_family["a"])
-    a["model.extra_adapter.weight"] = torch.zeros(2, 2, dtype=torch.bfloat16)
+    a["model.extra_adapter.weight"] = torch.arange(4, dtype=torch.bfloat16).reshape(2, 2)
     extra = builders.write_safetensors_model(tmp_path / "extra", a, builders.read_config(llama_family["a"]))
-    plan = plan_merge(ta_recipe(tmp_path, llama_family["base"], [(extra, "1.0")]))
-    assert any("model.extra_adapter.weight" in w for w in plan.warnings), plan.warnings
+    with pytest.raises(PlanError) as err:
+        plan_merge(ta_recipe(tmp_path, llama_family["base"], [(extra, "1.0")]))
+    assert err.value.problems == [
+        f"'model.extra_adapter.weight' is in {str(extra)!r} but not in {str(llama_family['base'])!r}, which the "
+        "output follows, so the output would lack it: add `rules: [{match: 'model.extra_adapter.weight', take: "
+        f"{str(extra)!r}}}]` to take it from a model that has it, or `[{{match: 'model.extra_adapter.weight', drop: "
+        "true}]` to leave it out"
+    ]
+    take = f"rules:\n  - match: model.extra_adapter.weight\n    take: {extra}\n"
+    plan = plan_merge(ta_recipe(tmp_path, llama_family["base"], [(extra, "1.0")], extra=take))
+    task = next(t for t in plan.tasks if t.name == "model.extra_adapter.weight")
+    assert task.copy_of is not None and task.copy_of.model == str(extra)
+    drop = "rules:\n  - match: extra_adapter\n    drop: true\n"
+    plan = plan_merge(ta_recipe(tmp_path, llama_family["base"], [(extra, "1.0")], extra=drop))
     assert "model.extra_adapter.weight" not in {t.name for t in plan.tasks}
+    assert len(plan.tasks) == len(builders.load_tensors(llama_family["base"]))
+
+
+def test_drop_rules_remove_tensors_and_take_rules_fill_a_missing_input(llama_family, tmp_path):
+    """A merged model that lacks a tensor no longer stops the merge when a take rule names a model that has it."""
+    b = builders.load_tensors(llama_family["b"])
+    del b["model.norm.weight"]
+    partial = builders.write_safetensors_model(tmp_path / "partial", b, builders.read_config(llama_family["b"]))
+    with pytest.raises(PlanError, match=r"has no tensor 'model\.norm\.weight'"):
+        plan_merge(ta_recipe(tmp_path, llama_family["base"], [(llama_family["a"], "1.0"), (partial, "1.0")]))
+    take = f"rules:\n  - match: model.norm.weight\n    take: {llama_family['a']}\n"
+    plan = plan_merge(
+        ta_recipe(tmp_path, llama_family["base"], [(llama_family["a"], "1.0"), (partial, "1.0")], extra=take)
+    )
+    task = next(t for t in plan.tasks if t.name == "model.norm.weight")
+    assert task.copy_of is not None and task.copy_of.model == str(llama_family["a"])

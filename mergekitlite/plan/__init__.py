@@ -29,10 +29,9 @@ from mergekitlite.plan.finish import (
     output_config,
     plan_seed,
     size_chunks,
-    uncovered_tensors,
 )
 from mergekitlite.plan.inputs import open_recipe_sources
-from mergekitlite.plan.layout import enumerate_outputs, normalize, reference_model
+from mergekitlite.plan.layout import complete, enumerate_outputs, normalize, reference_model
 from mergekitlite.plan.params import gradients_without_layers
 from mergekitlite.plan.problems import Problems
 from mergekitlite.plan.rowrules import eos_warnings
@@ -78,14 +77,14 @@ def build_plan(
         out_dtype=CODE_BY_NAME[recipe.out_dtype_name] if recipe.out_dtype_name else None,
         vocab=vocab,
     )
-    layout = enumerate_outputs(recipe, slices, sources, reference)
+    enumerated = enumerate_outputs(recipe, slices, sources, reference)
+    layout, left_out = complete(enumerated, recipe, sources, reference, problems)
     planned = [plan_tensor(slot, ctx, problems) for slot in layout.slots]
     problems.raise_if_any()
 
     tasks = [p.task for p in planned if p is not None]
     warnings = [*loaded.warnings, *(p.note for p in planned if p is not None and p.note)]
-    warnings += vocab_notes
-    warnings += uncovered_tensors(layout, sources, reference.ref)
+    warnings += vocab_notes + left_out
     warnings += eos_warnings(recipe, sources, tokenizer_donor)
 
     budget = budget or Budget()

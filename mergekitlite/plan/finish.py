@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -15,8 +15,8 @@ from mergekitlite.budget import Budget, rows_per_chunk
 from mergekitlite.io.safetensors_header import NAME_BY_CODE, ShardLayout, layout_shard
 from mergekitlite.methods import get_method
 from mergekitlite.methods.apply import tensor_seed
-from mergekitlite.plan.inputs import lookup_tensor, tokenizer_choice
-from mergekitlite.plan.layout import Layout, Slice
+from mergekitlite.plan.inputs import tokenizer_choice
+from mergekitlite.plan.layout import Slice
 from mergekitlite.recipe import LoadedRecipe, Recipe
 from mergekitlite.roles import is_vocab_tensor
 from mergekitlite.sources import ModelSource
@@ -105,26 +105,3 @@ def output_config(
     if vocab and "vocab_size" in cfg:
         cfg["vocab_size"] = max(vocab)
     return cfg
-
-
-def uncovered_tensors(layout: Layout, sources: Mapping[str, ModelSource], reference: str) -> list[str]:
-    """Warnings for tensors of a merged model that no output tensor reads (the output follows ``reference``);
-    for ``models:`` recipes, where every model is meant to be taken whole."""
-    if layout.layers is not None or not layout.slots:
-        return []
-    merged = {src.model for src in layout.slots[0].slice.sources}
-    covered: dict[str, set[str]] = {m: set() for m in merged}
-    for slot in layout.slots:
-        for src, name in zip(slot.slice.sources, slot.inputs):
-            info = lookup_tensor(sources[src.model], name)
-            if info is not None:
-                covered[src.model].add(info.name)
-    warnings = []
-    for ref, model in sources.items():
-        unused = [n for n in model.tensors if n not in covered.get(ref, set())]
-        if ref in merged and unused:
-            warnings.append(
-                f"{len(unused)} tensor(s) of {ref!r} are not in the output (the output follows "
-                f"{reference!r}), e.g. {unused[0]!r}"
-            )
-    return warnings

@@ -12,9 +12,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from mergekitlite.methods import MethodSpec
+from mergekitlite.plan.inputs import lookup_tensor
 from mergekitlite.plan.problems import Problems
-from mergekitlite.recipe import Parameters, Recipe
-from mergekitlite.roles import before_layers, split_layer
+from mergekitlite.recipe import Parameters, Recipe, Rule
+from mergekitlite.roles import Role, before_layers, role_of, split_layer
+from mergekitlite.settings import name_matches
 from mergekitlite.sources import ModelSource
 
 
@@ -156,3 +158,79 @@ def _restacked(slices: Sequence[Slice], sources: Mapping[str, ModelSource], refe
             k += 1
     slots += [OutputSlot(n, None, 0.0, last, (n,) * len(last.sources)) for n in outer if not before_layers(n)]
     return Layout(tuple(slots), k)
+
+
+# Buffers some checkpoints carry that no model loads (transformers drops them): never worth a complaint.
+_IGNORED_ENDINGS = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
+
+
+def first_rule(rules: Sequence[Rule], name: str) -> tuple[int, Rule] | None:
+    """The first of the recipe's ``rules`` that matches ``name``, with its index."""
+    return next(((i, r) for i, r in enumerate(rules) if name_matches(r.match, name)), None)
+
+
+def complete(
+    layout: Layout, recipe: Recipe, sources: Mapping[str, ModelSource], reference: ModelSource, problems: Problems
+) -> tuple[Layout, list[str]]:
+    """The layout as the rules shape it, and with nothing silently lost: tensors a ``drop: true`` rule matches
+    leave it; a tensor that merged models have but the output would lack (the output follows ``reference``)
+    joins it when a ``take`` rule names it, and is otherwise a problem that names the tensor, the models that
+    have it and the two rules that resolve it. Also returns warnings for what is left out knowingly."""
+    rules = recipe.rules or ()
+    slots = [s for s in layout.slots if not ((r := first_rule(rules, s.name)) and r[1].drop)]
+    notes: list[str] = []
+    tied = reference.tied_embeddings
+    for name, models in _left_out(layout, sources).items():
+        rule = first_rule(rules, name)
+        if rule is not None and rule[1].drop:
+            continue
+        if rule is not None and rule[1].take is not None:
+            parts = split_layer(name)
+            slc = layout.slots[0].slice if layout.slots else None
+            if slc is not None:
+                slots.append(OutputSlot(name, parts[1] if parts else None, 0.0, slc, (name,) * len(slc.sources)))
+            continue
+        have = ", ".join(repr(m) for m in models)
+        if name.endswith(_IGNORED_ENDINGS):
+            continue  # a buffer that transformers drops when it loads a model
+        if role_of(name) is Role.HEAD and tied:
+            notes.append(
+                f"{name!r} of {have} is not in the output: it follows {reference.ref!r}, whose config ties the "
+                "output head to the token embedding"
+            )
+            continue
+        problems.add(
+            f"{name!r} is in {have} but not in {reference.ref!r}, which the output follows, so the output would lack "
+            f"it: add `rules: [{{match: {name!r}, take: {models[0]!r}}}]` to take it from a model that has it, or "
+            f"`[{{match: {name!r}, drop: true}}]` to leave it out",
+            group="left out",
+        )
+    return Layout(tuple(slots), layout.layers), notes
+
+
+def _left_out(layout: Layout, sources: Mapping[str, ModelSource]) -> dict[str, list[str]]:
+    """Tensors of the merged models that the output lacks, by name, with the models that have them: outside the
+    layers, names the output does not have; in the layers, tensors of a layer the output takes that no output
+    tensor reads (layers a ``slices:`` recipe does not take are left out on purpose)."""
+    out_names = {slot.name for slot in layout.slots}
+    read: dict[str, set[str]] = {}
+    chosen: dict[str, set[int]] = {}  # the layers each model contributes
+    for slot in layout.slots:
+        for src, name in zip(slot.slice.sources, slot.inputs):
+            info = lookup_tensor(sources[src.model], name)
+            read.setdefault(src.model, set()).add(info.name if info is not None else name)
+            if (parts := split_layer(name)) is not None:
+                chosen.setdefault(src.model, set()).add(parts[1])
+    out: dict[str, list[str]] = {}
+    for model, names in read.items():
+        src = sources[model]
+        prefix = src.main_layer_prefix()
+        for name in src.tensors:
+            parts = split_layer(name)
+            if parts is not None and parts[0] == prefix:
+                lost = parts[1] in chosen.get(model, set()) and name not in names
+            else:
+                lost = name not in out_names and name not in names
+            if lost:
+                out.setdefault(name, []).append(model)
+    return out

@@ -10,14 +10,13 @@ from dataclasses import dataclass
 from mergekitlite.io.safetensors_header import FLOAT_CODES
 from mergekitlite.methods import MethodSpec, get_method
 from mergekitlite.plan.inputs import lookup_tensor
-from mergekitlite.plan.layout import OutputSlot
+from mergekitlite.plan.layout import OutputSlot, first_rule
 from mergekitlite.plan.params import Levels, resolve_params
 from mergekitlite.plan.problems import Problems
 from mergekitlite.plan.rowrules import token_rules, vocab_layout
 from mergekitlite.plan.vocab import OutputVocab, gathered_inputs
 from mergekitlite.recipe import Recipe, Rule
 from mergekitlite.roles import is_vocab_tensor
-from mergekitlite.settings import name_matches
 from mergekitlite.sources import ModelSource
 from mergekitlite.taskgraph import InputRef, RowRule, TensorTask
 from mergekitlite.tokens import TokenInfo
@@ -53,10 +52,18 @@ class PlannedTensor:
 
 def plan_tensor(slot: OutputSlot, ctx: TensorContext, problems: Problems) -> PlannedTensor | None:
     """The task for ``slot``, or None with the reasons added to ``problems``."""
+    rule = first_rule(ctx.recipe.rules or (), slot.name)
+    lead = lead_input(slot, ctx.reference)
+    if rule is not None and rule[1].take is not None:
+        # Taken whole from one model: the other inputs need not have it (that is how a tensor the merged
+        # models lack is added), but where they do, its shape must be theirs.
+        have = resolve_inputs(slot, ctx.sources, Problems())
+        shape = have[lead].tensor.shape if have is not None else None
+        task = taken(slot, rule[0], rule[1].take, shape, ctx, problems)
+        return None if task is None else PlannedTensor(task)
     refs = resolve_inputs(slot, ctx.sources, problems)
     if refs is None:
         return None
-    lead = lead_input(slot, ctx.reference)
     if ctx.vocab is not None and is_vocab_tensor(slot.name, refs[lead].tensor.shape):
         refs = gathered_inputs(slot.name, refs, slot.slice.base_model, ctx.vocab, ctx.sources, problems)
     out = output_shape(slot.name, refs, lead, ctx, problems)
@@ -64,10 +71,6 @@ def plan_tensor(slot: OutputSlot, ctx: TensorContext, problems: Problems) -> Pla
         return None
     first = refs[lead].tensor
     out_dtype = ctx.out_dtype if (ctx.out_dtype and first.dtype in FLOAT_CODES) else first.dtype
-    rule = first_rule(ctx.recipe.rules or (), slot.name)
-    if rule is not None and rule[1].take is not None:
-        task = taken(slot, rule[0], rule[1].take, first.shape, ctx, problems)
-        return None if task is None else PlannedTensor(task, out.note)
     if first.dtype not in FLOAT_CODES:
         why = f"not floating point: copied from {refs[lead].model}"
         return PlannedTensor(TensorTask.copy(slot.name, refs[lead], first.dtype, slot.layer, slot.t, why), out.note)
@@ -129,20 +132,16 @@ def output_shape(
     return OutputShape(shape, merge_rows, rules, note)
 
 
-def first_rule(rules: Sequence[Rule], name: str) -> tuple[int, Rule] | None:
-    """The first of the recipe's ``rules`` that matches ``name``, with its index."""
-    return next(((i, r) for i, r in enumerate(rules) if name_matches(r.match, name)), None)
-
-
 def taken(
-    slot: OutputSlot, index: int, model: str, shape: tuple[int, ...], ctx: TensorContext, problems: Problems
+    slot: OutputSlot, index: int, model: str, shape: tuple[int, ...] | None, ctx: TensorContext, problems: Problems
 ) -> TensorTask | None:
-    """``rules[index]: {take: model}``: the tensor copied from ``model`` (cast to the output dtype)."""
+    """``rules[index]: {take: model}``: the tensor copied from ``model`` (cast to the output dtype); ``shape``: the
+    merge inputs' shape when they have the tensor."""
     info = lookup_tensor(ctx.sources[model], slot.name)
     if info is None:
         problems.add(f"rules[{index}]: model {model!r} has no tensor {slot.name!r} to take", group=f"missing:{model}")
         return None
-    if info.shape != shape:
+    if shape is not None and info.shape != shape:
         problems.add(
             f"rules[{index}]: {slot.name!r} is {list(info.shape)} in {model!r} but {list(shape)} in the merge",
             group="shape",
