@@ -173,7 +173,7 @@ def _options(args: argparse.Namespace) -> MergeOptions:
         random_seed=args.random_seed,
         resume=args.resume,
         overwrite=args.overwrite,
-        threads=args.threads or args.num_threads,
+        threads=args.threads if args.threads is not None else args.num_threads,  # -j 0 is an error, not 'default'
         hash_inputs=not args.no_hash,
         native=not args.no_native,
         intermediate_dir=args.intermediate_dir,

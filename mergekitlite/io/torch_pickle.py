@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from mergekitlite.errors import CheckpointError
-from mergekitlite.io.safetensors_header import TensorInfo, itemsize
+from mergekitlite.io.inputs import input_file_size, open_input
+from mergekitlite.io.safetensors_header import DTYPES, TensorInfo, itemsize
 
 _STORAGE_CODES = {
     "DoubleStorage": "F64",
@@ -111,12 +112,12 @@ class _IndexUnpickler(pickle.Unpickler):
         raise CheckpointError(f"{self.source}: unsupported storage type {storage_type!r}")
 
 
-def _data_offset(f: Any, info: zipfile.ZipInfo) -> int:
+def _data_offset(path: Path, f: Any, info: zipfile.ZipInfo) -> int:
     """Absolute offset of a stored member's bytes (after its local header)."""
     f.seek(info.header_offset)
     header = f.read(30)
-    if header[:4] != b"PK\x03\x04":
-        raise CheckpointError(f"corrupt zip member {info.filename}")
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise CheckpointError(f"{path}: corrupt zip member {info.filename}; save the checkpoint again")
     name_len, extra_len = struct.unpack("<HH", header[26:30])
     return info.header_offset + 30 + name_len + extra_len
 
@@ -130,40 +131,82 @@ def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     return True
 
 
+# The pickled index of a state dict is kilobytes; a bigger one is not a weights file (or is a zip bomb).
+MAX_INDEX_BYTES = 256 * 1024 * 1024
+
+
 def read_bin_index(path: Path) -> dict[str, TensorInfo]:
     """Name → byte range of every tensor in a ``torch.save`` zip checkpoint."""
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"{path}: a legacy (pre-zip) torch checkpoint; re-save it with a current torch or convert it to safetensors"
-        )
-    with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
-        pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-        if len(pkl) != 1:
-            raise CheckpointError(f"{path}: not a torch checkpoint (no single data.pkl)")
-        prefix = pkl[0][: -len("data.pkl")]
+    size = input_file_size(path)
+    with open_input(path) as raw:
+        if not zipfile.is_zipfile(raw):
+            raise CheckpointError(
+                f"{path}: a legacy (pre-zip) torch checkpoint; re-save it with a current torch or convert it to "
+                "safetensors"
+            )
         try:
-            obj = _IndexUnpickler(zf.read(pkl[0]), path).load()
-        except CheckpointError:
-            raise
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot read the checkpoint's index ({type(exc).__name__}: {exc})") from None
-        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+            with zipfile.ZipFile(raw) as zf:
+                obj, members, prefix = _unpickle_index(path, zf)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
+            raise CheckpointError(f"{path}: a corrupt zip archive ({exc}); save the checkpoint again") from None
         out: dict[str, TensorInfo] = {}
         for name, ref in obj.items():
             if not isinstance(ref, _TensorRef):
                 continue  # non-tensor entries (e.g. an int step counter) are not weights
-            if not _contiguous(ref.shape, ref.stride):
-                raise CheckpointError(f"{path}: tensor {name!r} is stored non-contiguously; re-save it contiguous")
-            member = zf.getinfo(f"{prefix}data/{ref.storage.key}")
-            if member.compress_type != zipfile.ZIP_STORED:
-                raise CheckpointError(f"{path}: storage of {name!r} is compressed; cannot read it lazily")
-            size = itemsize(ref.storage.code)
-            begin = _data_offset(raw, member) + ref.offset * size
-            nbytes = math.prod(ref.shape) * size
-            if ref.offset * size + nbytes > member.file_size:
-                raise CheckpointError(f"{path}: tensor {name!r} runs past the end of its storage")
-            out[str(name)] = TensorInfo(str(name), path, ref.storage.code, ref.shape, begin, begin + nbytes)
+            info = _tensor_info(path, raw, size, str(name), ref, members.get(f"{prefix}data/{_key(ref)}"))
+            if info.name in out:
+                raise CheckpointError(f"{path}: the state dict names {info.name!r} twice")
+            out[info.name] = info
         return out
+
+
+def _unpickle_index(path: Path, zf: zipfile.ZipFile) -> tuple[dict[Any, Any], dict[str, zipfile.ZipInfo], str]:
+    members = {m.filename: m for m in zf.infolist()}
+    pkl = [n for n in members if n.endswith("/data.pkl") or n == "data.pkl"]
+    if len(pkl) != 1:
+        raise CheckpointError(f"{path}: not a torch checkpoint (no single data.pkl)")
+    if members[pkl[0]].file_size > MAX_INDEX_BYTES:
+        raise CheckpointError(f"{path}: its data.pkl claims {members[pkl[0]].file_size} bytes; not a weights file")
+    try:
+        obj = _IndexUnpickler(zf.read(pkl[0]), path).load()
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint's index ({type(exc).__name__}: {exc})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return obj, members, pkl[0][: -len("data.pkl")]
+
+
+def _key(ref: _TensorRef) -> str:
+    return ref.storage.key if isinstance(ref.storage, _StorageRef) else ""
+
+
+def _tensor_info(
+    path: Path, raw: Any, size: int, name: str, ref: _TensorRef, member: zipfile.ZipInfo | None
+) -> TensorInfo:
+    """Where ``ref``'s bytes are, after checking every field: the pickle's BUILD opcode can set any
+    attribute of an object it made, so nothing the constructors checked can be relied on."""
+
+    def counts(values: Any) -> bool:
+        return isinstance(values, tuple) and all(type(v) is int and v >= 0 for v in values)
+
+    storage = ref.storage
+    if not (isinstance(storage, _StorageRef) and isinstance(storage.key, str) and storage.code in DTYPES):
+        raise CheckpointError(f"{path}: tensor {name!r} has an unreadable storage reference")
+    if not (counts(ref.shape) and counts(ref.stride) and type(ref.offset) is int and ref.offset >= 0):
+        raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape, stride or offset in the pickle")
+    if not _contiguous(ref.shape, ref.stride):
+        raise CheckpointError(f"{path}: tensor {name!r} is stored non-contiguously; re-save it contiguous")
+    if member is None:
+        raise CheckpointError(f"{path}: the storage of {name!r} (data/{storage.key}) is not in the archive")
+    if member.compress_type != zipfile.ZIP_STORED or member.flag_bits & 0x1:
+        raise CheckpointError(f"{path}: storage of {name!r} is compressed or encrypted; cannot read it lazily")
+    item = itemsize(storage.code)
+    begin = _data_offset(path, raw, member) + ref.offset * item
+    nbytes = math.prod(ref.shape) * item
+    if ref.offset * item + nbytes > member.file_size or begin + nbytes > size:
+        raise CheckpointError(f"{path}: tensor {name!r} runs past the end of its storage")
+    return TensorInfo(name, path, storage.code, ref.shape, begin, begin + nbytes)
