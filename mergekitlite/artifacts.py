@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from mergekitlite import __version__
-from mergekitlite.errors import CheckpointError
+from mergekitlite.errors import CheckpointError, naming
 from mergekitlite.io.identity import file_identity, identity
 from mergekitlite.io.inputs import read_text_input
 from mergekitlite.sources import ModelSource
@@ -168,7 +168,13 @@ class InputHasher:
 
 # ---------------------------------------------------------------- side files
 def _copy(src: Path, dst_dir: Path) -> None:
-    shutil.copyfile(src, dst_dir / src.name)
+    with naming(dst_dir / src.name):
+        shutil.copyfile(src, dst_dir / src.name)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with naming(path):
+        path.write_text(text, encoding="utf-8")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -256,7 +262,7 @@ def write_side_files(plan: Plan, out: Path, *, copy_tokenizer: bool = True) -> S
         for key in ("bos_token_id", "pad_token_id"):
             if gen.get(key) is None and out_cfg.get(key) is not None:
                 gen[key] = out_cfg[key]
-        (out / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+        _write_text(out / GENERATION_CONFIG, json.dumps(gen, indent=2) + "\n")
         origin = gen_src.ref if (gen_src.path / GENERATION_CONFIG).is_file() else "created"
         result.origins[GENERATION_CONFIG] = f"{origin}; eos_token_id = union of the donors' end ids {eos}"
     if eos:
@@ -269,14 +275,14 @@ def write_side_files(plan: Plan, out: Path, *, copy_tokenizer: bool = True) -> S
             result.notes.append(
                 f"the output's chat template ends turns with {end!r} (id {tid}), which is not an eos id"
             )
-    (out / "config.json").write_text(json.dumps(out_cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _write_text(out / "config.json", json.dumps(out_cfg, indent=2, ensure_ascii=False) + "\n")
 
     if len(plan.shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.nbytes for t in plan.tasks)},
             "weight_map": {t.name: plan.shard_of[t.name] for t in plan.tasks},
         }
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        _write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
     return result
 
 
@@ -290,13 +296,13 @@ def _set_chat_template(out: Path, template: str) -> None:
     tok_cfg = _read_json(tok_cfg_path)
     if tok_cfg is not None and "chat_template" in tok_cfg and not jinja.exists():
         tok_cfg["chat_template"] = template
-        tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _write_text(tok_cfg_path, json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
         return
     (out / "chat_template.json").unlink(missing_ok=True)
-    jinja.write_text(template, encoding="utf-8")
+    _write_text(jinja, template)
     if tok_cfg is not None and "chat_template" in tok_cfg:
         del tok_cfg["chat_template"]
-        tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _write_text(tok_cfg_path, json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------- card and provenance
@@ -380,6 +386,6 @@ def write_card(
     if side is not None:
         prov["files_from"] = side.origins
         prov["eos_token_id"] = side.eos_ids
-    (out / "mergekitlite.json").write_text(json.dumps(prov, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / "mergekit_config.yml").write_text(text, encoding="utf-8")
-    (out / "README.md").write_text(_card(plan, prov, name, text, side), encoding="utf-8")
+    _write_text(out / "mergekitlite.json", json.dumps(prov, indent=2, ensure_ascii=False) + "\n")
+    _write_text(out / "mergekit_config.yml", text)
+    _write_text(out / "README.md", _card(plan, prov, name, text, side))

@@ -7,9 +7,10 @@ from bugs (show the traceback).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 
 class MergekitliteError(Exception):
@@ -94,3 +95,15 @@ def explain_os_error(exc: OSError, path: object | None = None, *, writing: bool 
         return None
     where = exc.filename if exc.filename is not None else path
     return f"{where}: {exc.strerror or os.strerror(code)}; {hint}"
+
+
+@contextlib.contextmanager
+def naming(path: object) -> Iterator[None]:
+    """Give an OSError raised inside the block the file it concerns: a failed ``write()`` or
+    ``sendfile()`` (a full disk) carries no file name, and the message must say which file."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise

@@ -18,7 +18,6 @@ a second merge out of ``OUT`` meanwhile (``io.lock``).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekitlite.budget import human
-from mergekitlite.errors import InputChangedError, OutputError, explain_os_error
+from mergekitlite.errors import InputChangedError, OutputError, explain_os_error, naming
 from mergekitlite.io.identity import file_identity, lost_for_good, unproven
 from mergekitlite.io.lock import PathLock
 from mergekitlite.taskgraph import Plan
@@ -120,10 +119,15 @@ class PartialOutput:
     journal: JournalState = field(default_factory=JournalState)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def _append(self, entries: Iterable[Mapping[str, Any]], *, sync: bool = False) -> None:
-        """Append journal lines (from the executor's and the hasher's threads alike)."""
+    def _append(
+        self, entries: Iterable[Mapping[str, Any]], *, sync: bool = False, after_torn_line: bool = False
+    ) -> None:
+        """Append journal lines (from the executor's and the hasher's threads alike).
+        ``after_torn_line``: start on a new line, the last one may have been cut short."""
         text = "".join(json.dumps(e) + "\n" for e in entries)
-        with self._lock, open(self.path / JOURNAL, "a", encoding="utf-8") as f:
+        if after_torn_line:
+            text = "\n" + text  # an empty line is skipped like a torn one
+        with self._lock, naming(self.path / JOURNAL), open(self.path / JOURNAL, "a", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             if sync:
@@ -183,14 +187,11 @@ class PartialOutput:
     def explain(self, exc: OSError) -> Exception:
         """The one-line error for an OSError met while merging into this partial output (writing it,
         or reading an input), or ``exc`` itself when it is not something a user causes (a bug)."""
-        where = Path(exc.filename) if exc.filename else self.path
+        names = [Path(f) for f in (exc.filename, exc.filename2) if f]
+        # shutil.copyfile names the source first even when writing the copy failed.
+        where = next((f for f in names if _inside(f, self.path)), names[0] if names else self.path)
         writing = _inside(where, self.path) or where == self.final
-        if writing and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return OutputError(
-                f"the disk is full ({exc.strerror}) while writing {where}; nothing named like the final output "
-                "exists. Free some space and run again with --resume to continue."
-            )
-        text = explain_os_error(exc, where, writing=writing)
+        text = explain_os_error(OSError(exc.errno, exc.strerror, str(where)), writing=writing)
         if text is None:
             return exc
         return OutputError(f"{text}; then run again with --resume to continue (the merge so far is in {self.path})")
@@ -256,9 +257,9 @@ def _read_journal(path: Path) -> JournalState:
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
-            break  # a torn last line from a kill: everything before it is valid
+            continue  # a line torn by a kill or a full disk; a resume starts on a new line after it
         if not isinstance(entry, dict):
-            break
+            continue
         if "boot_id" in entry:
             if segment_boot == now:
                 state.done |= pending
@@ -291,21 +292,38 @@ def open_partial(out: Path, plan: Plan, *, resume: bool, overwrite: bool) -> Par
     _make_parent(out)
     partial = partial_path(out)
     fingerprint = plan.fingerprint()
+    if os.path.lexists(partial):
+        try:
+            opened = _reopen(out, partial, fingerprint, resume=resume)
+        except OSError as exc:
+            raise output_os_error(exc, partial) from None
+    else:
+        opened = _create(out, partial, plan, fingerprint)
     try:
-        if os.path.lexists(partial):
-            opened = _reopen(out, partial, plan, fingerprint, resume=resume)
-        else:
-            _check_free_space(out, plan)
-            partial.mkdir()
-            opened = PartialOutput(out, partial, fingerprint)
-            opened._append([{"fingerprint": fingerprint, "boot_id": boot_id()}], sync=True)
+        if opened.resumed:
+            opened._append([{"boot_id": boot_id()}], after_torn_line=True)
+            opened.remove_strays(s.filename for s in plan.shards)
         opened.observe_inputs(input_files(plan))
-        return opened
     except OSError as exc:
+        raise opened.explain(exc) from None
+    return opened
+
+
+def _create(out: Path, partial: Path, plan: Plan, fingerprint: str) -> PartialOutput:
+    """A new partial output with its journal, or nothing at all: a folder without a journal would be
+    taken for someone else's by the next run."""
+    _check_free_space(out, plan)
+    try:
+        partial.mkdir()
+        created = PartialOutput(out, partial, fingerprint)
+        created._append([{"fingerprint": fingerprint, "boot_id": boot_id()}], sync=True)
+        return created
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
         raise output_os_error(exc, partial) from None
 
 
-def _reopen(out: Path, partial: Path, plan: Plan, fingerprint: str, *, resume: bool) -> PartialOutput:
+def _reopen(out: Path, partial: Path, fingerprint: str, *, resume: bool) -> PartialOutput:
     if not partial.is_dir():
         raise OutputError(
             f"{partial} is in the way: it is not a folder, so not an interrupted merge (that would be a folder); "
@@ -326,10 +344,7 @@ def _reopen(out: Path, partial: Path, plan: Plan, fingerprint: str, *, resume: b
             f"{partial} holds a merge of a different recipe or different inputs, so it cannot be "
             "resumed; delete it to start over"
         )
-    opened = PartialOutput(out, partial, fingerprint, set(state.done), resumed=True, journal=state)
-    opened._append([{"boot_id": boot_id()}])
-    opened.remove_strays(s.filename for s in plan.shards)
-    return opened
+    return PartialOutput(out, partial, fingerprint, set(state.done), resumed=True, journal=state)
 
 
 def _check_free_space(out: Path, plan: Plan) -> None:

@@ -174,7 +174,7 @@ def _from_hub(ref: str, repo_id: str, revision: str | None) -> Path:
 @dataclass
 class _WeightFiles:
     files: list[Path]  # what the folder's index (or listing) names, in order
-    missing: list[str] = field(default_factory=list)  # those of ``files`` that are not there, described
+    missing: list[str] = field(default_factory=list)  # those of ``files`` that are not there (dangling links...)
 
 
 def _shard_names(index: Path) -> list[str]:
@@ -204,9 +204,12 @@ def _describe_missing(path: Path) -> str:
     return path.name
 
 
-def _from_index(folder: Path, index: Path) -> _WeightFiles:
-    files = [folder / name for name in _shard_names(index)]
+def _present(files: list[Path]) -> _WeightFiles:
     return _WeightFiles(files, [_describe_missing(f) for f in files if not f.is_file()])
+
+
+def _from_index(folder: Path, index: Path) -> _WeightFiles:
+    return _present([folder / name for name in _shard_names(index)])
 
 
 def _list_folder(folder: Path) -> set[str]:
@@ -240,18 +243,18 @@ def _weight_files(folder: Path) -> _WeightFiles:
         return _from_index(folder, folder / "model.safetensors.index.json")
     files = sorted(folder / n for n in names if n.endswith(".safetensors") and not n.startswith("adapter_"))
     if files:
-        return _WeightFiles(files)
+        return _present(files)
     if "pytorch_model.bin.index.json" in names:
         return _from_index(folder, folder / "pytorch_model.bin.index.json")
-    return _WeightFiles(sorted(folder / n for n in names if fnmatch.fnmatchcase(n, "pytorch_model*.bin")))
+    return _present(sorted(folder / n for n in names if fnmatch.fnmatchcase(n, "pytorch_model*.bin")))
 
 
 def _find_weight_files(folder: Path) -> list[Path]:
     found = _weight_files(folder)
     if found.missing:
         raise CheckpointError(
-            f"{folder}: the index names shard(s) that are not there: {', '.join(found.missing)} "
-            "(an incomplete download or copy? fetch them again)"
+            f"{folder}: weight file(s) missing: {', '.join(found.missing)} (an incomplete download or copy? "
+            "fetch them again)"
         )
     if found.files:
         return found.files

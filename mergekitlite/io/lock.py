@@ -50,9 +50,12 @@ class PathLock:
             if _same_file(fd, self.path):
                 break
             os.close(fd)  # the previous holder removed the file after we opened it: lock the new one
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
+        try:  # only for the message of a merge that is refused: a full disk must not stop this one
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
         return self
 
     def _open(self) -> int:

@@ -54,6 +54,7 @@ _DTYPE_CODES = {
 class _StorageRef:
     key: str
     code: str
+    numel: Any  # elements, as the pickle says (torch.load checks it against the archive member)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,13 @@ class _DType:
 
 def _rebuild_tensor(storage: _StorageRef, offset: int, size: Any, stride: Any, *_args: Any) -> _TensorRef:
     return _TensorRef(storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+
+
+def _device(kind: Any, index: Any = None) -> str:
+    """``torch.device(...)`` as a state dict records it: ``("cpu")`` or ``("cuda", 0)``, nothing else."""
+    if not isinstance(kind, str) or not (index is None or type(index) is int):
+        raise TypeError(f"torch.device({kind!r}, {index!r})")
+    return kind
 
 
 def _rebuild_parameter(data: _TensorRef, *_args: Any) -> _TensorRef:
@@ -96,7 +104,7 @@ class _IndexUnpickler(pickle.Unpickler):
         if module == "torch" and name in _DTYPE_CODES:
             return _DType(_DTYPE_CODES[name])
         if module == "torch" and name == "device":
-            return str
+            return _device
         raise CheckpointError(
             f"{self.source}: refusing to unpickle '{module}.{name}': only tensors and dicts are allowed in a "
             "weights file (unpickling arbitrary objects can run code). Convert the checkpoint to safetensors "
@@ -108,7 +116,7 @@ class _IndexUnpickler(pickle.Unpickler):
             raise CheckpointError(f"{self.source}: unsupported storage reference {pid!r}")
         storage_type, key = pid[1], str(pid[2])
         if isinstance(storage_type, _DType):
-            return _StorageRef(key, storage_type.code)
+            return _StorageRef(key, storage_type.code, pid[4])
         raise CheckpointError(f"{self.source}: unsupported storage type {storage_type!r}")
 
 
@@ -119,6 +127,8 @@ def _data_offset(path: Path, f: Any, info: zipfile.ZipInfo) -> int:
     if len(header) < 30 or header[:4] != b"PK\x03\x04":
         raise CheckpointError(f"{path}: corrupt zip member {info.filename}; save the checkpoint again")
     name_len, extra_len = struct.unpack("<HH", header[26:30])
+    if f.read(name_len) != info.filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
+        raise CheckpointError(f"{path}: corrupt zip member {info.filename}; save the checkpoint again")
     return info.header_offset + 30 + name_len + extra_len
 
 
@@ -172,12 +182,27 @@ def _unpickle_index(path: Path, zf: zipfile.ZipFile) -> tuple[dict[Any, Any], di
     except CheckpointError:
         raise
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read the checkpoint's index ({type(exc).__name__}: {exc})") from None
+        reason = " ".join(str(exc).split())  # one line, whatever the pickle put in the message
+        raise CheckpointError(f"{path}: cannot read the checkpoint's index ({type(exc).__name__}: {reason})") from None
+    _check_byteorder(path, zf, members.get(pkl[0][: -len("data.pkl")] + "byteorder"))
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
     return obj, members, pkl[0][: -len("data.pkl")]
+
+
+def _check_byteorder(path: Path, zf: zipfile.ZipFile, member: zipfile.ZipInfo | None) -> None:
+    """Tensor bytes are read as little-endian; torch records the writer's byte order (older files do
+    not, and are little-endian)."""
+    if member is None:
+        return
+    order = zf.read(member) if member.file_size <= 16 else b"?"
+    if order != b"little":
+        raise CheckpointError(
+            f"{path}: saved with byte order {order.decode('ascii', 'replace')!r}; only little-endian checkpoints "
+            "can be read in place: load and re-save it on a little-endian machine, or convert it to safetensors"
+        )
 
 
 def _key(ref: _TensorRef) -> str:
@@ -205,6 +230,11 @@ def _tensor_info(
     if member.compress_type != zipfile.ZIP_STORED or member.flag_bits & 0x1:
         raise CheckpointError(f"{path}: storage of {name!r} is compressed or encrypted; cannot read it lazily")
     item = itemsize(storage.code)
+    if type(storage.numel) is not int or storage.numel * item != member.file_size:
+        raise CheckpointError(
+            f"{path}: the storage of {name!r} holds {member.file_size} bytes, but the pickle says "
+            f"{storage.numel!r} elements of {item} bytes (a corrupt checkpoint)"
+        )
     begin = _data_offset(path, raw, member) + ref.offset * item
     nbytes = math.prod(ref.shape) * item
     if ref.offset * item + nbytes > member.file_size or begin + nbytes > size:
