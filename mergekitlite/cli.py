@@ -30,9 +30,12 @@ SCHEMA_PATH = Path("schemas/recipe.schema.json")
 
 def size_arg(text: str) -> int:
     try:
-        return parse_size(text)
+        size = parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if size < 0:
+        raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
+    return size
 
 
 class RichProgress:

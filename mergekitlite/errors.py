@@ -65,16 +65,17 @@ _EITHER_WAY = {
     errno.ENOTDIR: "part of the path is a file, not a folder",
     errno.ELOOP: "a symbolic link loop: fix the links",
     errno.ENAMETOOLONG: "the path is too long",
-    errno.ENOENT: "it disappeared: was it moved or deleted?",
     errno.EIO: "the disk reported an I/O error: check it (dmesg)",
     errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
 }
 _READING = {
+    errno.ENOENT: "it disappeared: was it moved or deleted?",
     errno.EACCES: "make it readable by this user (chmod/chown) or run as a user who can read it",
     errno.EPERM: "make it readable by this user (chmod/chown) or run as a user who can read it",
     errno.EISDIR: "it is a folder, not a file",
 }
 _WRITING = {
+    errno.ENOENT: "a folder on the way does not exist (or was removed), or this file system takes no new files",
     errno.EACCES: "make it writable by this user or choose another output folder",
     errno.EPERM: "make it writable by this user or choose another output folder",
     errno.EISDIR: "it is a folder, not a file: move it away",

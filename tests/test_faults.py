@@ -784,6 +784,15 @@ def test_thread_count_below_one_is_refused_as_such(recipe, tmp_path, capsys, fla
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
+@pytest.mark.parametrize("flag", ["--shard-size", "--max-ram", "--max-vram", "--out-shard-size"])
+def test_negative_sizes_are_refused(recipe, tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as exit_:
+        merge_main([str(recipe), str(tmp_path / "out"), "--no-hash", f"{flag}=-1"])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: a size cannot be negative: '-1'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_negative_offsets_are_called_what_they_are(fam, tmp_path, capsys):
     a = copy_model(fam["a"], tmp_path / "a")
     path = a / "model.safetensors"

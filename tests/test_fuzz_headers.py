@@ -32,7 +32,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mergekitlite.cli import merge_main
 from mergekitlite.errors import CheckpointError
@@ -441,7 +441,7 @@ def test_mutated_bin_merges_exactly_or_exit_2(content):
         out = Path(tmp) / "out"
         code, text = _merge(model, out)
         if code == 0:
-            expected = torch.load(path, weights_only=True)
+            expected = torch.load(path, weights_only=True, map_location="cpu")
             got = load_file(out / "model.safetensors")
             assert sorted(got) == sorted(k for k, v in expected.items() if isinstance(v, torch.Tensor))
             for name, tensor in got.items():
@@ -465,3 +465,24 @@ def test_deep_json_is_refused_without_recursing(depth, tmp_path):
     path.write_bytes(pack(b"[" * depth + b"]" * depth))
     with pytest.raises(CheckpointError, match=str(path)):
         read_header(path)
+
+
+def test_reading_a_header_reads_no_weights(tmp_path):
+    """Header only, the library's second opinion included (it maps the file and touches only the
+    header): a few KB read and no page of the 64 MB of weights faulted in."""
+    proc_io = Path("/proc/self/io")
+    if not proc_io.is_file():
+        pytest.skip("/proc/self/io is not available")
+
+    def rchar() -> int:
+        return next(int(ln.split()[1]) for ln in proc_io.read_text().splitlines() if ln.startswith("rchar:"))
+
+    path = tmp_path / "big.safetensors"
+    save_file({"w": torch.zeros(16 * 1024 * 1024), "n": torch.ones(8)}, str(path))
+    read_header(path)  # imports done
+    reads, faults = rchar(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    tensors, _ = read_header(path)
+    reads, faults = rchar() - reads, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    assert tensors["w"].nbytes == 64 * 1024 * 1024
+    assert reads < 64 * 1024, f"read {reads} bytes"
+    assert faults < 64, f"{faults} page faults: weights were touched"

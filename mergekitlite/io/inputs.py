@@ -30,7 +30,7 @@ def check_input_file(path: Path) -> os.stat_result:
         raise input_error(exc, path) from None
     if not stat.S_ISREG(st.st_mode):
         kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise CheckpointError(f"{path} is {kind}; a weights file was expected there")
+        raise CheckpointError(f"{path} is {kind}; a file was expected there")
     return st
 
 

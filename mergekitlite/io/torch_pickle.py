@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 import struct
 import zipfile
 from collections import OrderedDict
@@ -48,6 +49,10 @@ _DTYPE_CODES = {
     "uint8": "U8",
     "bool": "BOOL",
 }
+
+
+# Where torch.save says a storage lived (the bytes are read on the host whatever it says).
+_LOCATION = re.compile(r"(cpu|cuda|mps|xpu|hpu|meta)(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,7 @@ class _IndexUnpickler(pickle.Unpickler):
         if module == "torch" and name == "device":
             return _device
         raise CheckpointError(
-            f"{self.source}: refusing to unpickle '{module}.{name}': only tensors and dicts are allowed in a "
+            f"{self.source}: refusing to unpickle {module + '.' + name!r}: only tensors and dicts are allowed in a "
             "weights file (unpickling arbitrary objects can run code). Convert the checkpoint to safetensors "
             "in a sandbox if you trust it."
         )
@@ -114,7 +119,9 @@ class _IndexUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> _StorageRef:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             raise CheckpointError(f"{self.source}: unsupported storage reference {pid!r}")
-        storage_type, key = pid[1], str(pid[2])
+        storage_type, key, location = pid[1], str(pid[2]), pid[3]
+        if not (isinstance(location, str) and _LOCATION.fullmatch(location)):
+            raise CheckpointError(f"{self.source}: unknown storage location {location!r} (a corrupt checkpoint)")
         if isinstance(storage_type, _DType):
             return _StorageRef(key, storage_type.code, pid[4])
         raise CheckpointError(f"{self.source}: unsupported storage type {storage_type!r}")
