@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from mergekitlite.artifacts import InputHasher, default_cache_dir, hash_file, write_card, write_side_files
 from mergekitlite.budget import Budget
-from mergekitlite.errors import MergekitliteError, RecipeError
+from mergekitlite.errors import OptionError, RecipeError
 from mergekitlite.execute import ExecContext, NullProgress, Progress, resolve_device, run_tasks
 from mergekitlite.output import PartialOutput, input_files, lock_output, open_partial
 from mergekitlite.plan import DEFAULT_SHARD_SIZE, build_plan
@@ -48,9 +48,7 @@ class MergeOptions:
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
-            raise MergekitliteError(
-                f"-j/--threads must be at least 1 (got {self.threads}); leave it out for one per core"
-            )
+            raise OptionError(f"-j/--threads must be at least 1 (got {self.threads}); leave it out for one per core")
 
 
 @dataclass(frozen=True)
@@ -199,12 +197,13 @@ def _run_step(
     with lock_output(target) as lock:
         partial = open_partial(target, plan, resume=opts.resume, overwrite=opts.overwrite)
         try:
-            result = _merge_into(partial, loaded, plan, opts, device, progress, whole_file)
+            result = _merge_into(partial, loaded, plan, opts, device, progress, whole_file, started)
         except OSError as exc:  # a full disk, an unwritable folder, an input made unreadable meanwhile...
             raise partial.explain(exc) from None
+    if lock.supported:
+        return result
     unlocked = f"the file system of {target.parent} has no file locks: nothing kept other merges out of {target}"
-    notes = () if lock.supported else (unlocked,)
-    return replace(result, seconds=time.perf_counter() - started, notes=result.notes + notes)
+    return replace(result, notes=(*result.notes, unlocked))
 
 
 def _merge_into(
@@ -215,13 +214,14 @@ def _merge_into(
     device: torch.device,
     progress: Progress | None,
     whole_file: bool,
+    started: float,
 ) -> MergeResult:
     """Fill ``partial`` (tensors, side files, card), check that no input changed meanwhile, rename."""
-    cache = (opts.cache_dir or default_cache_dir()) / "sha256.json"
     # Inputs that changed since the partial output was started must be hashed to prove them the same.
     changed = partial.needing_hashes()
     hasher = None
     if opts.hash_inputs:
+        cache = (opts.cache_dir or default_cache_dir()) / "sha256.json"
         hasher = InputHasher(plan.sources, cache, on_weights=partial.record_hashes).start()
     else:
         partial.record_hashes(_stable_hashes(changed))
@@ -247,7 +247,7 @@ def _merge_into(
         plan=plan,
         tensors_merged=merged,
         tensors_resumed=resumed,
-        seconds=0.0,
+        seconds=time.perf_counter() - started,
         peak_rss_bytes=peak_rss_bytes(),
         notes=tuple(side.notes) + tuple(hasher.notes if hasher else ()),
     )

@@ -52,6 +52,10 @@ class UnknownMethodError(RecipeError, KeyError):
         return "\n".join(self.problems)
 
 
+class OptionError(MergekitliteError, ValueError):
+    """An option (a command-line flag, a MergeOptions field) has a value that cannot work."""
+
+
 class OutputLockedError(OutputError):
     """Another merge holds the output's lock: two merges must not write the same folder."""
 

@@ -614,6 +614,22 @@ def test_intermediate_step_output_is_locked_too(fam, tmp_path, capsys):
 # ---------------------------------------------------------------- inputs changed under a resume
 
 
+def test_the_sameness_rule():
+    """Contents are proven the same when one identity was seen throughout, or when every identity
+    seen has a digest and the digests agree; only past identities without a digest are lost for good."""
+    from mergekitlite.io.identity import lost_for_good, unproven
+
+    assert unproven(["i1", "i1", "i1"], {}) is None
+    assert unproven(["i1", "i2"], {"i1": "a" * 64, "i2": "a" * 64}) is None
+    assert "contents changed" in unproven(["i1", "i2"], {"i1": "a" * 64, "i2": "b" * 64})
+    assert "not every version" in unproven(["i1", "i2"], {"i1": "a" * 64})
+    assert "not every version" in unproven(["i1", "i2", "i1"], {"i1": "a" * 64})
+    assert lost_for_good(["i1"], {}, "i1") is None
+    assert lost_for_good(["i1"], {"i1": "a" * 64}, "i2") is None  # i2 can still be hashed now
+    assert "never hashed" in lost_for_good(["i1"], {}, "i2")
+    assert "never hashed" in lost_for_good(["i1", "i2"], {"i1": "a" * 64}, "i3")
+
+
 def rewrite_in_place(path: Path, offset_from_end: int = 64) -> None:
     """Change some bytes of a weights file, keeping its size and putting its mtime (and atime) back:
     what a careless copy over the file, or ``touch -d``, leaves behind."""

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from mergekitlite.cli import merge_main
 from mergekitlite.errors import CheckpointError
 from mergekitlite.io.safetensors_header import KNOWN_CODES, read_header
+from mergekitlite.io.torch_pickle import read_bin_index
 
 settings.register_profile(
     "mergekitlite-default",
@@ -486,3 +487,24 @@ def test_reading_a_header_reads_no_weights(tmp_path):
     assert tensors["w"].nbytes == 64 * 1024 * 1024
     assert reads < 64 * 1024, f"read {reads} bytes"
     assert faults < 64, f"{faults} page faults: weights were touched"
+
+
+def test_pickle_protocol_4_reads_and_protocol_5_buffers_are_refused(tmp_path):
+    """torch.save(..., pickle_protocol=4) is read like the default; a BYTEARRAY8 (protocol 5) with a
+    forged length, which makes the interpreter's own unpickler allocate what it claims, is refused by
+    the opcode walk before any unpickling."""
+    sd = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    torch.save(sd, tmp_path / "p4.bin", pickle_protocol=4)
+    info = read_bin_index(tmp_path / "p4.bin")["w"]
+    assert info.shape == (2, 3) and info.dtype == "F32" and info.nbytes == 24
+    cpu = PKL.index(b"cpu") + 3  # after the storage location string
+    forged = PKL[:cpu] + b"\x96" + PKL[cpu:]  # BYTEARRAY8, its 8-byte length taken from whatever follows
+    honest = PKL[:cpu] + b"\x96" + (1).to_bytes(8, "little") + b"x" + PKL[cpu:]
+    for name, pkl in (("forged", forged), ("honest", honest)):
+        (tmp_path / f"{name}.bin").write_bytes(_with_member("/data.pkl", pkl))
+    with pytest.raises(
+        CheckpointError, match=r"forged\.bin: a corrupt checkpoint index \(data\.pkl: expected \d+ bytes"
+    ):
+        read_bin_index(tmp_path / "forged.bin")
+    with pytest.raises(CheckpointError, match=r"honest\.bin: its data\.pkl uses the pickle opcode BYTEARRAY8"):
+        read_bin_index(tmp_path / "honest.bin")

@@ -35,7 +35,7 @@ def unproven(seen: Iterable[str], hashes: Mapping[str, str]) -> str | None:
         return None
     missing = [i for i in distinct if i not in hashes]
     if missing:
-        return "it changed (size, times or inode), and its earlier contents were never hashed to compare"
+        return "it changed (size, times or inode), and not every version of it was hashed to compare"
     digests = list(dict.fromkeys(hashes[i] for i in distinct))
     if len(digests) > 1:
         return f"its contents changed (sha256 {digests[0][:12]}… then {digests[-1][:12]}…)"

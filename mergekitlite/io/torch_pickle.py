@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import pickletools
 import re
 import struct
 import zipfile
@@ -75,7 +76,11 @@ class _DType:
     code: str
 
 
-def _rebuild_tensor(storage: _StorageRef, offset: int, size: Any, stride: Any, *_args: Any) -> _TensorRef:
+# The allow-listed callables take exactly the arguments torch's own do (torch.load refuses other calls):
+# _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks[, metadata]).
+def _rebuild_tensor(
+    storage: _StorageRef, offset: int, size: Any, stride: Any, _grad: Any, _hooks: Any, _meta: Any = None
+) -> _TensorRef:
     return _TensorRef(storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
 
 
@@ -86,7 +91,9 @@ def _device(kind: Any, index: Any = None) -> str:
     return kind
 
 
-def _rebuild_parameter(data: _TensorRef, *_args: Any) -> _TensorRef:
+def _rebuild_parameter(data: _TensorRef, _grad: Any, _hooks: Any) -> _TensorRef:
+    if not isinstance(data, _TensorRef):
+        raise TypeError(f"a parameter of {type(data).__name__}, not of a tensor")
     return data
 
 
@@ -177,6 +184,25 @@ def read_bin_index(path: Path) -> dict[str, TensorInfo]:
         return out
 
 
+# torch.save writes protocol 2 (4 on request). Protocol 5's out-of-band buffers and the extension
+# registry have no place in a state dict; BYTEARRAY8 with a forged length even upsets the interpreter.
+_OPCODES = frozenset(op.name for op in pickletools.opcodes if op.proto <= 4) - {"EXT1", "EXT2", "EXT4"}
+
+
+def _check_opcodes(path: Path, data: bytes) -> None:
+    """Walk the pickle's opcodes (nothing is built) and refuse the ones a state dict never uses."""
+    try:
+        for op, _, pos in pickletools.genops(data):
+            if op.name not in _OPCODES:
+                raise CheckpointError(
+                    f"{path}: its data.pkl uses the pickle opcode {op.name} (at byte {pos}), which no state dict "
+                    "saved by torch does; refusing it"
+                )
+    except ValueError as exc:
+        reason = " ".join(str(exc).split())
+        raise CheckpointError(f"{path}: a corrupt checkpoint index (data.pkl: {reason})") from None
+
+
 def _unpickle_index(path: Path, zf: zipfile.ZipFile) -> tuple[dict[Any, Any], dict[str, zipfile.ZipInfo], str]:
     members = {m.filename: m for m in zf.infolist()}
     pkl = [n for n in members if n.endswith("/data.pkl") or n == "data.pkl"]
@@ -185,7 +211,9 @@ def _unpickle_index(path: Path, zf: zipfile.ZipFile) -> tuple[dict[Any, Any], di
     if members[pkl[0]].file_size > MAX_INDEX_BYTES:
         raise CheckpointError(f"{path}: its data.pkl claims {members[pkl[0]].file_size} bytes; not a weights file")
     try:
-        obj = _IndexUnpickler(zf.read(pkl[0]), path).load()
+        data = zf.read(pkl[0])
+        _check_opcodes(path, data)
+        obj = _IndexUnpickler(data, path).load()
     except CheckpointError:
         raise
     except Exception as exc:
