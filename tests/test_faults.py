@@ -511,25 +511,32 @@ def test_enospc_in_side_files_after_a_resume_rewrites_them_all(fam, recipe, tmp_
 
 # ---------------------------------------------------------------- two merges into one output
 
-# The merge command with every chunk slowed down (the data path untouched), so that a second merge
-# can be started while it runs.
-SLOW_RUNNER = """
-import signal, sys, time
-signal.signal(signal.SIGINT, signal.default_int_handler)
+# The merge command, held up after its first chunks while the file ``gate`` exists (the data path is
+# untouched, every finished tensor is journaled at once): a second merge can be tried while it runs,
+# however loaded the machine.
+GATED_RUNNER = """
+import functools, pathlib, sys, threading, time
+import mergekitlite.api as api
 import mergekitlite.execute as execute
-process = execute._process
-def slow_process(*args, **kwargs):
-    time.sleep(float(sys.argv[1]))
+api.ExecContext = functools.partial(api.ExecContext, journal_every_s=0.0)
+gate, process, count, lock = pathlib.Path(sys.argv[1]), execute._process, [0], threading.Lock()
+def gated_process(*args, **kwargs):
+    with lock:
+        count[0] += 1
+        held = count[0] > 2
+    while held and gate.exists():
+        time.sleep(0.01)
     return process(*args, **kwargs)
-execute._process = slow_process
+execute._process = gated_process
 from mergekitlite.cli import merge_main
 sys.exit(merge_main(sys.argv[2:]))
 """
 
 
-def start_slow(recipe: Path, out: Path, delay: float, *args: str) -> subprocess.Popen[str]:
+def start_gated(recipe: Path, out: Path, gate: Path) -> subprocess.Popen[str]:
+    gate.write_text("held")
     return subprocess.Popen(
-        [sys.executable, "-c", SLOW_RUNNER, str(delay), str(recipe), str(out), "-j", "1", "--no-hash", *args],
+        [sys.executable, "-c", GATED_RUNNER, str(gate), str(recipe), str(out), "-j", "1", "--no-hash"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -538,6 +545,7 @@ def start_slow(recipe: Path, out: Path, delay: float, *args: str) -> subprocess.
 
 
 def wait_for_lock(proc: subprocess.Popen[str], lock: Path, partial: Path) -> None:
+    """Until the merge holds its lock (its pid in the file) and has journaled a tensor."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -553,8 +561,8 @@ def wait_for_lock(proc: subprocess.Popen[str], lock: Path, partial: Path) -> Non
 
 
 def test_second_merge_into_the_same_output_is_refused(fam, recipe, tmp_path, capsys):
-    out, lock, partial = tmp_path / "out", tmp_path / "out.lock", tmp_path / "out.partial"
-    proc = start_slow(recipe, out, 0.05)
+    out, lock, partial, gate = tmp_path / "out", tmp_path / "out.lock", tmp_path / "out.partial", tmp_path / "gate"
+    proc = start_gated(recipe, out, gate)
     try:
         wait_for_lock(proc, lock, partial)
         for extra in ((), ("--resume",), ("--overwrite",)):
@@ -562,6 +570,8 @@ def test_second_merge_into_the_same_output_is_refused(fam, recipe, tmp_path, cap
             assert code == 2, text
             line = error_line(text)
             assert f"another merge (pid {proc.pid}) is writing {out}" in line and str(lock) in line, line
+        assert proc.poll() is None, "the first merge did not wait at its gate"
+        gate.unlink()
         stdout, _ = proc.communicate(timeout=300)
     finally:
         proc.kill()
@@ -571,16 +581,17 @@ def test_second_merge_into_the_same_output_is_refused(fam, recipe, tmp_path, cap
 
 
 def test_lock_of_a_killed_merge_does_not_block(fam, recipe, tmp_path, capsys):
-    """kill -9 leaves OUT.lock with a dead pid in it: the kernel released the lock, the next merge
-    (here, the resume) takes it, and its own pid goes into the file."""
+    """kill -9 leaves OUT.lock behind with a dead pid in it: the kernel released the lock with the
+    process, and the next merge (here, the resume) takes it and finishes."""
     out, lock, partial = tmp_path / "out", tmp_path / "out.lock", tmp_path / "out.partial"
-    proc = start_slow(recipe, out, 0.05)
+    proc = start_gated(recipe, out, tmp_path / "gate")
     wait_for_lock(proc, lock, partial)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert lock.read_text().strip() == str(proc.pid)
     code, text = cli(capsys, recipe, out, "--no-hash", "--resume")
     assert code == 0, text
+    assert "resumed" in text
     assert not lock.exists() and not partial.exists()
     assert_merged(out, fam["base"], fam["a"], fam["b"])
 
