@@ -125,8 +125,8 @@ class PartialOutput:
         """Append journal lines (from the executor's and the hasher's threads alike).
         ``after_torn_line``: start on a new line, the last one may have been cut short."""
         text = "".join(json.dumps(e) + "\n" for e in entries)
-        if after_torn_line:
-            text = "\n" + text  # an empty line is skipped like a torn one
+        if after_torn_line and not _ends_a_line(self.path / JOURNAL):
+            text = "\n" + text
         with self._lock, naming(self.path / JOURNAL), open(self.path / JOURNAL, "a", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -225,6 +225,14 @@ class PartialOutput:
                     f"be removed ({exc.strerror}): remove it yourself"
                 ) from None
         return self.final
+
+
+def _ends_a_line(path: Path) -> bool:
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def _fsync_dir(path: Path) -> None:

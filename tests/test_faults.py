@@ -509,6 +509,32 @@ def test_enospc_in_side_files_after_a_resume_rewrites_them_all(fam, recipe, tmp_
     assert_merged(out, fam["base"], fam["a"], fam["b"])
 
 
+def test_resume_after_a_torn_journal_line(fam, recipe, tmp_path, monkeypatch, capsys):
+    """A journal line cut short (a full disk or a kill in the middle of an append): the resume keeps
+    what came before it, starts on a fresh line, and what it journals itself counts on the next resume."""
+    out, partial = tmp_path / "out", tmp_path / "out.partial"
+    with monkeypatch.context() as m:
+        interrupt_at_write(m, 5)
+        code, text = cli(capsys, recipe, out, "--no-hash")
+    assert code == 130, text
+    done = builders.journal_done(partial)
+    with open(partial / JOURNAL, "a") as f:
+        f.write('{"done": "model.layers.2.mlp')  # torn: no closing quote, brace or newline
+    with monkeypatch.context() as m:
+        interrupt_at_write(m, 5)
+        code, text = cli(capsys, recipe, out, "--no-hash", "--resume")
+    assert code == 130, text
+    lines = (partial / JOURNAL).read_text().splitlines()
+    torn = next(i for i, ln in enumerate(lines) if ln.endswith("mlp"))
+    assert json.loads(lines[torn + 1]).keys() == {"boot_id"}, "the resume did not start on a new line"
+    more = {json.loads(ln)["done"] for ln in lines[torn + 1 :] if '"done"' in ln}
+    assert more and not more & done
+    code, text = cli(capsys, recipe, out, "--no-hash", "--resume")
+    assert code == 0, text
+    assert f"+{len(done | more)} resumed" in text.replace("\n", " ")
+    assert_merged(out, fam["base"], fam["a"], fam["b"])
+
+
 # ---------------------------------------------------------------- two merges into one output
 
 # The merge command, held up after its first chunks while the file ``gate`` exists (the data path is
