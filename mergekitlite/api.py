@@ -12,17 +12,21 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mergekitlite.artifacts import InputHasher, default_cache_dir, write_card, write_side_files
+from mergekitlite.artifacts import InputHasher, default_cache_dir, hash_file, write_card, write_side_files
 from mergekitlite.budget import Budget
 from mergekitlite.errors import RecipeError
 from mergekitlite.execute import ExecContext, NullProgress, Progress, resolve_device, run_tasks
 from mergekitlite.options import MergeOptions
-from mergekitlite.output import open_partial
+from mergekitlite.output import PartialOutput, input_files, lock_output, open_partial
 from mergekitlite.plan import build_plan
 from mergekitlite.recipe import LoadedRecipe, load_recipes
 from mergekitlite.taskgraph import Plan
 from mergekitlite.tokens import read_json_object
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "MergeOptions",
@@ -223,21 +227,53 @@ def _run_step(
     started = time.perf_counter()
     device = resolve_device(opts.device)
     plan = plan or plan_merge(loaded, opts, aliases=aliases)
-    partial = open_partial(target, plan, resume=opts.resume, overwrite=opts.overwrite)
+    # One merge at a time into ``target``, from before its checks until after the rename.
+    with lock_output(target) as lock:
+        partial = open_partial(target, plan, resume=opts.resume, overwrite=opts.overwrite)
+        try:
+            result = _merge_into(partial, loaded, plan, opts, device, progress, whole_file, started)
+        except OSError as exc:  # a full disk, an unwritable folder, an input made unreadable meanwhile...
+            raise partial.explain(exc) from None
+    if lock.supported:
+        return result
+    unlocked = f"the file system of {target.parent} has no file locks: nothing kept other merges out of {target}"
+    return replace(result, notes=(*result.notes, unlocked))
 
+
+def _merge_into(
+    partial: PartialOutput,
+    loaded: LoadedRecipe,
+    plan: Plan,
+    opts: MergeOptions,
+    device: torch.device,
+    progress: Progress | None,
+    whole_file: bool,
+    started: float,
+) -> MergeResult:
+    """Fill ``partial`` (tensors, side files, card), check that no input changed meanwhile, rename."""
+    # Inputs that changed since the partial output was started must be hashed to prove them the same.
+    changed = partial.needing_hashes()
     hasher = None
     if opts.hash_inputs:
         cache = (opts.cache_dir or default_cache_dir()) / "sha256.json"
-        hasher = InputHasher(plan.sources, cache).start()
+        hasher = InputHasher(plan.sources, cache, on_weights=partial.record_hashes).start()
+    else:
+        partial.record_hashes(_stable_hashes(changed))
     ctx = ExecContext(device=device, progress=progress or NullProgress(), on_done=partial.record, native=opts.native)
     resumed = len(partial.done)
     merged = run_tasks(plan, partial.path, ctx, done=partial.done)
 
     side = write_side_files(plan, partial.path, copy_tokenizer=opts.copy_tokenizer)
     hashes = hasher.wait() if hasher else {}
+    partial.verify_inputs(input_files(plan))
     # The final step of a multi-step recipe records every step: it needs all of them to be reproduced.
     write_card(
-        plan, partial.path, hashes, name=target.name, recipe_text=loaded.file_text if whole_file else None, side=side
+        plan,
+        partial.path,
+        hashes,
+        name=partial.final.name,
+        recipe_text=loaded.file_text if whole_file else None,
+        side=side,
     )
     final = partial.commit(overwrite=opts.overwrite)
     return MergeResult(
@@ -247,5 +283,11 @@ def _run_step(
         tensors_resumed=resumed,
         seconds=time.perf_counter() - started,
         peak_rss_bytes=peak_rss_bytes(),
-        notes=tuple(side.notes),
+        notes=tuple(side.notes) + tuple(hasher.notes if hasher else ()),
     )
+
+
+def _stable_hashes(files: list[Path]) -> dict[str, tuple[str, str]]:
+    """``file → (identity, sha256)`` outside the background hasher (with ``--no-hash``)."""
+    found = {str(f): hash_file(f) for f in files}
+    return {f: (ident, digest) for f, (ident, digest) in found.items() if ident is not None}

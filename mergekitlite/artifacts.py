@@ -10,6 +10,7 @@ a different token, which is how merged chat models end up never stopping.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ import re
 import shutil
 import threading
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +27,9 @@ from typing import Any
 import yaml
 
 from mergekitlite import __version__
+from mergekitlite.errors import CheckpointError, naming
+from mergekitlite.io.identity import file_identity, identity
+from mergekitlite.io.inputs import read_text_input
 from mergekitlite.sources import ModelSource
 from mergekitlite.taskgraph import Plan
 from mergekitlite.tokens import builtin_chat_template, chat_template_of, read_token_info
@@ -64,32 +68,45 @@ def files_to_hash(src: ModelSource) -> list[Path]:
 
 
 def sha256_file(path: Path, cache: dict[str, str] | None = None) -> str:
-    """sha256 of ``path``. Hub-cache files are symlinks to blobs named by their sha256 (for LFS
-    files), so those cost nothing; other results are cached by (path, size, mtime)."""
+    """sha256 of ``path`` (see :func:`hash_file`)."""
+    return hash_file(path, cache)[1]
+
+
+def hash_file(path: Path, cache: dict[str, str] | None = None) -> tuple[str | None, str]:
+    """(identity the file had while hashed, or None if it changed meanwhile; sha256). Hub-cache files
+    are symlinks to blobs named by their sha256 (for LFS files), so those cost nothing; other results
+    are cached by path and identity (device, inode, size, mtime and ctime: an in-place rewrite with
+    the size and mtime put back still moves the ctime)."""
     real = Path(os.path.realpath(path))
-    if _SHA256_RE.match(real.name) and real.parent.name == "blobs":
-        return real.name
-    st = real.stat()
-    key = f"{real}:{st.st_size}:{st.st_mtime_ns}"
-    if cache is not None and key in cache:
-        return cache[key]
-    h = hashlib.sha256()
     with open(real, "rb") as f:
+        before = identity(os.fstat(f.fileno()))
+        if _SHA256_RE.match(real.name) and real.parent.name == "blobs":
+            return before, real.name
+        key = f"{real}:{before}"
+        if cache is not None and key in cache:
+            return before, cache[key]
+        h = hashlib.sha256()
         while block := f.read(8 * 1024 * 1024):
             h.update(block)
     digest = h.hexdigest()
+    if file_identity(real) != before:
+        return None, digest
     if cache is not None:
         cache[key] = digest
-    return digest
+    return before, digest
 
 
 @dataclass
 class InputHasher:
-    """Hashes every input file in a background thread while the merge runs."""
+    """Hashes every input file in a background thread while the merge runs. ``on_weights`` receives
+    ``file → (identity while hashed, sha256)`` of the weight files as soon as they are all hashed
+    (from the hashing thread)."""
 
     sources: Mapping[str, ModelSource]
     cache_file: Path | None
+    on_weights: Callable[[dict[str, tuple[str, str]]], None] | None = None
     result: dict[str, dict[str, str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     error: BaseException | None = None
     _thread: threading.Thread | None = None
 
@@ -100,21 +117,46 @@ class InputHasher:
 
     def _run(self) -> None:
         try:
-            cache: dict[str, str] = {}
-            if self.cache_file and self.cache_file.is_file():
-                try:
-                    cache = json.loads(self.cache_file.read_text())
-                except (json.JSONDecodeError, OSError):
-                    cache = {}
+            cache = self._read_cache()
+            weights: dict[str, tuple[str, str]] = {}
             for ref, src in self.sources.items():
-                self.result[ref] = {str(p.relative_to(src.path)): sha256_file(p, cache) for p in files_to_hash(src)}
-            if self.cache_file:
-                self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self.cache_file.with_suffix(f".tmp{os.getpid()}")
-                tmp.write_text(json.dumps(cache))
-                os.replace(tmp, self.cache_file)
+                files = set(src.weight_files)
+                digests = self.result[ref] = {}
+                for p in files_to_hash(src):
+                    ident, digest = hash_file(p, cache)
+                    digests[str(p.relative_to(src.path))] = digest
+                    if p in files and ident is not None:
+                        weights[str(p)] = (ident, digest)
+            if self.on_weights is not None:
+                self.on_weights(weights)
+            self._write_cache(cache)
         except BaseException as exc:  # reported by wait()
             self.error = exc
+
+    def _read_cache(self) -> dict[str, str]:
+        if not (self.cache_file and self.cache_file.is_file()):
+            return {}
+        try:
+            cache = json.loads(self.cache_file.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            return {}  # a cache is only a shortcut: a broken one is rebuilt
+        return cache if isinstance(cache, dict) else {}
+
+    def _write_cache(self, cache: dict[str, str]) -> None:
+        if not self.cache_file:
+            return
+        tmp = self.cache_file.with_suffix(f".tmp{os.getpid()}")
+        try:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, self.cache_file)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            self.notes.append(
+                f"the input-hash cache {self.cache_file} could not be written ({exc.strerror}): the inputs will be "
+                "hashed again next time (set MERGEKITLITE_CACHE to a writable folder)"
+            )
 
     def wait(self) -> dict[str, dict[str, str]]:
         if self._thread is not None:
@@ -126,15 +168,27 @@ class InputHasher:
 
 # ---------------------------------------------------------------- side files
 def _copy(src: Path, dst_dir: Path) -> None:
-    shutil.copyfile(src, dst_dir / src.name)
+    with naming(dst_dir / src.name):
+        shutil.copyfile(src, dst_dir / src.name)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with naming(path):
+        path.write_text(text, encoding="utf-8")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+    """A JSON object file of a model folder, None when there is none. A broken one is an error, not
+    an absent one: its settings (stop ids, chat template) would otherwise be silently lost."""
+    if not os.path.lexists(path):
         return None
-    return data if isinstance(data, dict) else None
+    try:
+        data = json.loads(read_text_input(path))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc}); fix or remove it") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: a JSON {type(data).__name__}, not an object; fix or remove it")
+    return data
 
 
 def _resolve_chat_template(plan: Plan) -> str | None:
@@ -214,7 +268,7 @@ def write_side_files(plan: Plan, out: Path, *, copy_tokenizer: bool = True) -> S
         for key in ("bos_token_id", "pad_token_id"):
             if gen.get(key) is None and out_cfg.get(key) is not None:
                 gen[key] = out_cfg[key]
-        (out / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+        _write_text(out / GENERATION_CONFIG, json.dumps(gen, indent=2) + "\n")
         origin = gen_src.ref if (gen_src.path / GENERATION_CONFIG).is_file() else "created"
         result.origins[GENERATION_CONFIG] = f"{origin}; eos_token_id = union of the donors' end ids {eos}"
     if eos:
@@ -227,14 +281,14 @@ def write_side_files(plan: Plan, out: Path, *, copy_tokenizer: bool = True) -> S
             result.notes.append(
                 f"the output's chat template ends turns with {end!r} (id {tid}), which is not an eos id"
             )
-    (out / "config.json").write_text(json.dumps(out_cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _write_text(out / "config.json", json.dumps(out_cfg, indent=2, ensure_ascii=False) + "\n")
 
     if len(plan.shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.nbytes for t in plan.tasks)},
             "weight_map": {t.name: plan.shard_of[t.name] for t in plan.tasks},
         }
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        _write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
     return result
 
 
@@ -248,13 +302,13 @@ def _set_chat_template(out: Path, template: str) -> None:
     tok_cfg = _read_json(tok_cfg_path)
     if tok_cfg is not None and "chat_template" in tok_cfg and not jinja.exists():
         tok_cfg["chat_template"] = template
-        tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _write_text(tok_cfg_path, json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
         return
     (out / "chat_template.json").unlink(missing_ok=True)
-    jinja.write_text(template, encoding="utf-8")
+    _write_text(jinja, template)
     if tok_cfg is not None and "chat_template" in tok_cfg:
         del tok_cfg["chat_template"]
-        tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _write_text(tok_cfg_path, json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------- card and provenance
@@ -338,6 +392,6 @@ def write_card(
     if side is not None:
         prov["files_from"] = side.origins
         prov["eos_token_id"] = side.eos_ids
-    (out / "mergekitlite.json").write_text(json.dumps(prov, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / "mergekit_config.yml").write_text(text, encoding="utf-8")
-    (out / "README.md").write_text(_card(plan, prov, name, text, side), encoding="utf-8")
+    _write_text(out / "mergekitlite.json", json.dumps(prov, indent=2, ensure_ascii=False) + "\n")
+    _write_text(out / "mergekit_config.yml", text)
+    _write_text(out / "README.md", _card(plan, prov, name, text, side))

@@ -143,7 +143,7 @@ def rows_per_chunk(
         )
     host_cap = budget.chunk_ram() // (budget.inflight * max(cost.host, 1))
     vram = budget.chunk_vram()
-    dev_cap = vram // (budget.workers * max(cost.device, 1)) if (vram is not None and cost.device) else rows
+    dev_cap = vram // (budget.workers * max(cost.device, 1)) if (vram is not None and cost.device) else max(rows, 1)
     fit = min(host_cap, dev_cap)
     if fit < 1:
         need = budget.inflight * cost.host + BASELINE_RSS

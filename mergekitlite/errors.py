@@ -7,7 +7,10 @@ from bugs (show the traceback).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import errno
+import os
+from collections.abc import Iterator, Sequence
 
 
 class MergekitliteError(Exception):
@@ -53,3 +56,65 @@ class MethodInputError(MergekitliteError, ValueError):
     """A merge method cannot compute a tensor from these (valid but degenerate) values, e.g. the inputs'
     angle or weights make its formula divide by zero. Raised by the method's arithmetic, which knows no
     tensor names; the executor adds the tensor's name."""
+
+
+class OptionError(MergekitliteError, ValueError):
+    """An option (a command-line flag, a MergeOptions field) has a value that cannot work."""
+
+
+class OutputLockedError(OutputError):
+    """Another merge holds the output's lock: two merges must not write the same folder."""
+
+
+class InputChangedError(MergekitliteError):
+    """An input file changed while a merge (or the partial output it resumes) was using it."""
+
+
+# What to do about an OSError from the file system, by errno, for the ones a user causes and can fix.
+_EITHER_WAY = {
+    errno.ENOTDIR: "part of the path is a file, not a folder",
+    errno.ELOOP: "a symbolic link loop: fix the links",
+    errno.ENAMETOOLONG: "the path is too long",
+    errno.EIO: "the disk reported an I/O error: check it (dmesg)",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+}
+_READING = {
+    errno.ENOENT: "it disappeared: was it moved or deleted?",
+    errno.EACCES: "make it readable by this user (chmod/chown) or run as a user who can read it",
+    errno.EPERM: "make it readable by this user (chmod/chown) or run as a user who can read it",
+    errno.EISDIR: "it is a folder, not a file",
+}
+_WRITING = {
+    errno.ENOENT: "a folder on the way does not exist (or was removed), or this file system takes no new files",
+    errno.EACCES: "make it writable by this user or choose another output folder",
+    errno.EPERM: "make it writable by this user or choose another output folder",
+    errno.EISDIR: "it is a folder, not a file: move it away",
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space (the disk quota is used up)",
+    errno.EROFS: "the file system is read-only: choose another output folder",
+    errno.EFBIG: "the file system cannot hold files this large (FAT32?): use a smaller --shard-size",
+}
+
+
+def explain_os_error(exc: OSError, path: object | None = None, *, writing: bool = False) -> str | None:
+    """``PATH: what happened; what to do`` for an OSError a user can fix (permissions, a full or
+    read-only disk, a file where a folder should be...), on one line; None for any other OSError,
+    which is left to be reported as a bug."""
+    code = exc.errno or 0
+    hint = (_WRITING if writing else _READING).get(code) or _EITHER_WAY.get(code)
+    if hint is None:
+        return None
+    where = exc.filename if exc.filename is not None else path
+    return f"{where}: {exc.strerror or os.strerror(code)}; {hint}"
+
+
+@contextlib.contextmanager
+def naming(path: object) -> Iterator[None]:
+    """Give an OSError raised inside the block the file it concerns: a failed ``write()`` or
+    ``sendfile()`` (a full disk) carries no file name, and the message must say which file."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise

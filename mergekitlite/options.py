@@ -15,15 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from mergekitlite.budget import parse_size
-from mergekitlite.errors import MergekitliteError
+from mergekitlite.errors import OptionError
 
 # The default output shard size (bytes); the planner uses it too.
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 MERGEKIT_GROUP = "mergekit-yaml options"
-
-
-class OptionError(MergekitliteError, ValueError):
-    """An option value outside its range (``threads=0``, a negative size)."""
 
 
 Check = Callable[[Any], "str | None"]  # value → why it is not allowed, or None

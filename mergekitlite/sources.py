@@ -7,14 +7,16 @@ huggingface_hub cache or downloaded into it. Nothing here reads weights.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mergekitlite.errors import CheckpointError, ModelNotFoundError
+from mergekitlite.io.inputs import input_error, read_text_input
 from mergekitlite.io.safetensors_header import TensorInfo, read_header
 from mergekitlite.io.torch_pickle import read_bin_index
 from mergekitlite.roles import split_layer
@@ -111,10 +113,14 @@ def _from_hub(ref: str, repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    incomplete = ""
     try:
         local = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-        if _find_weight_files(local, missing_ok=True):
+        found = _weight_files(local)
+        if found.files and not found.missing:
             return local
+        if found.missing:
+            incomplete = f" (the cached copy in {local} lacks {', '.join(found.missing)})"
     except LocalEntryNotFoundError:
         pass
     except Exception as exc:  # e.g. a malformed cache folder
@@ -124,16 +130,16 @@ def _from_hub(ref: str, repo_id: str, revision: str | None) -> Path:
         f"download it first (`hf download {repo_id}` on a machine with network access), or point "
         "the recipe at a local folder"
     )
+    if incomplete:
+        where = "is in the Hugging Face cache but incomplete" + incomplete
+    else:
+        where = "is not a local folder and not in the Hugging Face cache"
     if constants.HF_HUB_OFFLINE:
-        raise ModelNotFoundError(
-            f"model {ref!r} is not a local folder and not in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set: {hint}"
-        )
+        raise ModelNotFoundError(f"model {ref!r} {where} ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set: {hint}")
     unreachable = _hub_unreachable(constants.ENDPOINT)
     if unreachable:
         raise ModelNotFoundError(
-            f"model {ref!r} is not a local folder and not in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}), and the hub cannot be reached ({unreachable}): {hint}"
+            f"model {ref!r} {where} ({constants.HF_HUB_CACHE}), and the hub cannot be reached ({unreachable}): {hint}"
         )
     try:
         from huggingface_hub import HfApi
@@ -145,24 +151,58 @@ def _from_hub(ref: str, repo_id: str, revision: str | None) -> Path:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=[*SIDE_FILE_PATTERNS, *weights]))
     except Exception as exc:
         raise ModelNotFoundError(
-            f"model {ref!r} is not a local folder and not in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}), and downloading it failed ({type(exc).__name__}: "
+            f"model {ref!r} {where} ({constants.HF_HUB_CACHE}), and downloading it failed ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'no message'}): {hint}"
         ) from None
 
 
-def _from_index(folder: Path, index: Path, missing_ok: bool) -> list[Path]:
+@dataclass
+class _WeightFiles:
+    files: list[Path]  # what the folder's index (or listing) names, in order
+    missing: list[str] = field(default_factory=list)  # those of ``files`` that are not there (dangling links...)
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard file names an index names, each checked to be a file inside the model folder."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        data = json.loads(read_text_input(index))
+    except json.JSONDecodeError as exc:
         raise CheckpointError(f"{index}: not a valid index ({exc})") from None
-    files = sorted({folder / f for f in weight_map.values()})
-    missing = [f.name for f in files if not f.is_file()]
-    if missing and not missing_ok:
-        raise CheckpointError(
-            f"{folder}: the index names shard(s) that are not there: {', '.join(missing)} (an incomplete download?)"
-        )
-    return [] if missing else files
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a valid index: 'weight_map' must map tensor names to shard file names")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        rel = PurePosixPath(name)
+        # Checked on the name, not the resolved path: hub snapshots are symlinks into ../../blobs.
+        if not name or rel.is_absolute() or ".." in rel.parts or "\\" in name:
+            raise CheckpointError(
+                f"{index}: names the shard {name!r}, which is not a file of the model folder; an index may only "
+                "name files next to it (is the index from another model, or tampered with?)"
+            )
+    return names
+
+
+def _describe_missing(path: Path) -> str:
+    if os.path.islink(path):
+        return f"{path.name} (a symbolic link to {os.readlink(path)}, which does not exist)"
+    return path.name
+
+
+def _present(files: list[Path]) -> _WeightFiles:
+    return _WeightFiles(files, [_describe_missing(f) for f in files if not f.is_file()])
+
+
+def _from_index(folder: Path, index: Path) -> _WeightFiles:
+    return _present([folder / name for name in _shard_names(index)])
+
+
+def _list_folder(folder: Path) -> set[str]:
+    """Names in ``folder``; unlike ``glob``, an unreadable folder is an error, not an empty one."""
+    try:
+        return {entry.name for entry in os.scandir(folder)}
+    except OSError as exc:
+        raise input_error(exc, folder) from None
 
 
 def _hub_unreachable(endpoint: str) -> str | None:
@@ -181,20 +221,28 @@ def _hub_unreachable(endpoint: str) -> str | None:
         return f"{url.hostname}: {exc.strerror or exc}"
 
 
-def _find_weight_files(folder: Path, missing_ok: bool = False) -> list[Path]:
+def _weight_files(folder: Path) -> _WeightFiles:
     """The weight files of a model folder: safetensors preferred, pickled .bin otherwise."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return _from_index(folder, index, missing_ok)
-    files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_"))
+    names = _list_folder(folder)
+    if "model.safetensors.index.json" in names:
+        return _from_index(folder, folder / "model.safetensors.index.json")
+    files = sorted(folder / n for n in names if n.endswith(".safetensors") and not n.startswith("adapter_"))
     if files:
-        return files
-    bin_index = folder / "pytorch_model.bin.index.json"
-    if bin_index.is_file():
-        return _from_index(folder, bin_index, missing_ok)
-    files = sorted(folder.glob("pytorch_model*.bin"))
-    if files or missing_ok:
-        return files
+        return _present(files)
+    if "pytorch_model.bin.index.json" in names:
+        return _from_index(folder, folder / "pytorch_model.bin.index.json")
+    return _present(sorted(folder / n for n in names if fnmatch.fnmatchcase(n, "pytorch_model*.bin")))
+
+
+def _find_weight_files(folder: Path) -> list[Path]:
+    found = _weight_files(folder)
+    if found.missing:
+        raise CheckpointError(
+            f"{folder}: weight file(s) missing: {', '.join(found.missing)} (an incomplete download or copy? "
+            "fetch them again)"
+        )
+    if found.files:
+        return found.files
     if (folder / "adapter_config.json").exists():
         raise CheckpointError(f"{folder}: this is a LoRA adapter, not a full model; merge it into its base first")
     raise CheckpointError(f"{folder}: no weights found (*.safetensors or pytorch_model*.bin)")
@@ -210,15 +258,24 @@ def _count_layers(names: Iterable[str]) -> dict[str, int]:
     return counts
 
 
+def _read_config(config_path: Path) -> dict[str, Any]:
+    if not os.path.lexists(config_path):
+        return {}
+    try:
+        config = json.loads(read_text_input(config_path))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_path}: invalid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{config_path}: a JSON {type(config).__name__}, not an object; a model's config.json maps settings to "
+            "values (is this the right file?)"
+        )
+    return config
+
+
 def index_model(ref: str, path: Path, from_hub: bool = False) -> ModelSource:
     """Read config.json and every shard header of the model at ``path``."""
-    config_path = path / "config.json"
-    config: dict[str, Any] = {}
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{config_path}: invalid JSON ({exc})") from None
+    config = _read_config(path / "config.json")
     files = _find_weight_files(path)
     tensors: dict[str, TensorInfo] = {}
     for f in files:
@@ -258,4 +315,9 @@ def open_sources(
             sources[ref] = index_model(ref, path, hub)
         except (ModelNotFoundError, CheckpointError) as exc:
             problems.append(str(exc))
+        except OSError as exc:  # e.g. a folder on the way that this user may not enter
+            problem = input_error(exc, Path(ref))
+            if not isinstance(problem, CheckpointError):
+                raise
+            problems.append(f"model {ref!r}: {problem}")
     return sources, problems

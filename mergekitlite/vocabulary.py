@@ -112,12 +112,12 @@ def build_output_tokenizer(
 ) -> Any:
     """The output's tokenizer: ``base`` (the tokenizer source's; for ``union`` the base model's) with, for
     ``union``, every token of ``others`` (tokenizer, rows) it lacks, then ``add_tokens``. Ordinary tokens are
-    added before added/special ones, each in first-seen order, as mergekit does."""
-    out = _copy(base)
+    added before added/special ones, each in first-seen order, as mergekit does. ``base`` itself when nothing
+    is added (it is never changed: additions go to a copy)."""
+    have = set(base.get_vocab())
+    plain: dict[str, None] = {}
+    special: dict[str, Any] = {}
     if choice == "union":
-        have = set(base.get_vocab())
-        plain: dict[str, None] = {}
-        special: dict[str, Any] = {}
         for tok, rows in [(base, None), *others]:
             vocab = vocab_of(tok, rows)
             added_texts = {a.content for a in vocab.added}
@@ -125,15 +125,15 @@ def build_output_tokenizer(
                 if text not in added_texts and text not in have:
                     plain.setdefault(text, None)
             for info in vocab.added:
-                special.setdefault(info.content, info)
-        if plain:
-            out.add_tokens(list(plain))
-        new_special = [info for text, info in special.items() if text not in out.get_vocab()]
-        if new_special:
-            out.add_tokens(new_special)
-    missing = [t for t in add_tokens if t not in out.get_vocab()]
-    if missing:
-        out.add_tokens(missing)
+                if info.content not in have and info.content not in plain:
+                    special.setdefault(info.content, info)
+    extra = [t for t in add_tokens if t not in have and t not in plain and t not in special]
+    if not (plain or special or extra):
+        return base
+    out = _copy(base)
+    for batch in (list(plain), list(special.values()), extra):
+        if batch:
+            out.add_tokens(batch)
     return out
 
 

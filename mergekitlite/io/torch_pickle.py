@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import pickle
+import pickletools
+import re
 import struct
 import zipfile
 from collections import OrderedDict
@@ -21,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from mergekitlite.errors import CheckpointError
-from mergekitlite.io.safetensors_header import TensorInfo, itemsize
+from mergekitlite.io.inputs import input_file_size, open_input
+from mergekitlite.io.safetensors_header import DTYPES, TensorInfo, itemsize
 
 _STORAGE_CODES = {
     "DoubleStorage": "F64",
@@ -49,10 +52,15 @@ _DTYPE_CODES = {
 }
 
 
+# Where torch.save says a storage lived (the bytes are read on the host whatever it says).
+_LOCATION = re.compile(r"(cpu|cuda|mps|xpu|hpu|meta)(:\d+)?")
+
+
 @dataclass(frozen=True)
 class _StorageRef:
     key: str
     code: str
+    numel: Any  # elements, as the pickle says (torch.load checks it against the archive member)
 
 
 @dataclass(frozen=True)
@@ -68,11 +76,24 @@ class _DType:
     code: str
 
 
-def _rebuild_tensor(storage: _StorageRef, offset: int, size: Any, stride: Any, *_args: Any) -> _TensorRef:
+# The allow-listed callables take exactly the arguments torch's own do (torch.load refuses other calls):
+# _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks[, metadata]).
+def _rebuild_tensor(
+    storage: _StorageRef, offset: int, size: Any, stride: Any, _grad: Any, _hooks: Any, _meta: Any = None
+) -> _TensorRef:
     return _TensorRef(storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
 
 
-def _rebuild_parameter(data: _TensorRef, *_args: Any) -> _TensorRef:
+def _device(kind: Any, index: Any = None) -> str:
+    """``torch.device(...)`` as a state dict records it: ``("cpu")`` or ``("cuda", 0)``, nothing else."""
+    if not isinstance(kind, str) or not (index is None or type(index) is int):
+        raise TypeError(f"torch.device({kind!r}, {index!r})")
+    return kind
+
+
+def _rebuild_parameter(data: _TensorRef, _grad: Any, _hooks: Any) -> _TensorRef:
+    if not isinstance(data, _TensorRef):
+        raise TypeError(f"a parameter of {type(data).__name__}, not of a tensor")
     return data
 
 
@@ -95,9 +116,9 @@ class _IndexUnpickler(pickle.Unpickler):
         if module == "torch" and name in _DTYPE_CODES:
             return _DType(_DTYPE_CODES[name])
         if module == "torch" and name == "device":
-            return str
+            return _device
         raise CheckpointError(
-            f"{self.source}: refusing to unpickle '{module}.{name}': only tensors and dicts are allowed in a "
+            f"{self.source}: refusing to unpickle {module + '.' + name!r}: only tensors and dicts are allowed in a "
             "weights file (unpickling arbitrary objects can run code). Convert the checkpoint to safetensors "
             "in a sandbox if you trust it."
         )
@@ -105,19 +126,23 @@ class _IndexUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> _StorageRef:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             raise CheckpointError(f"{self.source}: unsupported storage reference {pid!r}")
-        storage_type, key = pid[1], str(pid[2])
+        storage_type, key, location = pid[1], str(pid[2]), pid[3]
+        if not (isinstance(location, str) and _LOCATION.fullmatch(location)):
+            raise CheckpointError(f"{self.source}: unknown storage location {location!r} (a corrupt checkpoint)")
         if isinstance(storage_type, _DType):
-            return _StorageRef(key, storage_type.code)
+            return _StorageRef(key, storage_type.code, pid[4])
         raise CheckpointError(f"{self.source}: unsupported storage type {storage_type!r}")
 
 
-def _data_offset(f: Any, info: zipfile.ZipInfo) -> int:
+def _data_offset(path: Path, f: Any, info: zipfile.ZipInfo) -> int:
     """Absolute offset of a stored member's bytes (after its local header)."""
     f.seek(info.header_offset)
     header = f.read(30)
-    if header[:4] != b"PK\x03\x04":
-        raise CheckpointError(f"corrupt zip member {info.filename}")
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise CheckpointError(f"{path}: corrupt zip member {info.filename}; save the checkpoint again")
     name_len, extra_len = struct.unpack("<HH", header[26:30])
+    if f.read(name_len) != info.filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
+        raise CheckpointError(f"{path}: corrupt zip member {info.filename}; save the checkpoint again")
     return info.header_offset + 30 + name_len + extra_len
 
 
@@ -130,40 +155,123 @@ def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     return True
 
 
+# The pickled index of a state dict is kilobytes; a bigger one is not a weights file (or is a zip bomb).
+MAX_INDEX_BYTES = 256 * 1024 * 1024
+
+
 def read_bin_index(path: Path) -> dict[str, TensorInfo]:
     """Name → byte range of every tensor in a ``torch.save`` zip checkpoint."""
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"{path}: a legacy (pre-zip) torch checkpoint; re-save it with a current torch or convert it to safetensors"
-        )
-    with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
-        pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-        if len(pkl) != 1:
-            raise CheckpointError(f"{path}: not a torch checkpoint (no single data.pkl)")
-        prefix = pkl[0][: -len("data.pkl")]
+    size = input_file_size(path)
+    with open_input(path) as raw:
+        if not zipfile.is_zipfile(raw):
+            raise CheckpointError(
+                f"{path}: a legacy (pre-zip) torch checkpoint; re-save it with a current torch or convert it to "
+                "safetensors"
+            )
         try:
-            obj = _IndexUnpickler(zf.read(pkl[0]), path).load()
-        except CheckpointError:
-            raise
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot read the checkpoint's index ({type(exc).__name__}: {exc})") from None
-        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+            with zipfile.ZipFile(raw) as zf:
+                obj, members, prefix = _unpickle_index(path, zf)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
+            raise CheckpointError(f"{path}: a corrupt zip archive ({exc}); save the checkpoint again") from None
         out: dict[str, TensorInfo] = {}
         for name, ref in obj.items():
             if not isinstance(ref, _TensorRef):
                 continue  # non-tensor entries (e.g. an int step counter) are not weights
-            if not _contiguous(ref.shape, ref.stride):
-                raise CheckpointError(f"{path}: tensor {name!r} is stored non-contiguously; re-save it contiguous")
-            member = zf.getinfo(f"{prefix}data/{ref.storage.key}")
-            if member.compress_type != zipfile.ZIP_STORED:
-                raise CheckpointError(f"{path}: storage of {name!r} is compressed; cannot read it lazily")
-            size = itemsize(ref.storage.code)
-            begin = _data_offset(raw, member) + ref.offset * size
-            nbytes = math.prod(ref.shape) * size
-            if ref.offset * size + nbytes > member.file_size:
-                raise CheckpointError(f"{path}: tensor {name!r} runs past the end of its storage")
-            out[str(name)] = TensorInfo(str(name), path, ref.storage.code, ref.shape, begin, begin + nbytes)
+            info = _tensor_info(path, raw, size, str(name), ref, members.get(f"{prefix}data/{_key(ref)}"))
+            if info.name in out:
+                raise CheckpointError(f"{path}: the state dict names {info.name!r} twice")
+            out[info.name] = info
         return out
+
+
+# torch.save writes protocol 2 (4 on request). Protocol 5's out-of-band buffers and the extension
+# registry have no place in a state dict; BYTEARRAY8 with a forged length even upsets the interpreter.
+_OPCODES = frozenset(op.name for op in pickletools.opcodes if op.proto <= 4) - {"EXT1", "EXT2", "EXT4"}
+
+
+def _check_opcodes(path: Path, data: bytes) -> None:
+    """Walk the pickle's opcodes (nothing is built) and refuse the ones a state dict never uses."""
+    try:
+        for op, _, pos in pickletools.genops(data):
+            if op.name not in _OPCODES:
+                raise CheckpointError(
+                    f"{path}: its data.pkl uses the pickle opcode {op.name} (at byte {pos}), which no state dict "
+                    "saved by torch does; refusing it"
+                )
+    except ValueError as exc:
+        reason = " ".join(str(exc).split())
+        raise CheckpointError(f"{path}: a corrupt checkpoint index (data.pkl: {reason})") from None
+
+
+def _unpickle_index(path: Path, zf: zipfile.ZipFile) -> tuple[dict[Any, Any], dict[str, zipfile.ZipInfo], str]:
+    members = {m.filename: m for m in zf.infolist()}
+    pkl = [n for n in members if n.endswith("/data.pkl") or n == "data.pkl"]
+    if len(pkl) != 1:
+        raise CheckpointError(f"{path}: not a torch checkpoint (no single data.pkl)")
+    if members[pkl[0]].file_size > MAX_INDEX_BYTES:
+        raise CheckpointError(f"{path}: its data.pkl claims {members[pkl[0]].file_size} bytes; not a weights file")
+    try:
+        data = zf.read(pkl[0])
+        _check_opcodes(path, data)
+        obj = _IndexUnpickler(data, path).load()
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        reason = " ".join(str(exc).split())  # one line, whatever the pickle put in the message
+        raise CheckpointError(f"{path}: cannot read the checkpoint's index ({type(exc).__name__}: {reason})") from None
+    _check_byteorder(path, zf, members.get(pkl[0][: -len("data.pkl")] + "byteorder"))
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return obj, members, pkl[0][: -len("data.pkl")]
+
+
+def _check_byteorder(path: Path, zf: zipfile.ZipFile, member: zipfile.ZipInfo | None) -> None:
+    """Tensor bytes are read as little-endian; torch records the writer's byte order (older files do
+    not, and are little-endian)."""
+    if member is None:
+        return
+    order = zf.read(member) if member.file_size <= 16 else b"?"
+    if order != b"little":
+        raise CheckpointError(
+            f"{path}: saved with byte order {order.decode('ascii', 'replace')!r}; only little-endian checkpoints "
+            "can be read in place: load and re-save it on a little-endian machine, or convert it to safetensors"
+        )
+
+
+def _key(ref: _TensorRef) -> str:
+    return ref.storage.key if isinstance(ref.storage, _StorageRef) else ""
+
+
+def _tensor_info(
+    path: Path, raw: Any, size: int, name: str, ref: _TensorRef, member: zipfile.ZipInfo | None
+) -> TensorInfo:
+    """Where ``ref``'s bytes are, after checking every field: the pickle's BUILD opcode can set any
+    attribute of an object it made, so nothing the constructors checked can be relied on."""
+
+    def counts(values: Any) -> bool:
+        return isinstance(values, tuple) and all(type(v) is int and v >= 0 for v in values)
+
+    storage = ref.storage
+    if not (isinstance(storage, _StorageRef) and isinstance(storage.key, str) and storage.code in DTYPES):
+        raise CheckpointError(f"{path}: tensor {name!r} has an unreadable storage reference")
+    if not (counts(ref.shape) and counts(ref.stride) and type(ref.offset) is int and ref.offset >= 0):
+        raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape, stride or offset in the pickle")
+    if not _contiguous(ref.shape, ref.stride):
+        raise CheckpointError(f"{path}: tensor {name!r} is stored non-contiguously; re-save it contiguous")
+    if member is None:
+        raise CheckpointError(f"{path}: the storage of {name!r} (data/{storage.key}) is not in the archive")
+    if member.compress_type != zipfile.ZIP_STORED or member.flag_bits & 0x1:
+        raise CheckpointError(f"{path}: storage of {name!r} is compressed or encrypted; cannot read it lazily")
+    item = itemsize(storage.code)
+    if type(storage.numel) is not int or storage.numel * item != member.file_size:
+        raise CheckpointError(
+            f"{path}: the storage of {name!r} holds {member.file_size} bytes, but the pickle says "
+            f"{storage.numel!r} elements of {item} bytes (a corrupt checkpoint)"
+        )
+    begin = _data_offset(path, raw, member) + ref.offset * item
+    nbytes = math.prod(ref.shape) * item
+    if ref.offset * item + nbytes > member.file_size or begin + nbytes > size:
+        raise CheckpointError(f"{path}: tensor {name!r} runs past the end of its storage")
+    return TensorInfo(name, path, storage.code, ref.shape, begin, begin + nbytes)
