@@ -252,7 +252,7 @@ def compare(
             if not found:
                 raise SystemExit(f"no safetensors tensors in {folder}")
         report = Report(a_dir.name, b_dir.name, sorted(set(fb) - set(fa)), sorted(set(fa) - set(fb)))
-        wanted = set(fa) if exact == "all" else set(exact) if reference is not None else set()
+        wanted = set() if reference is None else set(fa) if exact == "all" else set(exact)
         for name in sorted(set(fa) & set(fb)):
             sa, sb = reader.slice(a_dir, name), reader.slice(b_dir, name)
             if sa.get_shape() != sb.get_shape():
@@ -265,16 +265,15 @@ def compare(
             report.tensors += 1
             ea, eb = Exactness(), Exactness()
             before = report.agreement.max_abs
-            blocks = list(row_slices(sa.get_shape()))
-            for rows in blocks:
+            for rows in row_slices(sa.get_shape()):
                 a = reader.get(a_dir, name, rows)
                 b = reader.get(b_dir, name, rows).to(a.dtype)
                 report.agreement.add(a, b)
-                if name in wanted and reference is not None and reference.elementwise:
+                if name in wanted and reference.elementwise:
                     ref, scale = reference(name, rows)
                     ea.add(a, ref, scale)
                     eb.add(b, ref, scale)
-            if name in wanted and reference is not None and not reference.elementwise:
+            if name in wanted and not reference.elementwise:
                 ref, scale = reference(name, None)
                 ea.add(reader.get(a_dir, name), ref, scale)
                 eb.add(reader.get(b_dir, name), ref, scale)

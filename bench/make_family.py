@@ -16,6 +16,7 @@ an interrupted generation is redone. Importing this module does not import torch
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shutil
@@ -35,6 +36,7 @@ MARKER = "family.json"
 FORMAT_VERSION = 2  # bump when the generated content changes, so old folders are regenerated
 BLOCK_ELEMENTS = 16 * 1024 * 1024  # rows generated at a time: bounds memory for the embedding
 SHARED_STREAM = 7  # generator stream of the shared component; 0 is the base, 1..6 the fine-tunes
+# mergekitlite.io.safetensors_header knows these too, but importing it imports torch (see write_tensor).
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 SAFETENSORS_CODE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
@@ -58,6 +60,10 @@ class Family:
     rho: float = 0.0  # pairwise cosine of the fine-tunes' deltas
     seed: int = 0
     dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fine_tunes < SHARED_STREAM:
+            raise ValueError(f"at most {SHARED_STREAM - 1} fine-tunes (generator streams 1..{SHARED_STREAM - 1})")
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -224,9 +230,10 @@ def write_checkpoints(dirs: list[Path], specs: list[TensorSpec], shard_bytes: in
             for f in files:
                 f.write(layout.header)
                 if fill is None:
-                    f.truncate(layout.size)
-            for spec in shard if fill is not None else ():
-                fill(spec, position[spec.name], files)
+                    f.truncate(layout.size)  # a hole: the tensors' bytes read as zeros
+            if fill is not None:
+                for spec in shard:
+                    fill(spec, position[spec.name], files)
         finally:
             for f in files:
                 f.close()
@@ -269,11 +276,7 @@ def write_family(out: Path, family: Family) -> None:
         (d / "config.json").write_text(json.dumps(llama_config(family.sizes, family.dtype), indent=2) + "\n")
         for fname, content in tokenizer_files().items():
             (d / fname).write_text(json.dumps(content, indent=2) + "\n")
-
-    def fill(spec: TensorSpec, position: int, files: list[IO[bytes]]) -> None:
-        write_tensor(family, spec, position, files)
-
-    write_checkpoints(dirs, family.specs(), family.sizes.shard_bytes, fill)
+    write_checkpoints(dirs, family.specs(), family.sizes.shard_bytes, functools.partial(write_tensor, family))
 
 
 def family_dir(preset: str) -> Path:
