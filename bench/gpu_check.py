@@ -3,23 +3,26 @@ under --max-vram, and timings of CPU vs GPU on the same machine.
 
     python bench/gpu_check.py --out RESULTS_DIR          # on a machine with a GPU
 
-Generates a bf16 Llama-layout family (base + two noisy fine-tunes), merges it with several
-methods on ``cpu`` and on ``cuda`` through the Python API, compares every output tensor bitwise,
-and writes ``gpu_check.json`` and ``gpu_check.md`` into RESULTS_DIR.
+Generates a bf16 Llama-layout family (bench/make_family.py: the 1.3b preset's sizes with ``--layers``
+layers, base + two noisy fine-tunes), merges it with several methods on ``cpu`` and on ``cuda`` through
+the Python API, compares every output tensor bitwise (bench/compare.py), and writes ``gpu_check.json``
+and ``gpu_check.md`` into RESULTS_DIR.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
 import statistics
 import time
 from pathlib import Path
 
+import compare
+import make_family
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mergekitlite import MergeOptions, plan_merge, run_merge
 from mergekitlite.budget import parse_size
@@ -39,53 +42,6 @@ METHODS = {
 ONE_MODEL = {"slerp", "arcee_fusion"}
 
 
-def make_family(root: Path, hidden: int, layers: int, vocab: int, inter: int) -> dict[str, Path]:
-    names: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            names.append((p + f"self_attn.{n}.weight", (hidden, hidden)))
-        names += [
-            (p + "mlp.gate_proj.weight", (inter, hidden)),
-            (p + "mlp.up_proj.weight", (inter, hidden)),
-            (p + "mlp.down_proj.weight", (hidden, inter)),
-            (p + "input_layernorm.weight", (hidden,)),
-            (p + "post_attention_layernorm.weight", (hidden,)),
-        ]
-    names += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 16,
-        "vocab_size": vocab,
-        "torch_dtype": "bfloat16",
-        "tie_word_embeddings": False,
-    }
-    out = {}
-    gen = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu")
-    for k, name in enumerate(("base", "ft1", "ft2")):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        out[name] = folder
-        if (folder / "model.safetensors").exists():
-            continue
-        tensors = {}
-        for j, (tname, shape) in enumerate(names):
-            gen.manual_seed(j)
-            t = torch.randn(shape, generator=gen, device=gen.device) * 0.02
-            if k:
-                gen.manual_seed(1000 * k + j)
-                t += torch.randn(shape, generator=gen, device=gen.device) * 0.002
-            tensors[tname] = t.to(torch.bfloat16).cpu()
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        (folder / "config.json").write_text(json.dumps(config))
-    return out
-
-
 def recipe(fam: dict[str, Path], method: str) -> str:
     head = METHODS[method]
     if method in ONE_MODEL:
@@ -97,12 +53,9 @@ def recipe(fam: dict[str, Path], method: str) -> str:
 
 
 def same_weights(a: Path, b: Path) -> tuple[bool, int]:
-    differing = 0
-    with safe_open(str(a / "model.safetensors"), "pt") as fa, safe_open(str(b / "model.safetensors"), "pt") as fb:
-        for k in fa.keys():  # noqa: SIM118 - safe_open is not a mapping
-            x, y = fa.get_tensor(k), fb.get_tensor(k)
-            differing += int((x.view(torch.int16) != y.view(torch.int16)).sum())
-    return differing == 0, differing
+    rep = compare.compare(a, b)
+    differing = rep.agreement.elements - rep.agreement.bitwise_equal
+    return differing == 0 and not (rep.missing_in_a or rep.missing_in_b or rep.mismatched), differing
 
 
 def timed(recipe_path: Path, out: Path, opts: MergeOptions) -> tuple[float, int]:
@@ -125,11 +78,14 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    fam = make_family(args.work / "family", 2048, args.layers, 32000, 5504)
+    # The 1.3b preset's sizes with --layers layers; deltas 10% of the weights' std.
+    family = make_family.Family(dataclasses.replace(make_family.PRESETS["1.3b"].sizes, layers=args.layers), noise=0.1)
+    root = make_family.ensure_family(family, args.work / "family")
+    fam = {m: root / m for m in family.models}
     report: dict[str, object] = {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
-        "cpus": __import__("os").cpu_count(),
+        "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "max_vram": args.max_vram,
         "methods": {},

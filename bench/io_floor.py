@@ -4,7 +4,8 @@ Run as its own process (by run_bench.py) so it is timed and measured like the me
 reads the fine-tunes' shards and copies the base's shards to OUT (the base's shards are exactly
 output-sized), all with plain ``readinto``/``write`` through one 16 MiB buffer: no arithmetic, no
 mmap, no extra copies. ``--sync-every BYTES`` fsyncs after that many bytes written and at the end,
-as ``merge`` does for its resume journal (every 512 MB); 0 never fsyncs, as mergekit does.
+as ``merge`` does for its resume journal (run_bench.py passes merge's interval); 0 never fsyncs, as mergekit
+does.
 
     python bench/io_floor.py OUT --copy base/*.safetensors --read ft1/*.safetensors ft2/*.safetensors
 """
@@ -18,15 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+from procstats import read_files
+
 BUFFER = 16 * 1024 * 1024
-
-
-def read_all(path: Path, buf: bytearray) -> int:
-    total = 0
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            total += n
-    return total
 
 
 def copy_file(src: Path, dst: Path, buf: bytearray, sync_every: int) -> int:
@@ -56,12 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     buf = bytearray(BUFFER)
-    t0 = time.perf_counter()
-    read = sum(read_all(p, buf) for p in args.read)
+    read, read_s = read_files(args.read)
     t1 = time.perf_counter()
     copied = sum(copy_file(p, args.out / p.name, buf, args.sync_every) for p in args.copy)
     t2 = time.perf_counter()
-    print(json.dumps({"read_only_s": t1 - t0, "copy_s": t2 - t1, "bytes_read": read + copied, "bytes_written": copied}))
+    print(json.dumps({"read_only_s": read_s, "copy_s": t2 - t1, "bytes_read": read + copied, "bytes_written": copied}))
     return 0
 
 

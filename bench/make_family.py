@@ -1,42 +1,48 @@
-"""Generate a family of three bf16 Llama-layout checkpoints for benchmarks: base, ft1, ft2.
+"""Generate synthetic model families for the benchmarks: a Llama-layout base and N fine-tunes of it.
 
-The fine-tunes are the base plus small seeded Gaussian noise, so a task-arithmetic merge of them
-has realistic magnitudes (deltas a few bf16 ulps of the weights) without downloading anything.
-The safetensors files are written by hand, tensor by tensor in row blocks, into all three models
-at once: memory stays at a few hundred MB whatever the preset, and every random number is drawn
-once per model (the base's values are reused for both fine-tunes).
+Fine-tune k is the base plus seeded Gaussian noise relative to each tensor's scale, with a component
+shared by all fine-tunes: δₖ = σ·noise·(√ρ·s + √(1−ρ)·eₖ), s and eₖ standard normal, so the task
+vectors have pairwise cosine ≈ ρ. Independent deltas (ρ = 0) are enough for timing task arithmetic;
+the parity family uses ρ = 0.5, since Model Stock degenerates on independent deltas (cos θ ≈ 0 → the
+base) and TIES' sign election becomes a coin toss. The safetensors files are written tensor by
+tensor, in row blocks, into every model at once: memory stays at a few hundred MB whatever the size.
 
     python bench/make_family.py --preset 1.3b        # -> bench/.work/1.3b/{base,ft1,ft2}
 
-A folder is reused when its ``family.json`` marker matches the preset, seed and noise; the marker
-is written last, so an interrupted generation is redone.
+A folder is reused when its ``family.json`` marker matches the family; the marker is written last, so
+an interrupted generation is redone. Importing this module does not import torch (see write_tensor).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import shutil
-import struct
+import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
 WORK = Path(__file__).resolve().parent / ".work"
-MODELS = ("base", "ft1", "ft2")
 MARKER = "family.json"
-FORMAT_VERSION = 1  # bump when the generated content changes, so old folders are regenerated
+FORMAT_VERSION = 2  # bump when the generated content changes, so old folders are regenerated
 BLOCK_ELEMENTS = 16 * 1024 * 1024  # rows generated at a time: bounds memory for the embedding
+SHARED_STREAM = 7  # generator stream of the shared component; 0 is the base, 1..6 the fine-tunes
+# mergekitlite.io.safetensors_header knows these too, but importing it imports torch (see write_tensor).
+ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+SAFETENSORS_CODE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 @dataclass(frozen=True)
-class Preset:
+class Sizes:
     hidden: int
     layers: int
     vocab: int
@@ -46,15 +52,37 @@ class Preset:
     shard_bytes: int  # target shard size (a shard may exceed it by less than one tensor)
 
 
-PRESETS: dict[str, Preset] = {
+@dataclass(frozen=True)
+class Family:
+    sizes: Sizes
+    fine_tunes: int = 2
+    noise: float = 0.05  # delta std relative to the weights' std
+    rho: float = 0.0  # pairwise cosine of the fine-tunes' deltas
+    seed: int = 0
+    dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fine_tunes < SHARED_STREAM:
+            raise ValueError(f"at most {SHARED_STREAM - 1} fine-tunes (generator streams 1..{SHARED_STREAM - 1})")
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return ("base", *(f"ft{k}" for k in range(1, self.fine_tunes + 1)))
+
+    def specs(self) -> list[TensorSpec]:
+        return tensor_specs(self.sizes, self.dtype)
+
+
+# GQA (a quarter of the heads for K/V) in the parity presets, so that k/v projections have their usual,
+# smaller shape. "parity-small" (25M parameters, 50 MB per model): mergekit needs 5–30 s per method (~7 s
+# of it start-up) and a parity run about a quarter of an hour on 2 shared cores; "parity-medium" ~4× that.
+PRESETS: dict[str, Family] = {
     # Tiny shards so the quick check still exercises multi-shard inputs.
-    "tiny": Preset(hidden=256, layers=4, vocab=1000, intermediate=688, heads=8, kv_heads=8, shard_bytes=4_000_000),
-    "1.3b": Preset(
-        hidden=2048, layers=24, vocab=32000, intermediate=5504, heads=16, kv_heads=16, shard_bytes=2_000_000_000
-    ),
-    "2.6b": Preset(
-        hidden=2048, layers=48, vocab=32000, intermediate=5504, heads=16, kv_heads=16, shard_bytes=2_000_000_000
-    ),
+    "tiny": Family(Sizes(256, 4, 1000, 688, 8, 8, shard_bytes=4_000_000)),
+    "1.3b": Family(Sizes(2048, 24, 32000, 5504, 16, 16, shard_bytes=2_000_000_000)),
+    "2.6b": Family(Sizes(2048, 48, 32000, 5504, 16, 16, shard_bytes=2_000_000_000)),
+    "parity-small": Family(Sizes(512, 6, 8000, 1408, 8, 2, shard_bytes=40_000_000), fine_tunes=3, rho=0.5),
+    "parity-medium": Family(Sizes(1024, 8, 16000, 2816, 16, 4, shard_bytes=150_000_000), fine_tunes=3, rho=0.5),
 }
 
 
@@ -64,44 +92,41 @@ class TensorSpec:
     shape: tuple[int, ...]
     std: float  # standard deviation of the base's values around ``mean``
     mean: float = 0.0
+    dtype: str = "bfloat16"
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
-        return self.numel * 2  # bf16
+        return self.numel * ITEMSIZE[self.dtype]
 
 
-def tensor_specs(p: Preset) -> list[TensorSpec]:
+def tensor_specs(p: Sizes, dtype: str = "bfloat16") -> list[TensorSpec]:
     """Tensors in HF module order (the order HF writes shards in)."""
     head_dim = p.hidden // p.heads
     kv = p.kv_heads * head_dim
     std = 0.02  # Llama's initializer_range: typical magnitude of trained projection weights too
-    specs = [TensorSpec("model.embed_tokens.weight", (p.vocab, p.hidden), std)]
+    shapes: list[tuple[str, tuple[int, ...], float, float]] = [
+        ("model.embed_tokens.weight", (p.vocab, p.hidden), std, 0)
+    ]
     for i in range(p.layers):
         pre = f"model.layers.{i}"
-        specs += [
-            TensorSpec(f"{pre}.self_attn.q_proj.weight", (p.hidden, p.hidden), std),
-            TensorSpec(f"{pre}.self_attn.k_proj.weight", (kv, p.hidden), std),
-            TensorSpec(f"{pre}.self_attn.v_proj.weight", (kv, p.hidden), std),
-            TensorSpec(f"{pre}.self_attn.o_proj.weight", (p.hidden, p.hidden), std),
-            TensorSpec(f"{pre}.mlp.gate_proj.weight", (p.intermediate, p.hidden), std),
-            TensorSpec(f"{pre}.mlp.up_proj.weight", (p.intermediate, p.hidden), std),
-            TensorSpec(f"{pre}.mlp.down_proj.weight", (p.hidden, p.intermediate), std),
+        shapes += [
+            (f"{pre}.self_attn.q_proj.weight", (p.hidden, p.hidden), std, 0),
+            (f"{pre}.self_attn.k_proj.weight", (kv, p.hidden), std, 0),
+            (f"{pre}.self_attn.v_proj.weight", (kv, p.hidden), std, 0),
+            (f"{pre}.self_attn.o_proj.weight", (p.hidden, p.hidden), std, 0),
+            (f"{pre}.mlp.gate_proj.weight", (p.intermediate, p.hidden), std, 0),
+            (f"{pre}.mlp.up_proj.weight", (p.intermediate, p.hidden), std, 0),
+            (f"{pre}.mlp.down_proj.weight", (p.hidden, p.intermediate), std, 0),
             # RMSNorm weights sit around 1.0, so their deltas are far below one bf16 ulp of the value.
-            TensorSpec(f"{pre}.input_layernorm.weight", (p.hidden,), 0.05, 1.0),
-            TensorSpec(f"{pre}.post_attention_layernorm.weight", (p.hidden,), 0.05, 1.0),
+            (f"{pre}.input_layernorm.weight", (p.hidden,), 0.05, 1.0),
+            (f"{pre}.post_attention_layernorm.weight", (p.hidden,), 0.05, 1.0),
         ]
-    specs += [
-        TensorSpec("model.norm.weight", (p.hidden,), 0.05, 1.0),
-        TensorSpec("lm_head.weight", (p.vocab, p.hidden), std),
-    ]
-    return specs
+    shapes += [("model.norm.weight", (p.hidden,), 0.05, 1.0), ("lm_head.weight", (p.vocab, p.hidden), std, 0)]
+    return [TensorSpec(name, shape, s, m, dtype) for name, shape, s, m in shapes]
 
 
 def split_shards(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]:
@@ -116,19 +141,7 @@ def split_shards(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorS
     return shards
 
 
-def safetensors_header(specs: list[TensorSpec]) -> bytes:
-    """The 8-byte length plus JSON header, padded with spaces to 8 bytes as safetensors does."""
-    meta: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for spec in specs:
-        meta[spec.name] = {"dtype": "BF16", "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
-        offset += spec.nbytes
-    text = json.dumps(meta, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
-
-
-def llama_config(p: Preset) -> dict[str, object]:
+def llama_config(p: Sizes, dtype: str = "bfloat16") -> dict[str, object]:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -146,7 +159,7 @@ def llama_config(p: Preset) -> dict[str, object]:
         "tie_word_embeddings": False,
         "bos_token_id": 1,
         "eos_token_id": 2,
-        "torch_dtype": "bfloat16",
+        "torch_dtype": dtype,
         "use_cache": True,
     }
 
@@ -158,23 +171,12 @@ def tokenizer_files() -> dict[str, dict[str, object]]:
     AutoTokenizer and fails after the merge. Its vocabulary need not match vocab_size for this.
     """
     specials = ["<unk>", "<s>", "</s>"]
-    added = [
-        {
-            "id": i,
-            "content": t,
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": True,
-        }
-        for i, t in enumerate(specials)
-    ]
+    flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
     tokenizer = {
         "version": "1.0",
         "truncation": None,
         "padding": None,
-        "added_tokens": added,
+        "added_tokens": [{"id": i, "content": t, **flags} for i, t in enumerate(specials)],
         "normalizer": None,
         "pre_tokenizer": {"type": "Whitespace"},
         "post_processor": None,
@@ -202,101 +204,133 @@ def row_blocks(spec: TensorSpec) -> Iterator[tuple[int, ...]]:
         yield (min(step, spec.shape[0] - start), *spec.shape[1:])
 
 
-def as_bytes(t: torch.Tensor) -> memoryview:
-    import torch
-
-    return memoryview(t.contiguous().view(torch.int16).numpy()).cast("B")
+Fill = Callable[[TensorSpec, int, list[IO[bytes]]], None]
 
 
-def write_tensor(spec: TensorSpec, index: int, seed: int, noise: float, files: list) -> None:
-    """Write ``spec``'s bytes for base, ft1, ft2 (in that order in ``files``)."""
-    # Imported here so that run_bench.py can import this module without torch: a benchmark
-    # harness that has touched hundreds of MB passes that high-water mark on to every child's
-    # ru_maxrss (Linux keeps it across fork+exec), which would inflate the measured peaks.
-    import torch
+def write_checkpoints(dirs: list[Path], specs: list[TensorSpec], shard_bytes: int, fill: Fill | None) -> None:
+    """The index and safetensors shards of every folder in ``dirs`` (one layout for all). ``fill(spec,
+    position, files)`` writes one tensor's bytes into each file; with None the data is a sparse hole
+    (no disk used, reads give zeros)."""
+    from mergekitlite.io.safetensors_header import layout_shard  # imports torch
 
-    # One generator per (tensor, model): a tensor's values do not depend on the shard layout.
-    gens = [torch.Generator().manual_seed(seed * 1_000_003 + index * 8 + m) for m in range(len(files))]
-    for shape in row_blocks(spec):
-        base = torch.randn(shape, generator=gens[0]).mul_(spec.std).add_(spec.mean)
-        files[0].write(as_bytes(base.to(torch.bfloat16)))
-        for gen, f in zip(gens[1:], files[1:], strict=True):
-            # The delta is relative to the weight scale (std), like a real fine-tune's small update.
-            ft = torch.randn(shape, generator=gen).mul_(spec.std * noise).add_(base)
-            f.write(as_bytes(ft.to(torch.bfloat16)))
-
-
-def write_family(out: Path, preset: Preset, seed: int, noise: float) -> None:
-    specs = tensor_specs(preset)
-    shards = split_shards(specs, preset.shard_bytes)
+    shards = split_shards(specs, shard_bytes)
     names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-    dirs = [out / m for m in MODELS]
+    index = {
+        "metadata": {"total_size": sum(s.nbytes for s in specs)},
+        "weight_map": {s.name: names[k] for k, shard in enumerate(shards) for s in shard},
+    }
     for d in dirs:
-        d.mkdir(parents=True)
-        (d / "config.json").write_text(json.dumps(llama_config(preset), indent=2) + "\n")
-        index = {
-            "metadata": {"total_size": sum(s.nbytes for s in specs)},
-            "weight_map": {s.name: names[k] for k, shard in enumerate(shards) for s in shard},
-        }
+        d.mkdir(parents=True, exist_ok=True)
         (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        for fname, content in tokenizer_files().items():
-            (d / fname).write_text(json.dumps(content, indent=2) + "\n")
-    order = {s.name: i for i, s in enumerate(specs)}
+    position = {s.name: i for i, s in enumerate(specs)}
     for shard, fname in zip(shards, names, strict=True):
-        header = safetensors_header(shard)
+        layout = layout_shard(fname, [(s.name, SAFETENSORS_CODE[s.dtype], s.shape) for s in shard])
         files = [open(d / fname, "wb", buffering=8 * 1024 * 1024) for d in dirs]  # noqa: SIM115 - closed below
         try:
             for f in files:
-                f.write(header)
-            for spec in shard:
-                write_tensor(spec, order[spec.name], seed, noise, files)
+                f.write(layout.header)
+                if fill is None:
+                    f.truncate(layout.size)  # a hole: the tensors' bytes read as zeros
+            if fill is not None:
+                for spec in shard:
+                    fill(spec, position[spec.name], files)
         finally:
             for f in files:
                 f.close()
         print(f"  {fname}: {len(shard)} tensors, {sum(s.nbytes for s in shard) / 1e9:.2f} GB per model", flush=True)
 
 
+def as_bytes(t: torch.Tensor) -> memoryview:
+    import torch
+
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def write_tensor(family: Family, spec: TensorSpec, position: int, files: list[IO[bytes]]) -> None:
+    """Write ``spec``'s bytes for base, ft1, ... (the order of ``files``)."""
+    # Imported here so that the harnesses can import this module without torch: a process that has
+    # touched hundreds of MB passes that high-water mark on to every child's ru_maxrss (Linux keeps it
+    # across fork+exec), which would inflate the measured peaks.
+    import torch
+
+    dtype = getattr(torch, family.dtype)
+    # One generator per (tensor, stream): a tensor's values do not depend on the shard layout.
+    streams = [0, *range(1, family.fine_tunes + 1)] + ([SHARED_STREAM] if family.rho else [])
+    gens = [torch.Generator().manual_seed(family.seed * 1_000_003 + position * 8 + m) for m in streams]
+    scale = spec.std * family.noise  # the delta is relative to the weight scale, like a real fine-tune's update
+    for shape in row_blocks(spec):
+        base = torch.randn(shape, generator=gens[0]).mul_(spec.std).add_(spec.mean)
+        files[0].write(as_bytes(base.to(dtype)))
+        shared = torch.randn(shape, generator=gens[-1]).mul_(math.sqrt(family.rho)) if family.rho else None
+        for gen, f in zip(gens[1 : family.fine_tunes + 1], files[1:], strict=True):
+            own = torch.randn(shape, generator=gen)
+            if shared is not None:
+                own.mul_(math.sqrt(1 - family.rho)).add_(shared)
+            f.write(as_bytes(own.mul_(scale).add_(base).to(dtype)))
+
+
+def write_family(out: Path, family: Family) -> None:
+    dirs = [out / m for m in family.models]
+    for d in dirs:
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps(llama_config(family.sizes, family.dtype), indent=2) + "\n")
+        for fname, content in tokenizer_files().items():
+            (d / fname).write_text(json.dumps(content, indent=2) + "\n")
+    write_checkpoints(dirs, family.specs(), family.sizes.shard_bytes, functools.partial(write_tensor, family))
+
+
 def family_dir(preset: str) -> Path:
     return WORK / preset
 
 
-def wanted_marker(preset: str, seed: int, noise: float) -> dict[str, object]:
-    return {"format": FORMAT_VERSION, "preset": preset, **asdict(PRESETS[preset]), "seed": seed, "noise": noise}
+def marker(family: Family) -> dict[str, object]:
+    return {"format": FORMAT_VERSION, **asdict(family)}
 
 
-def is_current(preset: str, seed: int = 0, noise: float = 0.05) -> bool:
-    marker = family_dir(preset) / MARKER
-    return marker.exists() and json.loads(marker.read_text()) == wanted_marker(preset, seed, noise)
+def is_current(out: Path, family: Family) -> bool:
+    path = out / MARKER
+    return path.exists() and json.loads(path.read_text()) == marker(family)
 
 
-def ensure_family(preset: str, seed: int = 0, noise: float = 0.05, force: bool = False) -> Path:
-    """Generate (or reuse) bench/.work/<preset>/{base,ft1,ft2}; returns bench/.work/<preset>."""
-    p = PRESETS[preset]
-    out = family_dir(preset)
-    marker = out / MARKER
-    if not force and is_current(preset, seed, noise):
-        print(f"reusing {out} (preset {preset}, seed {seed}, noise {noise})")
+def ensure_family(family: Family, out: Path, force: bool = False) -> Path:
+    """Generate (or reuse) ``out``/{base,ft1,...}; returns ``out``."""
+    if not force and is_current(out, family):
+        print(f"reusing {out}")
         return out
     if out.exists():
         shutil.rmtree(out)
-    specs = tensor_specs(p)
-    params = sum(s.numel for s in specs)
-    print(f"generating {out}: {params / 1e9:.3f}B params, {params * 2 / 1e9:.2f} GB per model, 3 models", flush=True)
+    specs = family.specs()
+    params, size = sum(s.numel for s in specs), sum(s.nbytes for s in specs)
+    print(f"generating {out}: {params / 1e6:.1f}M params, {size / 1e6:.0f} MB per model, {family.models}", flush=True)
     started = time.perf_counter()
-    write_family(out, p, seed, noise)
-    marker.write_text(json.dumps(wanted_marker(preset, seed, noise), indent=2) + "\n")
+    write_family(out, family)
+    (out / MARKER).write_text(json.dumps(marker(family), indent=2) + "\n")
     print(f"done in {time.perf_counter() - started:.1f} s")
     return out
+
+
+def preset_family(preset: str, seed: int = 0, noise: float | None = None) -> Family:
+    family = replace(PRESETS[preset], seed=seed)
+    return family if noise is None else replace(family, noise=noise)
+
+
+def ensure_in_child(preset: str, seed: int = 0) -> tuple[Path, Family]:
+    """A preset's family for a harness, generated (if not current) in a child process, because generating
+    here would raise this process's RSS high-water mark, which every later child inherits (procstats)."""
+    family, out = preset_family(preset, seed), family_dir(preset)
+    if not is_current(out, family):
+        subprocess.run([sys.executable, __file__, "--preset", preset, "--seed", str(seed)], check=True)
+    return out, family
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--noise", type=float, default=0.05, help="fine-tune delta std relative to the weights' std")
+    ap.add_argument("--noise", type=float, help="fine-tune delta std relative to the weights' std (default: preset's)")
     ap.add_argument("--force", action="store_true", help="regenerate even if a matching family exists")
     args = ap.parse_args(argv)
-    ensure_family(args.preset, args.seed, args.noise, args.force)
+    ensure_family(preset_family(args.preset, args.seed, args.noise), family_dir(args.preset), args.force)
     return 0
 
 

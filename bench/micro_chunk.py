@@ -17,15 +17,10 @@ import sys
 import time
 from collections.abc import Callable
 
+import harness
 import torch
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _count(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper()
-    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
 
 
 def current(b: torch.Tensor, m0: torch.Tensor, m1: torch.Tensor) -> torch.Tensor:
@@ -72,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (merge's chunk workers use 1)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    n = _count(args.elements)
+    n = harness.count(args.elements)
     gen = torch.Generator().manual_seed(0)
     base = (torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16)
     inputs = [base, *((base.float() + torch.randn(n, generator=gen) * 0.001).to(torch.bfloat16) for _ in range(2))]
-    chunks = [_count(c) for c in args.chunks.split(",")]
+    chunks = [harness.count(c) for c in args.chunks.split(",")]
     print(
         f"{n / 1e6:.0f}M elements per model, torch threads {args.threads}, best of {args.repeats} interleaved "
         "rounds; ns per element:"

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mergekitlite import working_space
 from mergekitlite.methods import REGISTRY, ChunkInfo, MethodSpec
 from mergekitlite.methods.apply import compute_stats, row_chunks
 
@@ -32,18 +33,7 @@ DEFAULT_METHODS = (
     "slerp,nuslerp,multislerp,karcher,model_stock"
 )
 # Parameters that make each method do its usual work (recipe names); per-model ones are repeated.
-PER_MODEL = {"weight": 0.5, "density": 0.5, "gamma": 0.01, "epsilon": 0.1}
-GLOBAL = {"t": 0.3, "select_topk": 0.5}
-
-
-def params_for(spec: MethodSpec, n: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for p in spec.params:
-        if p.per_model:
-            out[p.name] = (PER_MODEL.get(p.name, 1.0 if p.required else p.default),) * n
-        else:
-            out[p.name] = GLOBAL.get(p.name, 0.5 if p.required else p.default)
-    return out
+PARAMS = {"weight": 0.5, "density": 0.5, "gamma": 0.01, "epsilon": 0.1, "t": 0.3, "select_topk": 0.5}
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -69,7 +59,7 @@ def run_method(
     n_models = spec.max_models if spec.max_models is not None and spec.max_models < len(models) else len(models)
     ms = models[:n_models]
     b = base if spec.base != "unused" else None
-    params = params_for(spec, n_models)
+    params = working_space.params(spec, n_models, PARAMS)
     shape = tuple(base.shape)
     chunks = list(row_chunks(shape, chunk_rows, seed=1234))
 

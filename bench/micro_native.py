@@ -15,18 +15,13 @@ import argparse
 import statistics
 import time
 
+import harness
 import torch
 
 from mergekitlite.execute import ChunkBuffers, merge_chunk, native_form
 from mergekitlite.io.safetensors_header import TensorInfo
 from mergekitlite.methods import ChunkInfo, native
 from mergekitlite.taskgraph import InputRef, TensorTask
-
-
-def _count(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20}
-    text = text.strip().upper()
-    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
 
 
 def main() -> None:
@@ -39,7 +34,7 @@ def main() -> None:
     if not native.available():
         raise SystemExit("the native kernel is not built (pip install -e . with a C compiler)")
     torch.set_num_threads(1)
-    n = _count(args.elements)
+    n = harness.count(args.elements)
     cols = 4096
     rows = max(1, n // cols)
     shape = (rows, cols)

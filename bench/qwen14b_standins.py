@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import struct
 from pathlib import Path
+
+from make_family import TensorSpec, write_checkpoints
 
 HIDDEN = 5120
 LAYERS = 40
@@ -41,36 +41,22 @@ CHATML = (
 )
 
 
-def tensors() -> list[tuple[str, list[int]]]:
-    out: list[tuple[str, list[int]]] = [("transformer.wte.weight", [VOCAB, HIDDEN])]
+def tensors() -> list[TensorSpec]:
+    out = [("transformer.wte.weight", (VOCAB, HIDDEN))]
     for i in range(LAYERS):
         p = f"transformer.h.{i}."
         out += [
-            (p + "ln_1.weight", [HIDDEN]),
-            (p + "attn.c_attn.weight", [3 * HIDDEN, HIDDEN]),
-            (p + "attn.c_attn.bias", [3 * HIDDEN]),
-            (p + "attn.c_proj.weight", [HIDDEN, HIDDEN]),
-            (p + "ln_2.weight", [HIDDEN]),
-            (p + "mlp.w1.weight", [FFN, HIDDEN]),
-            (p + "mlp.w2.weight", [FFN, HIDDEN]),
-            (p + "mlp.c_proj.weight", [HIDDEN, FFN]),
+            (p + "ln_1.weight", (HIDDEN,)),
+            (p + "attn.c_attn.weight", (3 * HIDDEN, HIDDEN)),
+            (p + "attn.c_attn.bias", (3 * HIDDEN,)),
+            (p + "attn.c_proj.weight", (HIDDEN, HIDDEN)),
+            (p + "ln_2.weight", (HIDDEN,)),
+            (p + "mlp.w1.weight", (FFN, HIDDEN)),
+            (p + "mlp.w2.weight", (FFN, HIDDEN)),
+            (p + "mlp.c_proj.weight", (HIDDEN, FFN)),
         ]
-    out += [("transformer.ln_f.weight", [HIDDEN]), ("lm_head.weight", [VOCAB, HIDDEN])]
-    return out
-
-
-def write_sparse_shard(path: Path, entries: list[tuple[str, list[int]]]) -> None:
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    pos = 0
-    for name, shape in entries:
-        n = math.prod(shape) * 2
-        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [pos, pos + n]}
-        pos += n
-    body = json.dumps(header, separators=(",", ":")).encode()
-    body += b" " * (-(8 + len(body)) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(body)) + body)
-        f.truncate(8 + len(body) + pos)  # the data is a hole: no blocks, reads give zeros
+    out += [("transformer.ln_f.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
+    return [TensorSpec(name, shape, std=0.0) for name, shape in out]
 
 
 def config() -> dict[str, object]:
@@ -100,21 +86,7 @@ def write_model(root: Path, repo: str, chat: bool) -> Path:
     snap.mkdir(parents=True, exist_ok=True)
     (folder / "refs").mkdir(exist_ok=True)
     (folder / "refs" / "main").write_text(COMMIT)
-    shards: list[list[tuple[str, list[int]]]] = [[]]
-    size = 0
-    for name, shape in tensors():
-        n = math.prod(shape) * 2
-        if shards[-1] and size + n > SHARD:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shape))
-        size += n
-    weight_map = {}
-    for i, entries in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_sparse_shard(snap / fname, entries)
-        weight_map.update({name: fname for name, _ in entries})
-    (snap / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_checkpoints([snap], tensors(), SHARD, fill=None)  # sparse: the data is a hole
     (snap / "config.json").write_text(json.dumps(config(), indent=2))
     for code in ("configuration_qwen.py", "modeling_qwen.py", "tokenization_qwen.py"):
         (snap / code).write_text(f"# stand-in for Qwen's {code}: copied by the merge, never executed\n")

@@ -1,36 +1,30 @@
 """Print every method's measured working space next to its declaration (MethodSpec.temporaries).
 
-The measurement is tests/test_working_set.py's: heap bytes in use (glibc mallinfo2) sampled after
-every torch operation of one chunk's statistic passes and merge, at two chunk sizes; the growth per
-element, in chunk-sized float32 arrays. The test asserts measured ≤ declared; this prints the table.
+The measurement is mergekitlite.working_space's (also asserted by tests/test_working_set.py): heap bytes
+in use (glibc mallinfo2) sampled after every torch operation of one chunk's statistic passes and merge,
+at two chunk sizes; the growth per element, in chunk-sized float32 arrays.
 
     python bench/working_set.py
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-import test_working_set as ws
-
+from mergekitlite import working_space
 from mergekitlite.methods import get_method
 
 
 def main() -> None:
+    if not working_space.available():
+        raise SystemExit("needs glibc's mallinfo2 to count heap bytes")
     torch.set_num_threads(1)
-    ws._peak_arrays(get_method("ties"), 2, ws.ROWS[0])  # warm-up, as the test's fixture
-    array_bytes = (ws.ROWS[1] - ws.ROWS[0]) * ws.COLS * 4
+    working_space.warm_up()
     print("| method | models | statistic pass | merge + bf16 cast | declared |")
     print("|---|---:|---:|---:|---:|")
-    for name, n in ws._cases():
+    for name, n in working_space.cases():
         spec = get_method(name)
-        small, large = (ws._peak_arrays(spec, n, rows) for rows in ws.ROWS)
-        stats, merge = ((hi - lo) / array_bytes for lo, hi in zip(small, large))
+        stats, merge = working_space.arrays(spec, n)
         print(f"| {name} | {n} | {stats:.2f} | {merge:.2f} | {spec.temporaries(n)} |")
 
 
