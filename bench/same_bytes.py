@@ -103,14 +103,15 @@ tokenizer_source: {chat}
 
 def prepare() -> None:
     sys.path.insert(0, str(BENCH))
+    import make_family
     import parity
-    import parity_family
+    import procstats
 
-    family = parity_family.ensure_family("small")
+    family, spec = make_family.ensure_in_child("parity-small")
     RECIPES.mkdir(parents=True, exist_ok=True)
-    layers = parity_family.PRESETS["small"].layers
+    layers = spec.sizes.layers
     for case in parity.cases(family, layers):
-        (RECIPES / f"parity-{parity.slug(case.name)}.yaml").write_text(yaml.safe_dump(case.recipe, sort_keys=False))
+        (RECIPES / f"parity-{procstats.slug(case.name)}.yaml").write_text(yaml.safe_dump(case.recipe, sort_keys=False))
     for name, text in _demo_recipes().items():
         (RECIPES / f"{name}.yaml").write_text(text.lstrip())
     for shipped in ("demo.yaml", "demo-eos-broken.yaml"):
