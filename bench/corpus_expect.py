@@ -30,6 +30,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "corpus")
 
 import standins
 
+# mergekit 0.1.5 asks the hub API for a repository's file list before it reads a hub model, even when the
+# model is in the cache (mergekit/common.py, ModelReference.local_path); offline that call raises. This
+# file, put on mergekit's PYTHONPATH only, answers that one call from the cache, so that mergekit is
+# judged on the config and not on being offline. Nothing else in mergekit changes.
+_SITECUSTOMIZE = """
+import os
+import huggingface_hub
+
+_list_repo_files = huggingface_hub.list_repo_files
+
+
+def list_repo_files(repo_id, *args, revision=None, **kwargs):
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        path = huggingface_hub.snapshot_download(repo_id, revision=revision, local_files_only=True)
+        return sorted(os.listdir(path))
+    return _list_repo_files(repo_id, *args, revision=revision, **kwargs)
+
+
+huggingface_hub.list_repo_files = list_repo_files
+"""
+
 _EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit)|[\w.]+Error)\b.*")
 
 
@@ -68,6 +89,7 @@ def run_one(config: Path, bin_dir: Path, builder: standins.StandIns, scratch: Pa
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "PYTHONPATH": str(scratch / "shim"),
         }
     )
     # The LoRA cache is a command-line option, not part of the config: given, so that `model+lora`
@@ -137,6 +159,8 @@ def main() -> int:
         for c in configs:  # stand-ins first, in this thread: the builder is not thread-safe
             builder.lay_out(c, Path(tmp) / "warm" / c.stem / "hub", Path(tmp) / "warm" / c.stem / "cwd")
         shutil.rmtree(Path(tmp) / "warm")
+        (Path(tmp) / "runs" / "shim").mkdir(parents=True)
+        (Path(tmp) / "runs" / "shim" / "sitecustomize.py").write_text(_SITECUSTOMIZE, encoding="utf-8")
 
         def one(c: Path) -> dict:
             r = run_one(c, args.mergekit_bin, builder, Path(tmp) / "runs")
@@ -148,7 +172,8 @@ def main() -> int:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for r in pool.map(one, configs):
                 results[r["slug"]] = r
-    write_sources(results, version)
+    if not args.slugs:
+        write_sources(results, version)
     return 0
 
 

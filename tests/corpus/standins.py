@@ -212,7 +212,9 @@ def build_template(folder: Path, arch: str, layers: int, vocab: int) -> Path:
     """A checkpoint of ``arch`` as transformers writes it (tensor names, shapes, config.json); its
     values are not used."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(_hf_config(arch, layers, vocab)).to(torch.bfloat16).save_pretrained(str(folder))
     return folder
