@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "corpus")
 import standins
 
 # mergekit 0.1.5 asks the hub API for a repository's file list before it reads a hub model, even when the
-# model is in the cache (mergekit/common.py, ModelReference.local_path); offline that call raises. This
-# file, put on mergekit's PYTHONPATH only, answers that one call from the cache, so that mergekit is
-# judged on the config and not on being offline. Nothing else in mergekit changes.
+# model is in the cache (mergekit/common.py, ModelReference.local_path), and asks whether a local folder
+# is also a hub repository when it writes the model card (mergekit/card.py, is_hf); offline both calls
+# raise. This file, put on mergekit's PYTHONPATH only, answers those two calls from the cache, so that
+# mergekit is judged on the config and not on being offline. Nothing else in mergekit changes.
 _SITECUSTOMIZE = """
 import os
 import huggingface_hub
@@ -48,7 +49,19 @@ def list_repo_files(repo_id, *args, revision=None, **kwargs):
     return _list_repo_files(repo_id, *args, revision=revision, **kwargs)
 
 
+def repo_exists(repo_id, *args, **kwargs):
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        try:
+            huggingface_hub.snapshot_download(repo_id, local_files_only=True)
+        except Exception:
+            return False
+        return True
+    return _repo_exists(repo_id, *args, **kwargs)
+
+
+_repo_exists = huggingface_hub.repo_exists
 huggingface_hub.list_repo_files = list_repo_files
+huggingface_hub.repo_exists = repo_exists
 """
 
 _EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit)|[\w.]+Error)\b.*")
