@@ -18,6 +18,7 @@ import os
 import sys
 import traceback
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -70,9 +71,6 @@ def _allowed_dtype(config: Path, ours: str, theirs: str) -> bool:
     return last.get("merge_method") in FLOAT32_OUTPUT_METHODS and theirs == "F32" and ours == asked
 
 
-_OUTCOMES: dict[str, dict] = {}
-
-
 def _expected(slug: str) -> dict:
     return json.loads((standins.EXPECTED / f"{slug}.json").read_text(encoding="utf-8"))
 
@@ -117,7 +115,7 @@ def _run_ours(config: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> tu
 
 
 @pytest.mark.parametrize("config", _cases())
-def test_config_runs_as_in_mergekit(config, builder, offline_hub, tmp_path, monkeypatch, capsys):
+def test_config_runs_as_in_mergekit(config, builder, outcomes, offline_hub, tmp_path, monkeypatch, capsys):
     slug = config.stem
     expected = _expected(slug)
     work = tmp_path / "cwd"
@@ -133,7 +131,7 @@ def test_config_runs_as_in_mergekit(config, builder, offline_hub, tmp_path, monk
     out = tmp_path / (last_name or "out")
     code, err = _run_ours(config, out, capsys)
     message = " ".join(err.split())
-    _OUTCOMES[slug] = {"mergekit": expected["accepted"], "code": code, "message": message[:300]}
+    outcomes[slug] = {"mergekit": expected["accepted"], "code": code, "message": message[:300]}
 
     if not expected["accepted"]:
         assert code == 2, f"{slug}: mergekit refuses ({expected['error']}); we exit {code}: {message[:500]}"
@@ -171,12 +169,13 @@ def test_every_config_has_an_expectation_and_an_architecture():
     assert set(KNOWN_GAPS) <= slugs
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _report():
-    yield
-    if os.environ.get("MERGEKITLITE_CORPUS_REPORT") != "1" or not _OUTCOMES:
-        return
-    write_report(_OUTCOMES)
+@pytest.fixture(scope="session")
+def outcomes() -> Iterator[dict[str, dict]]:
+    """What each case did (for the tally); with MERGEKITLITE_CORPUS_REPORT=1, REPORT.md is rewritten from it."""
+    collected: dict[str, dict] = {}
+    yield collected
+    if os.environ.get("MERGEKITLITE_CORPUS_REPORT") == "1" and collected:
+        write_report(collected)
 
 
 def write_report(outcomes: dict[str, dict]) -> None:
