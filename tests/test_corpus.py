@@ -34,7 +34,6 @@ _TOKENIZER_FILES = (
     "tokenizer files: mergekit re-saves the tokenizer through transformers (chat template in chat_template.jinja);"
     " we copy tokenizer_config.json with the template inside (issue 10.x)"
 )
-_UNION = "union tokenizers: tokenizer_source / tokenizer.source 'union' (issue 10.x)"
 _MOE = (
     "Mixtral experts: mergekit 0.1.5 writes transformers 5's fused mlp.experts.gate_up_proj/down_proj;"
     " we keep the inputs' block_sparse_moe.experts.N.w1/w2/w3 (issue 10.x)"
@@ -42,18 +41,9 @@ _MOE = (
 KNOWN_GAPS: dict[str, str] = {
     "absa-es-pt-gl-dare-ties-1-0846": _TOKENIZER_FILES,
     "absa-t-05-with-tokenizer": _TOKENIZER_FILES,
-    "card-etheria-55b-v0-1": _UNION,
-    "issue-479-breadcrumbs-ties-union": _UNION,
     "card-mixtral-8x7b-instruct-v0-1-limarp-zloss-dare-ties": _MOE,
     "card-open-gpt4-8x7b-v0-2": _MOE,
     "issue-124-lora-linear-stablelm": "LoRA inputs: 'model+lora' references (issue 10.x)",
-    "card-l3-umbral-mind-rp-v3-0-8b-11": "slerp's embed_slerp parameter: we reject it as unknown (issue 10.x)",
-    "card-neural-chat-7b-v3-3-wizardmath-dare-me": (
-        "duplicate top-level keys: mergekit (PyYAML) takes the later value, we refuse the file (issue 10.x)"
-    ),
-    "issue-470-della-linear-adapters": (
-        "della's density ± epsilon check raises ValueError (exit 1) instead of a user error (exit 2) (issue 10.x)"
-    ),
 }
 
 # Methods whose output mergekit 0.1.5 writes in float32 whatever the config's ``dtype`` says; we write the
