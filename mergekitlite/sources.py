@@ -17,6 +17,7 @@ from typing import Any
 from mergekitlite.errors import CheckpointError, ModelNotFoundError
 from mergekitlite.io.safetensors_header import TensorInfo, read_header
 from mergekitlite.io.torch_pickle import read_bin_index
+from mergekitlite.lora.reference import adapter_parts
 from mergekitlite.roles import split_layer
 
 # Files a merge needs besides weights; everything else in a hub repo is not downloaded.
@@ -249,6 +250,11 @@ def open_sources(
     problems: list[str] = []
     for ref in refs:
         try:
+            if adapter_parts(ref, base_dir) is not None:  # model+adapter: the adapter applied on read (lora/)
+                from mergekitlite.lora.source import open_adapted
+
+                sources[ref] = open_adapted(ref, base_dir, aliases)
+                continue
             if aliases and ref in aliases:
                 if not aliases[ref].is_dir():
                     raise ModelNotFoundError(f"model {ref!r}: the result of step {ref!r} is not there ({aliases[ref]})")
@@ -256,6 +262,6 @@ def open_sources(
             else:
                 path, hub = resolve_model_path(ref, base_dir)
             sources[ref] = index_model(ref, path, hub)
-        except (ModelNotFoundError, CheckpointError) as exc:
+        except (ModelNotFoundError, CheckpointError, ValueError) as exc:
             problems.append(str(exc))
     return sources, problems
