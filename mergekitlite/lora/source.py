@@ -70,6 +70,8 @@ def bind(model: ModelSource, adapter: Adapter) -> dict[str, TensorInfo]:
         shown = problems[:MAX_LISTED] + ([f"... and {more} more"] if more > 0 else [])
         where = f"adapter {adapter.ref!r} does not fit model {model.ref!r}"
         raise CheckpointError("\n".join(f"{where}: {p}" for p in shown))
+    for name, found in factors.items():  # the weight's own module first (peft: the embedding before a tied head)
+        found.sort(key=lambda f: f.module + ".weight" != name)
     out: dict[str, TensorInfo] = {}
     for name, info in model.tensors.items():
         if name in saved:
