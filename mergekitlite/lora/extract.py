@@ -274,7 +274,9 @@ def decompose(
     """(B [m, k], A [k, n], k, share of Σσ² kept) for the m×n ``delta``, cast to ``out_dtype`` (on the host)."""
     u, s, vh = torch.linalg.svd(delta.to(device), full_matrices=False)
     s2 = s.to(torch.float64) ** 2
-    k = min(cap, int((s > 0).sum()))
+    # Singular values at float32 rounding level (numpy's matrix_rank tolerance) are noise, not rank.
+    noise = float(s[0]) * max(delta.shape) * torch.finfo(torch.float32).eps if len(s) else 0.0
+    k = min(cap, int((s > noise).sum()))
     if energy is not None:
         k = min(k, max(1, _energy_rank(s2, energy)))
     kept = float(s2[:k].sum() / s2.sum()) if float(s2.sum()) else 1.0
@@ -310,13 +312,13 @@ class AdapterWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         t = tensor.contiguous()
-        self.data.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+        self.data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         self.entries.append((name, CODE_BY_TORCH[t.dtype], tuple(t.shape)))
 
     def add_rows(self, name: str, code: str, shape: tuple[int, ...], blocks: Iterable[torch.Tensor]) -> None:
         """A tensor written block by block: ``blocks`` are its row blocks in ``code``'s dtype."""
         for block in blocks:
-            self.data.write(memoryview(block.contiguous().view(torch.uint8).reshape(-1).numpy()))
+            self.data.write(memoryview(block.contiguous().reshape(-1).view(torch.uint8).numpy()))
         self.entries.append((name, code, shape))
 
     def finish(self) -> None:
