@@ -262,6 +262,6 @@ def open_sources(
             else:
                 path, hub = resolve_model_path(ref, base_dir)
             sources[ref] = index_model(ref, path, hub)
-        except (ModelNotFoundError, CheckpointError, ValueError) as exc:
+        except (ModelNotFoundError, CheckpointError) as exc:
             problems.append(str(exc))
     return sources, problems

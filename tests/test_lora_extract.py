@@ -218,6 +218,13 @@ def test_extraction_refusals(tmp_path, family, capsys):
     assert code == 2
     assert "model.layers.0.mlp.gate_proj.weight [32, 16]: its SVD needs ~" in text and "raise --max-ram" in text
     assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
+    code, text = extract(capsys, Path(f"{family['ft']}+x+y"), family["base"], tmp_path / "a", "--rank", "4")
+    assert code == 2 and "expected 'model+adapter'" in text
+    (tmp_path / "c.partial").mkdir()
+    (tmp_path / "c.partial" / "notes.txt").write_text("mine")
+    code, text = extract(capsys, family["ft"], family["base"], tmp_path / "c", "--rank", "4")
+    assert code == 2 and "c.partial exists and is not an unfinished adapter" in text
+    assert (tmp_path / "c.partial" / "notes.txt").read_text() == "mine"
     (tmp_path / "exists").mkdir()
     code, text = extract(capsys, family["ft"], family["base"], tmp_path / "exists", "--rank", "4")
     assert code == 2 and "already exists; pass --overwrite" in text

@@ -40,6 +40,7 @@ from mergekitlite.io.safetensors_header import (
 )
 from mergekitlite.lora.adapter import PREFIX
 from mergekitlite.lora.config import CONFIG_NAME
+from mergekitlite.lora.reference import adapter_parts
 from mergekitlite.lora.rows import read_rows
 from mergekitlite.lora.source import CONV1D_MODEL_TYPES
 from mergekitlite.lora.tensor import model_dtype
@@ -393,6 +394,11 @@ def extract_lora(
     if opts.rank is None and opts.energy is None and not opts.module_ranks:
         raise PlanError(["give --rank R (the largest rank) or --energy F (the share of Σσ² to keep), or both"])
     device = resolve_device(opts.device)
+    for ref in (finetuned, base):
+        try:
+            adapter_parts(ref, Path.cwd())
+        except ValueError as exc:
+            raise PlanError([str(exc)]) from None
     sources, problems = open_sources([finetuned, base], Path.cwd())
     if problems:
         raise PlanError(problems)
@@ -402,7 +408,10 @@ def extract_lora(
     peak = check_memory(items, Budget(ram=opts.max_ram, on_gpu=device.type != "cpu"))
     report = Report(finetuned, base, peak_estimate=peak)
     partial = partial_path(out)
-    if partial.exists():
+    if partial.exists():  # an interrupted extraction's: only our own files may be removed
+        ours = {WEIGHTS, WEIGHTS + ".data", CONFIG_NAME, REPORT, "README.md"}
+        if not partial.is_dir() or any(p.name not in ours for p in partial.iterdir()):
+            raise OutputError(f"{partial} exists and is not an unfinished adapter; move it away")
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     writer = AdapterWriter(partial)
