@@ -419,3 +419,31 @@ def test_a_missing_adapter_or_a_model_after_the_plus_is_explained(tmp_path, llam
     assert f"adapter '{tmp_path / 'nope'}': no such folder" in capsys.readouterr().err
     assert merge(tmp_path, passthrough(f"{llama}+{llama}"), "o2")[0] == 2
     assert "no adapter_config.json (it looks like a full model" in capsys.readouterr().err
+
+
+def test_reading_a_chunk_uses_no_more_than_the_planner_counts(tmp_path, llama, adapter):
+    """The buffers lora.rows asks for while producing a chunk, against AdaptedTensor's declared working space."""
+    from mergekitlite.io.files import InputFiles
+    from mergekitlite.lora.rows import read_rows
+    from mergekitlite.lora.source import open_adapted
+
+    path, _ = adapter
+    src = open_adapted(f"{llama}+{path}", None)
+
+    class Recording:
+        def __init__(self) -> None:
+            self.bytes: dict[str, int] = {}
+
+        def get(self, slot, index, numel, dtype, device):
+            size = numel * torch.empty(0, dtype=dtype).element_size()
+            self.bytes[slot] = max(self.bytes.get(slot, 0), size)
+            return torch.empty(numel, dtype=dtype)
+
+    for name in (L0 + "mlp.down_proj.weight", L0 + "self_attn.q_proj.weight"):
+        info = src.tensors[name]
+        rows = 5
+        bufs = Recording()
+        dst = torch.empty(rows * info.row_bytes, dtype=torch.uint8)
+        with InputFiles() as files:
+            read_rows(files, info, 3, rows, memoryview(dst.numpy()), bufs)
+        assert sum(bufs.bytes.values()) <= info.extra_row_bytes() * rows + info.fixed_bytes(), (name, bufs.bytes)
