@@ -61,10 +61,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergekitlite"
 
 
-def files_to_hash(src: ModelSource) -> list[Path]:
+def files_to_hash(src: ModelSource) -> dict[str, Path]:
+    """Label (the path in the model's folder; ``+adapter/NAME`` for a model+adapter's adapter files) → file."""
     files = set(src.weight_files)
     files.update(p for p in src.side_files() if p.suffix in _HASHED_SUFFIXES)
-    return sorted(files)
+    out = {str(p.relative_to(src.path)): p for p in sorted(files)}
+    adapter = getattr(src, "adapter", None)
+    out.update({f"+adapter/{p.name}": p for p in (adapter.files if adapter is not None else [])})
+    return out
 
 
 def sha256_file(path: Path, cache: dict[str, str] | None = None) -> str:
@@ -120,11 +124,11 @@ class InputHasher:
             cache = self._read_cache()
             weights: dict[str, tuple[str, str]] = {}
             for ref, src in self.sources.items():
-                files = set(src.weight_files)
+                files = set(src.input_files())
                 digests = self.result[ref] = {}
-                for p in files_to_hash(src):
+                for label, p in files_to_hash(src).items():
                     ident, digest = hash_file(p, cache)
-                    digests[str(p.relative_to(src.path))] = digest
+                    digests[label] = digest
                     if p in files and ident is not None:
                         weights[str(p)] = (ident, digest)
             if self.on_weights is not None:
@@ -327,6 +331,7 @@ def provenance(plan: Plan, hashes: Mapping[str, Mapping[str, str]]) -> dict[str,
         "tokenizer_donor": plan.tokenizer_donor,
         "inputs": {
             ref: {"path": str(src.path), "from_hub": src.from_hub, "files": dict(hashes.get(ref, {}))}
+            | ({"adapter": str(adapter.path)} if (adapter := getattr(src, "adapter", None)) is not None else {})
             for ref, src in plan.sources.items()
         },
     }

@@ -98,10 +98,12 @@ class RowCost:
     work: int  # compute-dtype copies of the inputs and two temporaries
     out: int  # output bytes
     on_gpu: bool
+    produced: int = 0  # host working bytes of inputs produced on read (LoRA: lora/rows.py), per row
+    fixed: int = 0  # host bytes per chunk whatever its rows (LoRA: the factor every row needs whole)
 
     @property
     def host(self) -> int:
-        return self.raw + self.out if self.on_gpu else self.raw + self.work + self.out
+        return self.produced + (self.raw + self.out if self.on_gpu else self.raw + self.work + self.out)
 
     @property
     def device(self) -> int:
@@ -115,11 +117,13 @@ def row_cost(
     compute_bytes: int,
     on_gpu: bool,
     temporaries: int = 2,
+    produced: int = 0,
+    fixed: int = 0,
 ) -> RowCost:
     """``temporaries``: compute-dtype arrays of the chunk's size the method holds besides its inputs
-    (a method's declared working space, see MethodSpec.temporaries)."""
+    (a method's declared working space, see MethodSpec.temporaries); ``produced``, ``fixed``: see RowCost."""
     work = row_elements * compute_bytes * (len(input_row_bytes) + temporaries)
-    return RowCost(sum(input_row_bytes), work, out_row_bytes, on_gpu)
+    return RowCost(sum(input_row_bytes), work, out_row_bytes, on_gpu, produced, fixed)
 
 
 def rows_per_chunk(
@@ -141,12 +145,12 @@ def rows_per_chunk(
                 "before any tensor is loaded"
             ]
         )
-    host_cap = budget.chunk_ram() // (budget.inflight * max(cost.host, 1))
+    host_cap = (budget.chunk_ram() - budget.inflight * cost.fixed) // (budget.inflight * max(cost.host, 1))
     vram = budget.chunk_vram()
     dev_cap = vram // (budget.workers * max(cost.device, 1)) if (vram is not None and cost.device) else max(rows, 1)
     fit = min(host_cap, dev_cap)
     if fit < 1:
-        need = budget.inflight * cost.host + BASELINE_RSS
+        need = budget.inflight * (cost.host + cost.fixed) + BASELINE_RSS
         raise PlanError(
             [
                 f"cannot fit {name!r} in the memory budget: one row needs {need / 1e6:.1f} MB of RAM "

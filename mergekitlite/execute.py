@@ -29,6 +29,7 @@ from mergekitlite.errors import MergekitliteError, MethodInputError, OutputError
 from mergekitlite.gather import gather_rows
 from mergekitlite.io.files import InputFiles, ShardFile
 from mergekitlite.io.safetensors_header import CODE_BY_NAME, itemsize, torch_dtype
+from mergekitlite.lora.rows import read_rows
 from mergekitlite.methods import ChunkInfo, get_method, native
 from mergekitlite.methods.apply import compute_stats
 from mergekitlite.methods.linear_form import LinearForm
@@ -158,8 +159,8 @@ def _read_rows(
             raw = bufs.get("raw", i, n, torch.uint8, torch.device("cpu"))
         if n and ref.rows is not None:
             gather_rows(files, ref.rows, first_row, rows, _bytes_view(raw))
-        elif n:
-            files.read_into(ref.tensor, first_row * rb, _bytes_view(raw))
+        elif n:  # as stored, or computed on read for a model+adapter input
+            read_rows(files, ref.tensor, first_row, rows, _bytes_view(raw), bufs)
         out.append(raw)
     return out
 

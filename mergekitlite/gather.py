@@ -10,6 +10,7 @@ import torch
 
 from mergekitlite.io.files import InputFiles
 from mergekitlite.io.safetensors_header import itemsize, torch_dtype
+from mergekitlite.lora.rows import read_rows
 from mergekitlite.rounding import narrow_once
 from mergekitlite.taskgraph import InputRef, RowSource
 
@@ -22,7 +23,7 @@ def _view(t: torch.Tensor) -> memoryview:
 
 
 def _read_plain(files: InputFiles, ref: InputRef, first: int, rows: int, dst: memoryview) -> None:
-    files.read_into(ref.tensor, first * ref.tensor.row_bytes, dst)
+    read_rows(files, ref.tensor, first, rows, dst)  # as stored, or computed for a model+adapter input
 
 
 def _row_values(files: InputFiles, ref: InputRef, row: int) -> torch.Tensor:

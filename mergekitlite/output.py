@@ -75,7 +75,7 @@ def _inside(child: Path, parent: Path) -> bool:
 
 def input_files(plan: Plan) -> list[Path]:
     """Every file a merge reads weights from."""
-    return sorted({f for src in plan.sources.values() for f in src.weight_files})
+    return sorted({f for src in plan.sources.values() for f in src.input_files()})
 
 
 def check_output_location(out: Path, plan: Plan, *, overwrite: bool) -> None:

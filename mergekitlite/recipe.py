@@ -37,6 +37,7 @@ from pydantic import (
 )
 
 from mergekitlite.errors import RecipeError, UnknownMethodError
+from mergekitlite.lora.reference import adapter_parts
 from mergekitlite.methods import REGISTRY, Param, Range
 from mergekitlite.tokens import builtin_chat_template, builtin_chat_templates
 from mergekitlite.yamlpos import PositionedYaml, YamlSyntaxError, load_positioned_all
@@ -124,15 +125,17 @@ Parameters = dict[str, ParameterSetting]
 def _check_model_ref(value: str) -> str:
     if not value.strip():
         raise ValueError("empty model reference")
-    if "+" in value and not Path(value).exists():
-        raise ValueError(
-            f"{value!r}: 'model+lora' references are not supported; merge the LoRA into its base "
-            "first (e.g. with peft's merge_and_unload) and reference that folder"
-        )
+    adapter_parts(value)  # model+adapter: one '+' between two names (raises ValueError otherwise)
     return value
 
 
-ModelName = Annotated[str, Field(description="Local folder or Hugging Face hub id (optionally id@revision).")]
+ModelName = Annotated[
+    str,
+    Field(
+        description="Local folder or Hugging Face hub id (optionally id@revision); `model+adapter` applies a PEFT "
+        "LoRA adapter (a folder or hub id) to the model while merging."
+    ),
+]
 
 
 class InputModel(Strict):

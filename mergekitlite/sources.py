@@ -19,6 +19,7 @@ from mergekitlite.errors import CheckpointError, ModelNotFoundError
 from mergekitlite.io.inputs import input_error, read_text_input
 from mergekitlite.io.safetensors_header import TensorInfo, read_header
 from mergekitlite.io.torch_pickle import read_bin_index
+from mergekitlite.lora.reference import adapter_parts
 from mergekitlite.roles import split_layer
 
 # Files a merge needs besides weights; everything else in a hub repo is not downloaded.
@@ -45,9 +46,9 @@ class ModelSource:
     from_hub: bool = False
     layer_counts: dict[str, int] = field(default_factory=dict)  # layer prefix → number of layers
 
-    @property
-    def label(self) -> str:
-        return self.ref
+    def input_files(self) -> list[Path]:
+        """Every file the merge reads weights from (an adapted model adds its adapter's)."""
+        return list(self.weight_files)
 
     def main_layer_prefix(self) -> str | None:
         """The prefix with the most layers (the decoder stack)."""
@@ -306,6 +307,11 @@ def open_sources(
     problems: list[str] = []
     for ref in refs:
         try:
+            if adapter_parts(ref, base_dir) is not None:  # model+adapter: the adapter applied on read (lora/)
+                from mergekitlite.lora.source import open_adapted
+
+                sources[ref] = open_adapted(ref, base_dir, aliases)
+                continue
             if aliases and ref in aliases:
                 if not aliases[ref].is_dir():
                     raise ModelNotFoundError(f"model {ref!r}: the result of step {ref!r} is not there ({aliases[ref]})")

@@ -13,6 +13,7 @@ from typing import Any
 
 from mergekitlite.budget import BASELINE_RSS, Budget, RowCost, row_cost
 from mergekitlite.io.safetensors_header import CODE_BY_NAME, ShardLayout, TensorInfo, itemsize
+from mergekitlite.lora.tensor import AdaptedTensor
 from mergekitlite.methods import get_method
 from mergekitlite.recipe import LoadedRecipe, Recipe
 from mergekitlite.sources import ModelSource
@@ -47,8 +48,19 @@ class InputRef:
 
     @property
     def files(self) -> tuple[InputRef, ...]:
-        """Every plain tensor this input reads from."""
-        return (self,) if self.rows is None else self.rows.refs
+        """Every plain tensor this input reads from (a LoRA'd tensor's model weight and factors too)."""
+        refs = (self,) if self.rows is None else self.rows.refs
+        return tuple(InputRef(r.model, part) for r in refs for part in _parts(r.tensor))
+
+    @property
+    def adapted(self) -> tuple[AdaptedTensor, ...]:
+        """The tensors among this input's whose rows are computed on read (model+adapter inputs)."""
+        refs = (self,) if self.rows is None else self.rows.refs
+        return tuple(r.tensor for r in refs if isinstance(r.tensor, AdaptedTensor) and r.tensor.computed)
+
+
+def _parts(info: TensorInfo) -> tuple[TensorInfo, ...]:
+    return info.parts() if isinstance(info, AdaptedTensor) else (info,)
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,7 @@ class TensorTask:
         return math.prod(self.shape[1:]) if self.shape else 1
 
     def row_cost(self, compute_dtype: str, on_gpu: bool) -> RowCost:
+        adapted = [t for i in self.inputs for t in i.adapted]
         return row_cost(
             [i.tensor.row_bytes for i in self.inputs],
             self.row_elements,
@@ -130,6 +143,8 @@ class TensorTask:
             itemsize(CODE_BY_NAME[compute_dtype]),
             on_gpu,
             get_method(self.method).temporaries(len(self.models)),
+            produced=sum(t.extra_row_bytes() for t in adapted),
+            fixed=sum(t.fixed_bytes() for t in adapted),
         )
 
 
@@ -165,7 +180,7 @@ class Plan:
         """(host bytes, device bytes) held while merging ``task`` (see budget.py)."""
         cost = task.row_cost(self.compute_dtype, self.budget.on_gpu)
         rows = task.chunk_rows
-        return self.budget.inflight * cost.host * rows, self.budget.workers * cost.device * rows
+        return self.budget.inflight * (cost.host * rows + cost.fixed), self.budget.workers * cost.device * rows
 
     def estimated_peak(self) -> int:
         """Estimated peak resident memory of the whole process: interpreter and torch plus the
@@ -198,6 +213,8 @@ class Plan:
             for ref in t.inputs:
                 if ref.rows is not None:
                     h.update(ref.rows.digest.encode())
+                for adapted in ref.adapted:
+                    h.update(adapted.identity().encode())
                 for i in ref.files:
                     h.update(f"{i.tensor.file}:{stats[i.tensor.file]}:{i.tensor.begin}".encode())
         for s in self.shards:

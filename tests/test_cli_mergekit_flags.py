@@ -118,7 +118,6 @@ def test_no_copy_tokenizer_writes_no_tokenizer_but_keeps_stop_ids(family, tmp_pa
     ("flag", "message"),
     [
         (["--transformers-cache", "/tmp/hf"], "--transformers-cache (a mergekit-yaml option): set HF_HUB_CACHE"),
-        (["--lora-merge-cache", "/tmp/l"], "LoRA inputs (model+adapter) are not supported"),
     ],
 )
 def test_mergekit_options_without_an_equivalent_are_refused(family, tmp_path, capsys, flag, message):

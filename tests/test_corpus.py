@@ -43,7 +43,6 @@ KNOWN_GAPS: dict[str, str] = {
     "absa-t-05-with-tokenizer": _TOKENIZER_FILES,
     "card-mixtral-8x7b-instruct-v0-1-limarp-zloss-dare-ties": _MOE,
     "card-open-gpt4-8x7b-v0-2": _MOE,
-    "issue-124-lora-linear-stablelm": "LoRA inputs: 'model+lora' references (issue 10.x)",
 }
 
 # Methods whose output mergekit 0.1.5 writes in float32 whatever the config's ``dtype`` says; we write the

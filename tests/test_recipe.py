@@ -264,9 +264,9 @@ def test_invalid_regex_filter():
     assert any("models[0].parameters.weight[0].filter: invalid regular expression" in p for p in ps), ps
 
 
-def test_lora_reference_is_explained():
-    ps = problems_of("merge_method: linear\nmodels:\n  - model: org/model+org/lora\n    parameters: {weight: 1}\n")
-    assert any("LoRA" in p for p in ps), ps
+def test_a_malformed_lora_reference_is_explained():
+    ps = problems_of("merge_method: linear\nmodels:\n  - model: org/model+a+b\n    parameters: {weight: 1}\n")
+    assert any("'org/model+a+b': expected 'model+adapter'" in p for p in ps), ps
 
 
 def test_rules_need_take_or_method():

@@ -17,6 +17,7 @@ from mergekitlite import __version__
 from mergekitlite.cli.cmd_diff import add_diff_arguments, cmd_diff
 from mergekitlite.cli.cmd_eval import add_eval_arguments, cmd_eval
 from mergekitlite.cli.cmd_inspect import add_inspect_arguments, cmd_inspect
+from mergekitlite.cli.cmd_lora import add_extract_lora_arguments, cmd_extract_lora
 from mergekitlite.cli.cmd_merge import add_merge_arguments, add_plan_arguments, cmd_merge, cmd_plan
 from mergekitlite.cli.cmd_recipes import (
     add_schema_arguments,
@@ -91,6 +92,13 @@ COMMANDS: tuple[tuple[str, str, str | None, Callable[[argparse.ArgumentParser], 
         "files and two matrices in chunks; runs no model code. Exit 0 unless --strict and flagged.",
         add_inspect_arguments,
         cmd_inspect,
+    ),
+    (
+        "extract-lora",
+        "a LoRA adapter (PEFT) of FINETUNED − BASE by truncated SVD",
+        None,
+        add_extract_lora_arguments,
+        cmd_extract_lora,
     ),
 )
 

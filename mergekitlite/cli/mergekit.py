@@ -24,11 +24,15 @@ MERGEKIT_NO_OPS = {
     "trust_remote_code": "merging runs no model code",
     "write_model_card": "the model card (recipe, input hashes) is always written",
 }
+# Options that take a value and need nothing here, and why.
+MERGEKIT_NO_OP_VALUES = {
+    "lora_merge_cache": "model+adapter inputs are applied while streaming; no merged copy of the model is written",
+    "lora_merge_dtype": "model+adapter inputs are applied in float32 (W + s·B·A, exact to float32) and rounded once "
+    "to the output dtype",
+}
 # ... and those that have no equivalent, with what to do instead.
 MERGEKIT_UNSUPPORTED = {
     "transformers_cache": "set HF_HUB_CACHE=DIR instead",
-    "lora_merge_cache": "LoRA inputs (model+adapter) are not supported: merge the adapter into its model first",
-    "lora_merge_dtype": "LoRA inputs (model+adapter) are not supported: merge the adapter into its model first",
 }
 
 
@@ -53,14 +57,16 @@ def add_mergekit_group(p: argparse.ArgumentParser) -> Any:
     for dest in MERGEKIT_NO_OPS:
         g.add_argument(_flag(dest), dest=dest, action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--no-write-model-card", dest="write_model_card", action="store_true", help=argparse.SUPPRESS)
-    for dest in MERGEKIT_UNSUPPORTED:
+    for dest in (*MERGEKIT_NO_OP_VALUES, *MERGEKIT_UNSUPPORTED):
         g.add_argument(_flag(dest), dest=dest, metavar="X", help=argparse.SUPPRESS)
     return g
 
 
 def mergekit_notes(args: argparse.Namespace) -> list[str]:
     """One line per mergekit-yaml option given that changes nothing here."""
-    return [f"{_flag(dest)} has no effect: {why}" for dest, why in MERGEKIT_NO_OPS.items() if getattr(args, dest)]
+    flags = [(dest, why) for dest, why in MERGEKIT_NO_OPS.items() if getattr(args, dest)]
+    flags += [(dest, why) for dest, why in MERGEKIT_NO_OP_VALUES.items() if getattr(args, dest) is not None]
+    return [f"{_flag(dest)} has no effect: {why}" for dest, why in flags]
 
 
 def apply_mergekit_flags(args: argparse.Namespace, values: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from mergekitlite.io.safetensors_header import FLOAT_CODES
+from mergekitlite.lora.tensor import model_dtype
 from mergekitlite.methods import MethodSpec, get_method
 from mergekitlite.plan.inputs import lookup_tensor
 from mergekitlite.plan.layout import OutputSlot, first_rule
@@ -70,7 +71,8 @@ def plan_tensor(slot: OutputSlot, ctx: TensorContext, problems: Problems) -> Pla
     if out is None:
         return None
     first = refs[lead].tensor
-    out_dtype = ctx.out_dtype if (ctx.out_dtype and first.dtype in FLOAT_CODES) else first.dtype
+    # Without a recipe dtype the output keeps the model's stored dtype (a LoRA'd input is read as float32).
+    out_dtype = ctx.out_dtype if (ctx.out_dtype and first.dtype in FLOAT_CODES) else model_dtype(first)
     if first.dtype not in FLOAT_CODES:
         why = f"not floating point: copied from {refs[lead].model}"
         return PlannedTensor(TensorTask.copy(slot.name, refs[lead], first.dtype, slot.layer, slot.t, why), out.note)
@@ -147,7 +149,7 @@ def taken(
             group="shape",
         )
         return None
-    out_dtype = ctx.out_dtype if (ctx.out_dtype and info.dtype in FLOAT_CODES) else info.dtype
+    out_dtype = ctx.out_dtype if (ctx.out_dtype and info.dtype in FLOAT_CODES) else model_dtype(info)
     why = f"rules[{index}]: taken from {model}"
     return TensorTask.copy(slot.name, InputRef(model, info), out_dtype, slot.layer, slot.t, why)
 
