@@ -231,6 +231,14 @@ class Rule(Strict):
     parameters: Parameters | None = Field(None, description="Parameters for these tensors (over the global ones).")
 
 
+class OutputModule(Strict):
+    """One part of a multimodal model (mergekit's ``modules:``): its own models or slices and parameters."""
+
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: Parameters | None = None
+
+
 ComputeDType = Literal["float32", "float64", "bfloat16", "float16"]
 
 
@@ -242,6 +250,11 @@ class Recipe(Strict):
     base_model: ModelName | None = None
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
+    modules: dict[str, OutputModule] | None = Field(
+        None,
+        description="Per part of a multimodal model (text_decoder, vision_tower, multi_modal_projector, ...; "
+        "encoder/decoder), its own models or slices and parameters, as in mergekit.",
+    )
     parameters: Parameters | None = None
     dtype: DType | None = Field(
         None, description="Dtype of the output unless out_dtype is set (mergekit: also the compute dtype)."
@@ -292,13 +305,15 @@ class Recipe(Strict):
         seen: dict[str, None] = {}
         if self.base_model:
             seen[self.base_model] = None
-        for m in self.models or ():
-            seen[m.model] = None
-        for s in self.slices or ():
-            if s.base_model:
-                seen[s.base_model] = None
-            for src in s.sources:
-                seen[src.model] = None
+        parts = [(self.models, self.slices)] + [(m.models, m.slices) for m in (self.modules or {}).values()]
+        for models, slices in parts:
+            for m in models or ():
+                seen[m.model] = None
+            for s in slices or ():
+                if s.base_model:
+                    seen[s.base_model] = None
+                for src in s.sources:
+                    seen[src.model] = None
         for r in self.rules or ():
             if r.take:
                 seen[r.take] = None
@@ -369,14 +384,17 @@ _CHILDREN: dict[tuple[type[BaseModel], str], tuple[type[BaseModel], bool]] = {
     (TokenizerConfig, "tokens"): (TokenSpec, True),
     (TokenSpec, "source"): (TokenSource, False),
     (Recipe, "rules"): (Rule, False),
-    **{(m, "parameters"): (ConditionalParameter, True) for m in (Recipe, InputModel, InputSlice, OutputSlice, Rule)},
+    (Recipe, "modules"): (OutputModule, True),
+    (OutputModule, "models"): (InputModel, False),
+    (OutputModule, "slices"): (OutputSlice, False),
+    **{
+        (m, "parameters"): (ConditionalParameter, True)
+        for m in (Recipe, InputModel, InputSlice, OutputSlice, OutputModule, Rule)
+    },
 }
 
 # Keys mergekit reads that mergekitlite does not implement: ignoring them would give another model.
-_UNSUPPORTED: dict[tuple[type[BaseModel], str], str] = {
-    (Recipe, "modules"): "mergekit's per-module merges (for multimodal models) are not supported; "
-    "merge the language model with 'models:' or 'slices:'",
-}
+_UNSUPPORTED: dict[tuple[type[BaseModel], str], str] = {}
 
 # Parts of Pydantic error locations that name a union member, not a key of the user's file.
 _TYPE_TAGS = _SETTING_TAGS | {"str", "int", "float", "bool", "TokenSource"}
@@ -422,14 +440,21 @@ def _mapping_at(data: Any, path: Where) -> dict[Any, Any]:
     return node
 
 
+def closest(word: str, known: Iterable[str]) -> str | None:
+    """The known name ``word`` most likely misspells: two letters swapped first (``modles`` is ``models``, not
+    ``modules``), else the closest by difflib."""
+    close = difflib.get_close_matches(word, list(known), n=3)
+    swapped = [c for c in close if sorted(c) == sorted(word)]
+    return (swapped or close or [None])[0]
+
+
 def _ignored_key_message(data: dict[str, Any], path: Where, model: type[BaseModel]) -> str:
     """The warning for a key that mergekit's ``model`` ignores: where it probably belongs, and
     what mergekit makes of the mapping without it (which is what mergekitlite makes of it too)."""
     key = str(path[-1])
     mapping = _mapping_at(data, path[:-1])
     known = list(model.model_fields)
-    close = difflib.get_close_matches(key, known, n=1)
-    meant = close[0] if close else None
+    meant = closest(key, known)
     misplaced_parameter = not meant and key in REGISTRY.all_param_names() and "parameters" in known
     if meant:
         hint = f" (did you mean {meant!r}?)"
@@ -503,16 +528,23 @@ def _raw_param_locations(data: dict[str, Any]) -> Iterable[tuple[tuple[str | int
         if isinstance(node, dict) and isinstance(node.get("parameters"), dict):
             yield (*where, "parameters"), node["parameters"]
 
-    yield from params_at(data, ())
-    for key in ("models", "rules"):
-        for i, m in enumerate(data.get(key) or () if isinstance(data.get(key), list) else ()):
-            yield from params_at(m, (key, i))
-    slices = data.get("slices")
-    for i, s in enumerate(slices if isinstance(slices, list) else ()):
-        yield from params_at(s, ("slices", i))
-        sources = s.get("sources") if isinstance(s, dict) else None
-        for j, src in enumerate(sources if isinstance(sources, list) else ()):
-            yield from params_at(src, ("slices", i, "sources", j))
+    def inputs_at(node: dict[str, Any], where: Where) -> Iterable[tuple[tuple[str | int, ...], dict[str, Any]]]:
+        yield from params_at(node, where)
+        for key in ("models", "rules"):
+            for i, m in enumerate(node.get(key) or () if isinstance(node.get(key), list) else ()):
+                yield from params_at(m, (*where, key, i))
+        slices = node.get("slices")
+        for i, s in enumerate(slices if isinstance(slices, list) else ()):
+            yield from params_at(s, (*where, "slices", i))
+            sources = s.get("sources") if isinstance(s, dict) else None
+            for j, src in enumerate(sources if isinstance(sources, list) else ()):
+                yield from params_at(src, (*where, "slices", i, "sources", j))
+
+    yield from inputs_at(data, ())
+    modules = data.get("modules")
+    for name, module in modules.items() if isinstance(modules, dict) else ():
+        if isinstance(module, dict):
+            yield from inputs_at(module, ("modules", name))
 
 
 def _check_filters(setting: Any, where: tuple[str | int, ...], problems: _Problems) -> None:
@@ -604,8 +636,8 @@ def _raw_checks(data: dict[str, Any], problems: _Problems, warnings: _Problems) 
             if name in known_everywhere:
                 warnings.add((*where, name), f"{mine_spec.name} does not use '{name}'; mergekit ignores it", key=True)
                 continue
-            close = difflib.get_close_matches(str(name), sorted(known_everywhere), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            close = closest(str(name), sorted(known_everywhere))
+            hint = f" (did you mean {close!r}?)" if close else ""
             expected = ", ".join(sorted(mine)) or "none"
             warnings.add(
                 (*where, name),
@@ -643,16 +675,20 @@ def _check_finite(data: Any, problems: _Problems) -> set[Where]:
 def _inputs(recipe: Recipe) -> Iterable[tuple[Where, str, tuple[Parameters | None, ...], str | None]]:
     """Every input model with where it is written, its parameter levels (most specific first)
     and the base model it is merged against."""
-    for i, m in enumerate(recipe.models or ()):
-        yield ("models", i), m.model, (m.parameters,), recipe.base_model
-    for i, s in enumerate(recipe.slices or ()):
-        for j, src in enumerate(s.sources):
-            yield (
-                ("slices", i, "sources", j),
-                src.model,
-                (src.parameters, s.parameters),
-                s.base_model or recipe.base_model,
-            )
+    parts: list[tuple[Where, OutputModule | Recipe]] = [((), recipe)]
+    parts += [(("modules", name), module) for name, module in (recipe.modules or {}).items()]
+    for where, part in parts:
+        module_params = (part.parameters,) if isinstance(part, OutputModule) else ()
+        for i, m in enumerate(part.models or ()):
+            yield (*where, "models", i), m.model, (m.parameters, *module_params), recipe.base_model
+        for i, s in enumerate(part.slices or ()):
+            for j, src in enumerate(s.sources):
+                yield (
+                    (*where, "slices", i, "sources", j),
+                    src.model,
+                    (src.parameters, s.parameters, *module_params),
+                    s.base_model or recipe.base_model,
+                )
 
 
 def _semantic_checks(recipe: Recipe, problems: _Problems) -> None:
@@ -662,16 +698,22 @@ def _semantic_checks(recipe: Recipe, problems: _Problems) -> None:
     except UnknownMethodError:
         return  # reported by _raw_checks
 
-    if recipe.models is not None and recipe.slices is not None:
-        problems.add(("slices",), "give either 'models' or 'slices', not both")
-    elif recipe.models is None and recipe.slices is None:
-        problems.add(("merge_method",), "the recipe needs a 'models' list (or 'slices') naming what to merge")
+    given = [k for k in ("models", "slices", "modules") if getattr(recipe, k) is not None]
+    if len(given) > 1:
+        problems.add((given[1],), f"give one of 'models', 'slices' or 'modules', not {' and '.join(given)}", key=True)
+    elif not given:
+        needs = "the recipe needs a 'models' list (or 'slices' or 'modules') naming what to merge"
+        problems.add(("merge_method",), needs)
+    for name, module in (recipe.modules or {}).items():
+        if (module.models is None) == (module.slices is None):
+            problems.add(("modules", name), "a module needs either 'models' or 'slices'")
     if recipe.models is not None and not recipe.models:
         problems.add(("models",), "empty list: name at least one model")
     if recipe.tokenizer is not None and recipe.tokenizer_source is not None:
         problems.add(("tokenizer",), "give either 'tokenizer' or 'tokenizer_source', not both")
 
-    if spec.base == "required" and not recipe.base_model and not any(s.base_model for s in recipe.slices or ()):
+    slices = [*(recipe.slices or ()), *(s for m in (recipe.modules or {}).values() for s in m.slices or ())]
+    if spec.base == "required" and not recipe.base_model and not any(s.base_model for s in slices):
         problems.add(
             ("merge_method",),
             f"{spec.name} needs 'base_model' (the model the differences are taken from, e.g. the pretrained parent)",

@@ -33,6 +33,39 @@ HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
 # Learned position embeddings: GPT-2, OPT, BERT-style.
 POSITION_NAMES = ("wpe.weight", "embed_positions.weight", "position_embeddings.weight")
 
+# The parts (mergekit's "modules") of multimodal and encoder-decoder checkpoints, by the name prefixes of
+# their tensors across the families mergekit knows (LLaVA-style, Gemma 3, Llama 4, Mistral 3, Qwen2/2.5/3-VL,
+# T5, Whisper). A tensor belongs to the module with the longest matching prefix. The layer-count keys say
+# where config.json counts a module's layers.
+MODULE_PREFIXES: dict[str, tuple[str, ...]] = {
+    "text_decoder": (
+        "language_model.",
+        "model.language_model.",
+        "model.layers.",
+        "model.embed_tokens.",
+        "model.norm.",
+        "lm_head.",
+    ),
+    "vision_tower": ("vision_tower.", "visual.", "model.visual."),
+    "vision_model": ("vision_model.",),
+    "multi_modal_projector": (
+        "multi_modal_projector.",
+        "visual.merger.",
+        "model.visual.merger.",
+        "model.visual.deepstack_merger_list.",
+    ),
+    "encoder": ("encoder.", "model.encoder."),
+    "decoder": ("decoder.", "model.decoder."),
+    "shared": ("shared.",),
+}
+MODULE_LAYER_KEYS: dict[str, tuple[str, ...]] = {
+    "text_decoder": ("text_config.num_hidden_layers", "num_hidden_layers"),
+    "vision_tower": ("vision_config.num_hidden_layers", "vision_config.depth"),
+    "vision_model": ("vision_config.num_hidden_layers",),
+    "encoder": ("encoder_layers", "num_layers"),
+    "decoder": ("decoder_layers", "num_decoder_layers"),
+}
+
 _LAYER_RE = re.compile(r"^(?P<prefix>(?:[^.]+\.)*?)(?P<idx>\d+)\.(?P<rest>.+)$")
 
 
@@ -59,6 +92,12 @@ def split_layer(name: str) -> tuple[str, int, str] | None:
 
 def _ends_with(name: str, endings: Iterable[str]) -> bool:
     return any(name == e or name.endswith("." + e) for e in endings)
+
+
+def module_of(name: str, modules: Iterable[str]) -> str | None:
+    """Which of ``modules`` (names of ``MODULE_PREFIXES``) the tensor belongs to: the longest matching prefix."""
+    best = max(((len(p), m) for m in modules for p in MODULE_PREFIXES.get(m, ()) if name.startswith(p)), default=None)
+    return None if best is None else best[1]
 
 
 def role_of(name: str) -> Role:

@@ -91,7 +91,7 @@ def test_typo_at_top_level():
     ps = problems_of(text)
     assert ps == [
         f"r.yaml:{position(text, 'linear')}: merge_method: "
-        "the recipe needs a 'models' list (or 'slices') naming what to merge",
+        "the recipe needs a 'models' list (or 'slices' or 'modules') naming what to merge",
         f"r.yaml:{position(text, 'modles')}: modles: unknown key (did you mean 'models'?); mergekit ignores this key",
     ]
 

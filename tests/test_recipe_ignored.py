@@ -30,7 +30,7 @@ models:
 """
 
 TOP_KEYS = (
-    "merge_method, base_model, models, slices, parameters, dtype, out_dtype, tokenizer_source, tokenizer, "
+    "merge_method, base_model, models, slices, modules, parameters, dtype, out_dtype, tokenizer_source, tokenizer, "
     "chat_template, name, output, compute_dtype, random_seed, trust_remote_code, rules"
 )
 
@@ -152,13 +152,13 @@ def test_strict_lists_warnings_and_errors_together_in_file_order():
     assert lines[2].startswith(f"r.yaml:{at(text, 'int8')}: dtype: unknown dtype 'int8'")
 
 
-def test_keys_mergekit_uses_but_we_do_not_implement_stay_errors():
+def test_modules_with_models_is_an_error():
+    """mergekit: exactly one of 'models', 'slices' or 'modules'."""
     text = BASE + "modules:\n  text_decoder:\n    models: []\n"
     with pytest.raises(RecipeError) as info:
         parse_recipe(text, source="r.yaml")
     assert info.value.problems == [
-        f"r.yaml:{at(text, 'modules')}: modules: mergekit's per-module merges (for multimodal models) are not "
-        "supported; merge the language model with 'models:' or 'slices:'"
+        f"r.yaml:{at(text, 'modules')}: modules: give one of 'models', 'slices' or 'modules', not models and modules"
     ]
 
 

@@ -101,7 +101,9 @@ def build_plan(
         compute_dtype=cdtype,
         config_donor=config_donor,
         tokenizer_donor=tokenizer_donor,
-        out_config=output_config(sources[config_donor], tasks, recipe.out_dtype_name, layout.layers),
+        out_config=output_config(
+            sources[config_donor], tasks, recipe.out_dtype_name, layout.layers, layout.module_layers
+        ),
         budget=budget,
         random_seed=seed,
         warnings=tuple(warnings),

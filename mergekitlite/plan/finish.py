@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -18,7 +18,7 @@ from mergekitlite.methods.apply import tensor_seed
 from mergekitlite.plan.inputs import tokenizer_choice
 from mergekitlite.plan.layout import Slice
 from mergekitlite.recipe import LoadedRecipe, Recipe
-from mergekitlite.roles import is_vocab_tensor
+from mergekitlite.roles import MODULE_LAYER_KEYS, is_vocab_tensor
 from mergekitlite.sources import ModelSource
 from mergekitlite.taskgraph import TensorTask
 
@@ -89,9 +89,14 @@ def dominant_dtype(tasks: Sequence[TensorTask]) -> str | None:
 
 
 def output_config(
-    donor: ModelSource, tasks: Sequence[TensorTask], out_dtype: str | None, layers: int | None
+    donor: ModelSource,
+    tasks: Sequence[TensorTask],
+    out_dtype: str | None,
+    layers: int | None,
+    module_layers: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The donor's config.json with the output's dtype, layer count (slices) and vocabulary size."""
+    """The donor's config.json with the output's dtype, layer count (slices; per module for ``modules:``) and
+    vocabulary size."""
     cfg: dict[str, Any] = json.loads(json.dumps(donor.config))
     dtype = out_dtype or dominant_dtype(tasks)
     if dtype:
@@ -101,6 +106,15 @@ def output_config(
         key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if k in cfg), None)
         if key is not None:
             cfg[key] = layers
+    for module, count in (module_layers or {}).items():
+        for dotted in MODULE_LAYER_KEYS.get(module, ()):
+            *path, key = dotted.split(".")
+            node = cfg
+            for part in path:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and key in node:
+                node[key] = count
+                break
     vocab = [t.shape[0] for t in tasks if is_vocab_tensor(t.name, t.shape)]
     if vocab and "vocab_size" in cfg:
         cfg["vocab_size"] = max(vocab)

@@ -178,7 +178,7 @@ def merged(
             base = ref
             continue
         models.append(ref)
-        levels.append([rule_params, src.params, slc.params, ctx.recipe.parameters])
+        levels.append([rule_params, src.params, slc.params, slc.module_params, ctx.recipe.parameters])
     if method.base == "required" and base is None:
         problems.add(f"{slot.name}: {method.name} needs a base model; set 'base_model'")
         return None
@@ -195,7 +195,7 @@ def merged(
         slot.t,
         levels,
         [m.model for m in models],
-        [rule_params, slc.params, ctx.recipe.parameters],
+        [rule_params, slc.params, slc.module_params, ctx.recipe.parameters],
         problems,
     )
     return TensorTask(
