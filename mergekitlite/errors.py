@@ -118,3 +118,13 @@ def naming(path: object) -> Iterator[None]:
         if exc.filename is None and exc.errno is not None:
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message (or its type) on one line, whole sentences: transformers and huggingface_hub
+    spread theirs over several lines, and a first line alone can stop mid-sentence."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(". ", 0, limit)
+    return text[: cut + 1] if cut > limit // 3 else text[:limit].rstrip() + "…"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from mergekitlite.errors import CheckpointError, ModelNotFoundError
+from mergekitlite.errors import CheckpointError, ModelNotFoundError, one_line
 from mergekitlite.io.inputs import input_error, read_text_input
 from mergekitlite.io.safetensors_header import TensorInfo, read_header
 from mergekitlite.io.torch_pickle import read_bin_index
@@ -153,7 +153,7 @@ def _from_hub(ref: str, repo_id: str, revision: str | None) -> Path:
     except Exception as exc:
         raise ModelNotFoundError(
             f"model {ref!r} {where} ({constants.HF_HUB_CACHE}), and downloading it failed ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'no message'}): {hint}"
+            f"{one_line(exc)}): {hint}"
         ) from None
 
 

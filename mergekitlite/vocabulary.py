@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergekitlite.errors import CheckpointError
+from mergekitlite.errors import CheckpointError, one_line
 
 # Files whose bytes decide a tokenizer's vocabulary: equal files mean equal vocabularies.
 VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json")
@@ -90,7 +90,7 @@ def load_tokenizer(folder: Path, model: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(folder), use_fast=True, trust_remote_code=False)
     except Exception as exc:  # transformers raises many kinds: OSError, ValueError, ImportError...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = one_line(exc, 200)
         raise CheckpointError(
             f"model {model!r}: its tokenizer cannot be read without running model code ({first[:200]}); "
             "a merge that maps tokens between vocabularies needs a fast tokenizer (tokenizer.json)"

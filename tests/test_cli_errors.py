@@ -317,3 +317,19 @@ def test_subprocess_errors_are_one_line_each(llama_family, tmp_path):
     second = f"{recipe}:{line}:{col}: models[1].paramters: unknown key (did you mean 'parameters'?)"
     assert any(ln.removeprefix("error: ").startswith(second) for ln in proc.stderr.splitlines()), proc.stderr
     assert_nothing_written(tmp_path / "out")
+
+
+def test_library_messages_are_one_line_and_whole_sentences():
+    """transformers spreads its errors over several lines; the first line alone can stop mid-sentence."""
+    from mergekitlite.errors import one_line
+
+    exc = OSError(
+        "Can't load tokenizer for 'x'. If you were trying to load it from 'https://huggingface.co/models',\n"
+        "make sure you don't have a local directory with the same name. Otherwise, make sure 'x' is the\n"
+        "correct path to a directory containing all relevant files for a LlamaTokenizerFast tokenizer."
+    )
+    text = one_line(exc)
+    assert "\n" not in text and text.endswith("LlamaTokenizerFast tokenizer.")
+    assert one_line(exc, limit=60) == "Can't load tokenizer for 'x'."
+    assert one_line(ValueError()) == "ValueError"
+    assert one_line(ValueError("a " * 200), limit=50).endswith("…")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mergekitlite.errors import MergekitliteError
+from mergekitlite.errors import MergekitliteError, one_line
 from mergekitlite.evaluate.options import LoadOptions
 from mergekitlite.sources import ModelSource, index_model, resolve_model_path
 
@@ -99,7 +99,7 @@ def check_device(options: LoadOptions) -> None:
 
 
 def _load_error(what: str, path: Path, exc: Exception) -> MergekitliteError:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = one_line(exc)
     remote = "trust_remote_code" in str(exc)
     hint = " (it ships its own code: add --trust-remote-code if you trust it)" if remote else ""
     return MergekitliteError(f"cannot load the {what} of {path}: {text}{hint}")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mergekitlite.errors import CheckpointError
+from mergekitlite.errors import CheckpointError, one_line
 from mergekitlite.io.inputs import input_file_size, open_input
 
 # safetensors dtype code → (torch dtype, bytes per element)
@@ -263,7 +263,7 @@ def _library_accepts(path: Path) -> None:
         with safe_open(str(path), framework="numpy"):
             pass
     except Exception as exc:  # SafetensorError and whatever a newer version raises
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = one_line(exc)
         raise CheckpointError(f"{path}: the safetensors library refuses this file ({reason}): {_REDO}") from None
 
 

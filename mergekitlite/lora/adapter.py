@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergekitlite.errors import CheckpointError, ModelNotFoundError
+from mergekitlite.errors import CheckpointError, ModelNotFoundError, one_line
 from mergekitlite.io.safetensors_header import TensorInfo, read_header
 from mergekitlite.io.torch_pickle import read_bin_index
 from mergekitlite.lora.config import CONFIG_NAME, AdapterConfig, read_config
@@ -82,7 +82,7 @@ def _from_hub(ref: str, repo_id: str, revision: str | None) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = one_line(exc)
         raise ModelNotFoundError(
             f"adapter {ref!r} is not a local folder and not in the Hugging Face cache, and downloading it failed "
             f"({first})"
