@@ -461,6 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mergekitlite.tools_cli import add_commands
 
     add_commands(sub)
+    from mergekitlite.evolve.cli import add_command as add_evolve
+
+    add_evolve(sub)
 
     args = parser.parse_args(argv)
     return _run(args.handler, args)
