@@ -134,7 +134,8 @@ def test_template_problems_come_from_the_recipe_loader_at_their_place():
     assert problems == [
         "s.yaml:8:9: models[0].parameters.wieght: unknown parameter for task_arithmetic (did you mean 'weight'?); "
         "it takes: lambda, normalize, weight (with merge_method task_arithmetic)",
-        "s.yaml:10:7: models[1].paramters: unknown key (did you mean 'parameters'?) (with merge_method task_arithmetic)",
+        "s.yaml:10:7: models[1].paramters: unknown key (did you mean 'parameters'?) "
+        "(with merge_method task_arithmetic)",
         "s.yaml:8:9: models[0].parameters.wieght: unknown parameter for slerp (did you mean 'weight'?); it takes: t "
         "(with merge_method slerp)",
         "s.yaml:10:7: models[1].paramters: unknown key (did you mean 'parameters'?) (with merge_method slerp)",

@@ -199,10 +199,11 @@ def lm_eval_task(term: LmEvalTerm, folder: Path, load: LoadOptions) -> TermResul
 
 @functools.lru_cache(maxsize=2)
 def _task_manager(include_path: str | None) -> Any:
-    """lm-eval indexes its task folder on creation (seconds): once per process."""
+    """lm-eval's task index, once per process. With ``include_path`` only that folder is indexed: indexing the
+    thousands of built-in tasks took over a minute here, for a task that lives in the folder."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path) if include_path else TaskManager()
+    return TaskManager(include_path=include_path, include_defaults=False) if include_path else TaskManager()
 
 
 def evaluate_terms(folder: Path, terms: Sequence[Term], load: LoadOptions) -> list[TermResult]:

@@ -236,7 +236,9 @@ class LmEvalTerm(_Term):
 
     metric: Literal["lm_eval"]
     task: str = Field(description="lm-eval task name, e.g. arc_easy, or one defined under include_path.")
-    include_path: str | None = Field(None, description="Folder of custom lm-eval task YAML files.")
+    include_path: str | None = Field(
+        None, description="Folder of custom lm-eval task YAML files (then only they are indexed, not the built-ins)."
+    )
     result: str = Field("acc,none", description="Which number of the task's results: lm-eval's 'metric,filter' key.")
     limit: int | float | None = Field(None, gt=0, description="Examples per task (a fraction when < 1).")
     num_fewshot: int | None = Field(None, ge=0)
