@@ -16,6 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 import torch
 import yaml
 
@@ -174,9 +175,10 @@ def test_a_killed_search_resumes_where_it_stopped(tmp_path: Path, capsys: pytest
     try:
 
         def two_done_one_running():
-            if not (out / "study.db").exists():
+            try:  # the search may still be creating the database
+                trials = _study(out, "demo-resume").get_trials(deepcopy=False)
+            except (KeyError, sqlalchemy.exc.SQLAlchemyError):
                 return None
-            trials = _study(out, "demo-resume").get_trials(deepcopy=False)
             states = [t.state for t in trials]
             done = states.count(optuna.trial.TrialState.COMPLETE)
             return trials if done >= 2 and optuna.trial.TrialState.RUNNING in states else None

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -46,23 +47,29 @@ def make_sampler(optimizer: Optimizer, seed: int) -> Any:
     )
 
 
-def make_storage(url: str, heartbeat: int) -> Any:
+def make_storage(url: str, heartbeat: int, attempts: int = 5) -> Any:
     import optuna
+    import sqlalchemy.exc
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            return RDBStorage(
-                url,
-                # SQLite allows one writer at a time: a second search on the study waits its turn.
-                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-                heartbeat_interval=heartbeat,
-                grace_period=GRACE_HEARTBEATS * heartbeat,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
-            )
-        except Exception as exc:  # sqlalchemy's errors for a bad URL, an unwritable file, ...
-            raise MergekitliteError(f"--storage {url}: cannot open the study database ({exc})") from None
+    for attempt in range(attempts):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                return RDBStorage(
+                    url,
+                    # SQLite allows one writer at a time: a second search on the study waits its turn.
+                    engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+                    heartbeat_interval=heartbeat,
+                    grace_period=GRACE_HEARTBEATS * heartbeat,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+                )
+            except sqlalchemy.exc.IntegrityError:
+                # Two searches creating the same new database at once: one wins the schema, the other retries.
+                time.sleep(0.5 * (attempt + 1))
+            except Exception as exc:  # sqlalchemy's errors for a bad URL, an unwritable file, ...
+                raise MergekitliteError(f"--storage {url}: cannot open the study database ({exc})") from None
+    raise MergekitliteError(f"--storage {url}: the database schema could not be created ({attempts} attempts)")
 
 
 @dataclass(frozen=True)
