@@ -9,13 +9,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from evolve_helpers import CHAT, greedy_chat_answer
 
 from mergekitlite.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
-CHAT = ROOT / "demo" / "models" / "chat"
 QUESTIONS = ["What is the capital of France?", "What color is the sky?", "What is the capital of Japan?"]
 
 TASK = """
@@ -52,25 +49,11 @@ budget: {{trials: 1}}
 """
 
 
-def _greedy(question: str) -> str:
-    tok = AutoTokenizer.from_pretrained(CHAT)
-    model = AutoModelForCausalLM.from_pretrained(CHAT, dtype=torch.float32).eval()
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False, eos_token_id=end)
-    new = out[0, ids.shape[1] :].tolist()
-    return tok.decode(new[: new.index(end)] if end in new else new)
-
-
 def test_a_local_lm_eval_task_as_an_objective(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("lm_eval")
     for var, value in (("HF_DATASETS_OFFLINE", "1"), ("HF_HUB_OFFLINE", "1")):
         monkeypatch.setenv(var, value)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))  # the search's workers inherit these
-    answers = [_greedy(q) for q in QUESTIONS]
+    answers = [greedy_chat_answer(q) for q in QUESTIONS]
     # Targets: the model's own answer for the first and the last question, a wrong one for the second.
     targets = [answers[0], "The sky is green.", answers[2]]
     expected = sum(a == t for a, t in zip(answers, targets, strict=True)) / len(QUESTIONS)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from evolve_helpers import CHAT, ROOT, greedy_chat_answer, one_thread
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergekitlite.errors import MergekitliteError
@@ -18,26 +19,22 @@ from mergekitlite.evolve.metrics import evaluate_terms, total_score
 from mergekitlite.evolve.qa import QaItem, load_qa, matches
 from mergekitlite.evolve.spec import TERM
 
-ROOT = Path(__file__).resolve().parent.parent
-CHAT = ROOT / "demo" / "models" / "chat"
 BASE = ROOT / "demo" / "models" / "base"
 HELDOUT = ROOT / "demo" / "data" / "continued_heldout.txt"
 PROMPTS = ROOT / "demo" / "prompts.yaml"
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
 
 
 def term(**kw):
     return TERM.validate_python(kw)
 
 
-def test_eval_metrics_are_mergekitlite_evals(one_thread: None) -> None:
+def test_eval_metrics_are_mergekitlite_evals() -> None:
     terms = [
         term(metric="perplexity", text=str(HELDOUT), max_tokens=600, max_length=128, stride=64),
         term(metric="eos_rate", prompts=str(PROMPTS), max_prompts=4, max_new_tokens=24, weight=2.0),
@@ -87,22 +84,9 @@ def _hand_answer_perplexity(items: list[QaItem]) -> float:
     return math.exp(nll / n)
 
 
-def _hand_greedy(question: str) -> str:
-    tok = AutoTokenizer.from_pretrained(CHAT)
-    model = AutoModelForCausalLM.from_pretrained(CHAT, dtype=torch.float32).eval()
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False, eos_token_id=end)
-    new = out[0, ids.shape[1] :].tolist()
-    return tok.decode(new[: new.index(end)] if end in new else new)
-
-
-def test_qa_answer_perplexity_and_accuracy(tmp_path: Path, one_thread: None) -> None:
+def test_qa_answer_perplexity_and_accuracy(tmp_path: Path) -> None:
     question = "What is the capital of France?"
-    answer = _hand_greedy(question)
+    answer = greedy_chat_answer(question)
     assert answer.strip(), "the chat model answers"
     words = answer.split()
     qa_file = tmp_path / "qa.jsonl"

@@ -12,34 +12,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
+from evolve_helpers import wait_for, write_cheap_spec
 
-ROOT = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).parent / "ray"
-
-SPEC = """
-name: ray-search
-template:
-  merge_method: task_arithmetic
-  base_model: {root}/demo/models/base
-  models:
-    - model: {root}/demo/models/continued
-      parameters: {{weight: {{search: float, low: 0.0, high: 2.0}}}}
-    - model: {root}/demo/models/chat
-      parameters: {{weight: {{search: float, low: 0.0, high: 2.0}}}}
-  dtype: float32
-  tokenizer_source: {root}/demo/models/chat
-objective:
-  - {{metric: perplexity, text: {root}/demo/data/continued_facts.txt, max_tokens: 512}}
-  - {{metric: qa, path: {root}/demo/evolve/qa_chat.jsonl, score: answer_perplexity, limit: 8}}
-budget: {{trials: 4}}
-"""
 
 
 def _free_port() -> int:
@@ -97,16 +77,6 @@ def _kill_tree(pid: int) -> None:
             os.kill(p, signal.SIGKILL)
 
 
-def _wait_for(predicate, timeout: float, what: str, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}" + (f"\n{log.read_text()[-3000:]}" if log else ""))
-
-
 class Node:
     def __init__(self, args: list[str], log: Path):
         self.log = log
@@ -116,7 +86,7 @@ class Node:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        _wait_for(lambda: "Ray runtime started" in log.read_text(), 180, f"ray start ({log.name})", log)
+        wait_for(lambda: "Ray runtime started" in log.read_text(), 180, f"ray start ({log.name})", log)
 
     def kill(self) -> None:
         _kill_tree(self.proc.pid)
@@ -157,8 +127,7 @@ def ray_cluster(tmp_path: Path) -> Iterator[tuple[str, Node, Node]]:
 
 def test_search_on_a_ray_cluster_survives_a_node_killed_mid_trial(tmp_path: Path, ray_cluster) -> None:
     address, _head, worker = ray_cluster
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(textwrap.dedent(SPEC).format(root=ROOT), encoding="utf-8")
+    spec = write_cheap_spec(tmp_path / "spec.yaml", "ray-search", trials=4)
     out = tmp_path / "results"
     log = tmp_path / "evolve.log"
     search = subprocess.Popen(
@@ -171,7 +140,7 @@ def test_search_on_a_ray_cluster_survives_a_node_killed_mid_trial(tmp_path: Path
         def running_there() -> list[int]:
             return [p for p in _descendants(worker.proc.pid) if _cmdline(p).startswith("ray::ray_trial")]
 
-        busy = _wait_for(running_there, 240, "a trial on the worker node", log)
+        busy = wait_for(running_there, 240, "a trial on the worker node", log)
         worker.kill()  # the whole node: raylet, agents and the worker in the middle of its trial
         assert all(not Path(f"/proc/{p}").exists() or "ray::" not in _cmdline(p) for p in busy)
         assert search.wait(300) == 0, log.read_text()[-3000:]

@@ -10,23 +10,19 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
 import sqlalchemy.exc
-import torch
 import yaml
+from evolve_helpers import ROOT, one_thread, wait_for, write_cheap_spec
 
 from mergekitlite import MergeOptions, load_recipe, run_merge
 from mergekitlite.cli import main
 from mergekitlite.evaluate import LoadOptions
 from mergekitlite.evolve.metrics import evaluate_terms, total_score
 from mergekitlite.evolve.spec import load_search
-
-ROOT = Path(__file__).resolve().parent.parent
 
 # recipes/demo.yaml's structure with both weights free (the hand recipe's 1.0 in the middle of the range).
 # Optimised: the island text continued learnt + chat's own answers. Held out: the held-out island text, island
@@ -65,19 +61,11 @@ def at_root(monkeypatch: pytest.MonkeyPatch) -> Path:
     return ROOT
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _study(out: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
 
 
-def test_search_beats_the_hand_recipe_on_held_out_metrics(at_root: Path, tmp_path: Path, one_thread: None) -> None:
+def test_search_beats_the_hand_recipe_on_held_out_metrics(at_root: Path, tmp_path: Path) -> None:
     spec = tmp_path / "win.yaml"
     spec.write_text(textwrap.dedent(WIN_SPEC), encoding="utf-8")
     out = tmp_path / "results"
@@ -97,7 +85,8 @@ def test_search_beats_the_hand_recipe_on_held_out_metrics(at_root: Path, tmp_pat
     scores = {}
     for name, recipe in (("hand", ROOT / "recipes" / "demo.yaml"), ("best", out / "best.yaml")):
         run_merge(load_recipe(recipe), tmp_path / name, MergeOptions(hash_inputs=False))
-        scores[name] = evaluate_terms(tmp_path / name, holdout, LoadOptions())
+        with one_thread():
+            scores[name] = evaluate_terms(tmp_path / name, holdout, LoadOptions())
     hand, best = total_score(scores["hand"]), total_score(scores["best"])
     # Measured over seeds 0-4: held-out score -3.76 .. -4.05 against the hand recipe's -4.62.
     assert best > hand + 0.2, (best, hand, scores)
@@ -123,38 +112,8 @@ def test_search_beats_the_hand_recipe_on_held_out_metrics(at_root: Path, tmp_pat
         assert (out / name).stat().st_size > 1000, name
 
 
-RESUME_SPEC = """
-name: demo-resume
-template:
-  merge_method: task_arithmetic
-  base_model: {root}/demo/models/base
-  models:
-    - model: {root}/demo/models/continued
-      parameters: {{weight: {{search: float, low: 0.0, high: 2.0}}}}
-    - model: {root}/demo/models/chat
-      parameters: {{weight: {{search: gradient, points: 2, low: 0.0, high: 2.0}}}}
-  dtype: float32
-  tokenizer_source: {root}/demo/models/chat
-objective:
-  - {{metric: perplexity, text: {root}/demo/data/continued_facts.txt, max_tokens: 512}}
-  - {{metric: qa, path: {root}/demo/evolve/qa_chat.jsonl, score: answer_perplexity, limit: 8}}
-budget: {{trials: 6}}
-seed: 3
-"""
-
-
 def _evolve_command(spec: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "mergekitlite.cli", "evolve", str(spec), "--output", str(out)]
-
-
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _group_alive(pgid: int) -> bool:
@@ -166,8 +125,7 @@ def _group_alive(pgid: int) -> bool:
 
 
 def test_a_killed_search_resumes_where_it_stopped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    spec = tmp_path / "resume.yaml"
-    spec.write_text(textwrap.dedent(RESUME_SPEC).format(root=ROOT), encoding="utf-8")
+    spec = write_cheap_spec(tmp_path / "resume.yaml", "demo-resume", trials=6, chat_gradient=True)
     out = tmp_path / "results"
     command = [*_evolve_command(spec, out), "-j", "1", "--heartbeat", "1", "-q"]
     log = (tmp_path / "first.log").open("w")
@@ -183,7 +141,7 @@ def test_a_killed_search_resumes_where_it_stopped(tmp_path: Path, capsys: pytest
             done = states.count(optuna.trial.TrialState.COMPLETE)
             return trials if done >= 2 and optuna.trial.TrialState.RUNNING in states else None
 
-        _wait_for(two_done_one_running, 240, "two finished trials and a running one")
+        wait_for(two_done_one_running, 240, "two finished trials and a running one")
         os.kill(first.pid, signal.SIGKILL)  # mid-trial: no chance to tidy up
         assert first.wait(30) == -signal.SIGKILL
     finally:
@@ -194,7 +152,7 @@ def test_a_killed_search_resumes_where_it_stopped(tmp_path: Path, capsys: pytest
     finished = {n: t for n, t in before.items() if t.state == optuna.trial.TrialState.COMPLETE}
     assert len(killed) == 1 and len(finished) >= 2, before
     # The search's worker process noticed its parent's death and ended: nothing keeps merging for nobody.
-    _wait_for(lambda: not _group_alive(first.pid), 30, "the killed search's worker to exit")
+    wait_for(lambda: not _group_alive(first.pid), 30, "the killed search's worker to exit")
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr

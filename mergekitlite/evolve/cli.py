@@ -16,15 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from mergekitlite.budget import parse_size
+from mergekitlite.cli import size_arg
 from mergekitlite.evolve.spec import SCHEMA_FILE, parse_duration, search_json_schema
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _duration(text: str) -> float:
@@ -185,7 +178,7 @@ def add_command(sub: Any) -> None:
     p.add_argument("-j", "--jobs", type=int, help="local trials at once, at most (default: cores and --max-ram)")
     p.add_argument(
         "--max-ram",
-        type=_size,
+        type=size_arg,
         help="local: RAM for all trials together (default: half of what is free); "
         "with --ray: per trial (a Ray memory resource)",
     )

@@ -174,6 +174,7 @@ def plot(search: Search, folder: Path) -> list[Path]:
     written = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)  # matplotlib: one trial gives identical axis limits
         ax = plot_optimization_history(search.study, target_name="score")
         ax.set_title(f"{search.study_name}: score per trial (higher is better)")
         path = folder / "history.png"

@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import (
     BaseModel,
@@ -142,14 +142,14 @@ class ChoiceParam(Strict):
         return self
 
 
+def _by_tag(key: str, *models: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    """Discriminator value → model, read from each model's Literal field (for 'did you mean' hints)."""
+    return {get_args(m.model_fields[key].annotation)[0]: m for m in models}
+
+
 Marker = Annotated[Union[FloatParam, IntParam, GradientParam, ChoiceParam], Field(discriminator="search")]
 MARKER = TypeAdapter(Marker)
-MARKER_MODELS: dict[str, type[BaseModel]] = {
-    "float": FloatParam,
-    "int": IntParam,
-    "gradient": GradientParam,
-    "choice": ChoiceParam,
-}
+MARKER_MODELS = _by_tag("search", FloatParam, IntParam, GradientParam, ChoiceParam)
 
 
 # ------------------------------------------------------------------------------------------ objective
@@ -251,13 +251,7 @@ class LmEvalTerm(_Term):
 
 Term = Annotated[Union[PerplexityTerm, EosTerm, KlTerm, QaTerm, LmEvalTerm], Field(discriminator="metric")]
 TERM = TypeAdapter(Term)
-TERM_MODELS: dict[str, type[BaseModel]] = {
-    "perplexity": PerplexityTerm,
-    "eos_rate": EosTerm,
-    "kl": KlTerm,
-    "qa": QaTerm,
-    "lm_eval": LmEvalTerm,
-}
+TERM_MODELS = _by_tag("metric", PerplexityTerm, EosTerm, KlTerm, QaTerm, LmEvalTerm)
 # Keys of terms that name files or folders: resolved like model folders (working directory, then the spec's folder).
 TERM_FILE_KEYS = ("text", "prompts", "path", "include_path")
 
