@@ -117,7 +117,7 @@ def job(search: Search, number: int, params: dict[str, Any], terms: tuple[Term, 
     merge = MergeOptions(
         device=search.options.device,
         max_ram=search.options.max_ram if ray else w.merge_ram,
-        threads=None if ray else w.threads,
+        threads=max(1, int(search.options.ray_cpus_per_trial)) if ray else w.threads,
         hash_inputs=False,  # a temporary merge needs no card hashes (and workers would race on the hash cache)
         overwrite=True,
     )
@@ -183,16 +183,6 @@ def _record(search: Search, trial: Any, outcome: TrialOutcome | BaseException, p
         return True
 
 
-def _requeue(search: Search, pending: dict[int, Any]) -> None:
-    """Interrupted: the trials in flight are failed and queued again, so the next run starts with them."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-    from optuna.trial import TrialState
-
-    for trial in pending.values():
-        frozen = search.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-        RetryHeartbeatStaleTrialCallback()(search.study, frozen)
-
-
 def drive(search: Search, progress: SearchProgress) -> None:
     """Run trials until the budget is spent; returns when every trial this run started has been told."""
     study, executor, storage = search.study, search.executor, search.study._storage
@@ -232,7 +222,7 @@ def drive(search: Search, progress: SearchProgress) -> None:
                 storage.record_heartbeat(trial._trial_id)
             progress.update(studies.counts(study)["complete"], studies.best_value(study))
     except BaseException:
-        _requeue(search, pending)
+        studies.requeue(search.study, pending.values())
         raise
 
 

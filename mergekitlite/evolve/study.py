@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +132,20 @@ def ask(study: Any) -> Any:
         trial = study.ask()
     study._storage.record_heartbeat(trial._trial_id)
     return trial
+
+
+def requeue(study: Any, trials: Iterable[Any]) -> None:
+    """Trials this search will not finish (it was interrupted): failed, and queued again with the same
+    parameters at once, so the next run starts with them (no waiting for their heartbeats to go stale)."""
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback()
+        for trial in trials:
+            retry(study, study.tell(trial, state=TrialState.FAIL, skip_if_finished=True))
 
 
 def counts(study: Any) -> dict[str, int]:
