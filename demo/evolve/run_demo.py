@@ -33,13 +33,12 @@ def main() -> int:
     if not SPEC.is_file() or not HAND.is_file():
         console.print("[red]run this from the repository root[/]")
         return 2
-    import torch
-
     from mergekitlite import MergeOptions, load_recipe, run_merge
     from mergekitlite.cli import main as cli_main
     from mergekitlite.evaluate import LoadOptions
     from mergekitlite.evolve.metrics import evaluate_terms, total_score
     from mergekitlite.evolve.spec import load_search
+    from mergekitlite.evolve.trial import quiet_worker
 
     if RESULTS.exists() and not args.keep:
         shutil.rmtree(RESULTS)  # a fresh search each time (the study would otherwise resume, finished)
@@ -53,28 +52,29 @@ def main() -> int:
     searched = time.perf_counter() - started
 
     console.rule("held out: the hand recipe against the search's best")
-    torch.set_num_threads(1)  # tiny models: one thread beats a spinning pool
+    quiet_worker(1)  # tiny models: one thread beats a spinning pool; no loading bars
     holdout = load_search(SPEC).spec.holdout
     rows = {}
     for label, recipe, out in (
-        ("recipes/demo.yaml (by hand)", HAND, Path("merged/demo")),
-        (f"{RESULTS}/best.yaml (searched)", RESULTS / "best.yaml", Path("merged/demo-evolved")),
+        ("by hand", HAND, Path("merged/demo")),
+        ("searched", RESULTS / "best.yaml", Path("merged/demo-evolved")),
     ):
         run_merge(load_recipe(recipe), out, MergeOptions(overwrite=True, hash_inputs=False))
         rows[label] = evaluate_terms(out, holdout, LoadOptions())
     table = Table(title="never optimised: lower perplexities are better, ending answers (eos_rate) too")
-    table.add_column("recipe")
-    table.add_column("held-out score", justify="right")
-    for term in holdout:
-        table.add_column(term.label, justify="right")
-    for label, results in rows.items():
-        table.add_row(label, f"{total_score(results):.3f}", *(f"{r.value:.3f}" for r in results))
+    table.add_column("held-out metric")
+    for label in rows:
+        table.add_column(label, justify="right")
+    table.add_row("score (higher is better)", *(f"{total_score(r):.3f}" for r in rows.values()))
+    for i, term in enumerate(holdout):
+        table.add_row(term.label, *(f"{r[i].value:.3f}" for r in rows.values()))
     console.print(table)
     hand, best = (total_score(r) for r in rows.values())
     verdict = "beats" if best > hand else "does NOT beat"
     console.print(
         f"The searched recipe {verdict} the hand recipe on held-out metrics ({best:.3f} vs {hand:.3f}); "
-        f"search time {searched:.0f} s. Merged models: merged/demo, merged/demo-evolved."
+        f"search time {searched:.0f} s. By hand: {HAND} → merged/demo; searched: {RESULTS}/best.yaml → "
+        "merged/demo-evolved."
     )
     return 0 if best > hand else 1
 

@@ -88,19 +88,22 @@ def _result_table(search: Any) -> Table:
 
 
 def _holdout_table(search: Any) -> Table | None:
+    """One row per held-out metric, one column per measured trial (best, baseline): fits a narrow terminal."""
     if not search.holdout:
         return None
     from mergekitlite.evolve import study as studies
 
-    names = [t.label for t in search.loaded.spec.holdout]
-    table = Table(title="held out (never optimised)", title_justify="left")
-    for col in ("trial", "role", "held-out score", *names):
-        table.add_column(col, justify="right")
     best = search.study.best_trial.number
     base = studies.baseline_trial(search.study)
-    for number, values in sorted(search.holdout.items()):
+    table = Table(title="held out (never optimised)", title_justify="left")
+    table.add_column("metric")
+    numbers = sorted(search.holdout, key=lambda n: n != best)
+    for number in numbers:
         role = "best" if number == best else "baseline" if base is not None and number == base.number else ""
-        table.add_row(str(number), role, f"{values['score']:.4g}", *(f"{values[n]:.4g}" for n in names))
+        table.add_column(f"trial {number} ({role})", justify="right")
+    table.add_row("held-out score", *(f"{search.holdout[n]['score']:.4g}" for n in numbers))
+    for t in search.loaded.spec.holdout:
+        table.add_row(Text(t.label), *(f"{search.holdout[n][t.label]:.4g}" for n in numbers))
     return table
 
 
