@@ -209,9 +209,12 @@ def drive(search: Search, progress: SearchProgress) -> None:
                 c["running"] += 1
                 room = search.total is None or c["complete"] + c["running"] < search.total
             if not pending:
-                if not (time_left and room):
+                # Out of time: done. Budget spent: done once the study's last trials (another search's, sharing
+                # the study) have finished, so that the reports show them; if one goes stale it is queued again,
+                # and there is room for this search to run it.
+                if not time_left or (not room and c["running"] == 0):
                     return
-                time.sleep(wait)  # the budget's last trials run in another search: wait for them or their end
+                time.sleep(wait)
                 continue
             for finished_job, outcome in executor.wait(wait):
                 ok = _record(search, pending.pop(finished_job.number), outcome, progress)
