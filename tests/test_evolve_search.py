@@ -5,12 +5,14 @@ with SIGKILL resumes where it stopped (finished trials kept, the running one run
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -21,8 +23,11 @@ from evolve_helpers import ROOT, one_thread, wait_for, write_cheap_spec
 from mergekitlite import MergeOptions, load_recipe, run_merge
 from mergekitlite.cli import main
 from mergekitlite.evaluate import LoadOptions
-from mergekitlite.evolve.metrics import evaluate_terms, total_score
+from mergekitlite.evolve.executors import WorkerDied
+from mergekitlite.evolve.metrics import TermResult, evaluate_terms, total_score
+from mergekitlite.evolve.search import NullSearchProgress, _record
 from mergekitlite.evolve.spec import load_search
+from mergekitlite.evolve.trial import TrialOutcome
 
 # recipes/demo.yaml's structure with both weights free (the hand recipe's 1.0 in the middle of the range).
 # Optimised: the island text continued learnt + chat's own answers. Held out: the held-out island text, island
@@ -200,3 +205,29 @@ def test_spec_errors_exit_2_with_positions(tmp_path: Path, capsys: pytest.Captur
     assert main(["evolve", str(spec)]) == 2
     err = capsys.readouterr().err
     assert f"{spec}:" in err and "budget.trails: unknown key (did you mean 'trials'?)" in err
+
+
+def test_trial_outcomes_are_told_to_the_study() -> None:
+    study = optuna.create_study(direction="maximize")
+    search = SimpleNamespace(study=study)
+    quiet = NullSearchProgress()
+    ok = TrialOutcome(0, (TermResult("perplexity:x", 2.0, -math.log(2.0), 1.0),), -math.log(2.0), 0.5, 1.5, 10, "h:1")
+    assert _record(search, study.ask(), ok, quiet) is True
+    died = WorkerDied("trial 1: its worker died 3 times")
+    assert _record(search, study.ask(), died, quiet) is False
+    nan = TrialOutcome(2, (TermResult("perplexity:x", math.inf, -math.inf, 1.0),), -math.inf)
+    assert _record(search, study.ask(), nan, quiet) is False
+    with pytest.raises(ZeroDivisionError):  # a bug is not a failed trial: it stops the search (exit 1)
+        _record(search, study.ask(), ZeroDivisionError("division by zero"), quiet)
+    t0, t1, t2, t3 = study.get_trials()
+    assert t0.state.name == "COMPLETE" and t0.value == -math.log(2.0)
+    assert t0.user_attrs == {
+        "value:perplexity:x": 2.0,
+        "merge_seconds": 0.5,
+        "eval_seconds": 1.5,
+        "worker": "h:1",
+        "worker_peak_rss": 10,
+    }
+    assert t1.state.name == "FAIL" and t1.user_attrs["error"] == "WorkerDied: trial 1: its worker died 3 times"
+    assert t2.state.name == "FAIL" and t2.user_attrs["error"] == "the score is not a finite number (-inf)"
+    assert t3.state.name == "FAIL" and t3.user_attrs["error"] == "ZeroDivisionError: division by zero"

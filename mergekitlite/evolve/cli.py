@@ -144,6 +144,7 @@ def cmd_evolve(args: argparse.Namespace, console: Console) -> int:
     held = _holdout_table(search)
     if held is not None:
         console.print(held)
+    console.print(f"this run started {search.new_trials} trial(s) of study {search.study_name!r}", highlight=False)
     for path in written:
         console.print(f"wrote {path}", highlight=False)
     if args.merge_best:

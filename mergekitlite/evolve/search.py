@@ -156,10 +156,10 @@ def _record(search: Search, trial: Any, outcome: TrialOutcome | BaseException, p
     study = search.study
     try:
         if isinstance(outcome, BaseException):
+            trial.set_user_attr("error", f"{type(outcome).__name__}: {outcome}")
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             if not isinstance(outcome, MergekitliteError):
                 raise outcome
-            trial.set_user_attr("error", str(outcome))
             progress.note(f"trial {trial.number} failed: {outcome}")
             return False
         for r in outcome.results:
@@ -237,7 +237,9 @@ def measure_holdout(search: Search, trials: list[Any], progress: SearchProgress)
     """The held-out terms of the given trials (each measured once per study: kept in the study's attributes)."""
     executor = search.executor
     assert executor is not None
-    todo = [t for t in trials if HOLDOUT_ATTR + str(t.number) not in search.study.user_attrs]
+    # Keyed by the held-out terms' fingerprint too: a study resumed with other held-out terms measures again.
+    key = f"{HOLDOUT_ATTR}{objective_fingerprint(search.resolved.holdout)}:"
+    todo = [t for t in trials if key + str(t.number) not in search.study.user_attrs]
     for t in todo:
         executor.submit(job(search, t.number, t.params, search.resolved.holdout))
     if todo:
@@ -251,10 +253,9 @@ def measure_holdout(search: Search, trials: list[Any], progress: SearchProgress)
             if isinstance(outcome, BaseException):
                 raise outcome
             values = {r.name: r.value for r in outcome.results}
-            search.study.set_user_attr(HOLDOUT_ATTR + str(finished_job.number), {"score": outcome.score, **values})
-    search.holdout = {
-        int(k.removeprefix(HOLDOUT_ATTR)): v for k, v in search.study.user_attrs.items() if k.startswith(HOLDOUT_ATTR)
-    }
+            search.study.set_user_attr(key + str(finished_job.number), {"score": outcome.score, **values})
+    attrs = search.study.user_attrs
+    search.holdout = {t.number: attrs[key + str(t.number)] for t in trials}
 
 
 def run_search(loaded: LoadedSearch, options: SearchOptions, progress: SearchProgress | None = None) -> Search:
