@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CHAT = ROOT / "demo" / "models" / "chat"
 T = TypeVar("T")
 
-# recipes/demo.yaml's structure, both weights free, a cheap objective: for tests of the machinery, not of the result.
+# recipes/demo.yaml's structure, both weights and normalize free, a cheap objective: for tests of the machinery,
+# not of the result.
 _CHEAP_SPEC = """
 name: {name}
 template:
@@ -27,6 +28,8 @@ template:
       parameters: {{weight: {{search: float, low: 0.0, high: 2.0}}}}
     - model: {root}/demo/models/chat
       parameters: {{weight: {{search: {chat}, low: 0.0, high: 2.0}}}}
+  parameters:  # a choice: sampled by TPE beside CMA-ES
+    normalize: {{search: choice, options: [false, true], init: false}}
   dtype: float32
   tokenizer_source: {root}/demo/models/chat
 objective:
