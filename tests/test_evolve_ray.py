@@ -86,7 +86,12 @@ class Node:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_for(lambda: "Ray runtime started" in log.read_text(), 180, f"ray start ({log.name})", log)
+        wait_for(self._started, 180, f"ray start ({log.name})", log)
+
+    def _started(self) -> bool:
+        if self.proc.poll() is not None:  # it gave up: say why at once
+            raise AssertionError(f"ray start exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+        return "Ray runtime started" in self.log.read_text()
 
     def kill(self) -> None:
         _kill_tree(self.proc.pid)
@@ -107,8 +112,6 @@ def ray_cluster(tmp_path: Path) -> Iterator[tuple[str, Node, Node]]:
             "--include-dashboard",
             "false",
             "--dashboard-port",
-            str(_free_port()),
-            "--ray-client-server-port",
             str(_free_port()),
             *common,
             *_node_ports(),
