@@ -40,7 +40,6 @@ from mergekitlite.recipe import _fmt_path, _Problems, _validate_document
 from mergekitlite.yamlpos import PositionedYaml, YamlSyntaxError, load_positioned
 
 SCHEMA_FILE = Path("schemas/search.schema.json")
-SCHEMA_COMMENT = "# yaml-language-server: $schema=../../schemas/search.schema.json"
 
 YamlPath = tuple[str | int, ...]
 
