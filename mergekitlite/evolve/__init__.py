@@ -7,7 +7,20 @@ in local worker processes or as Ray tasks (``executors.py``); the loop (``search
 result as it comes. ``report.py`` writes the best recipe, the leaderboard and plots; ``cli.py`` is the command.
 """
 
-from mergekitlite.evolve.search import SearchOptions, run_search
-from mergekitlite.evolve.spec import load_search, parse_search
+from typing import Any
 
 __all__ = ["SearchOptions", "load_search", "parse_search", "run_search"]
+
+
+def __getattr__(name: str) -> Any:
+    """The API, imported when first used: `mergekitlite --help` and the other commands must not pay for torch,
+    which the search's modules import."""
+    if name in ("SearchOptions", "run_search"):
+        from mergekitlite.evolve import search
+
+        return getattr(search, name)
+    if name in ("load_search", "parse_search"):
+        from mergekitlite.evolve import spec
+
+        return getattr(spec, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,10 +17,14 @@ from rich.table import Table
 from rich.text import Text
 
 from mergekitlite.cli import size_arg
-from mergekitlite.evolve.spec import SCHEMA_FILE, parse_duration, search_json_schema
+
+# Where `evolve-schema` writes by default (the search modules import torch: they are imported when a command runs).
+SCHEMA_FILE = Path("schemas/search.schema.json")
 
 
 def _duration(text: str) -> float:
+    from mergekitlite.evolve.spec import parse_duration
+
     try:
         return parse_duration(text)
     except ValueError as exc:
@@ -157,6 +161,8 @@ def cmd_evolve(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_evolve_schema(args: argparse.Namespace, console: Console) -> int:
+    from mergekitlite.evolve.spec import search_json_schema
+
     text = json.dumps(search_json_schema(), indent=2, ensure_ascii=False) + "\n"
     if args.check:
         current = args.output.read_text(encoding="utf-8") if args.output.is_file() else None

@@ -39,8 +39,6 @@ from mergekitlite.errors import RecipeError
 from mergekitlite.recipe import _fmt_path, _Problems, _validate_document
 from mergekitlite.yamlpos import PositionedYaml, YamlSyntaxError, load_positioned
 
-SCHEMA_FILE = Path("schemas/search.schema.json")
-
 YamlPath = tuple[str | int, ...]
 
 
