@@ -342,7 +342,7 @@ class LoadedRecipe(BaseModel):
         return self.path.parent if self.path else Path.cwd()
 
 
-def _fmt_path(path: Iterable[str | int]) -> str:
+def format_path(path: Iterable[str | int]) -> str:
     out = ""
     for part in path:
         if isinstance(part, int):
@@ -355,7 +355,7 @@ def _fmt_path(path: Iterable[str | int]) -> str:
 Where = tuple[str | int, ...]
 
 
-class _Problems:
+class PositionedProblems:
     """Collects (path, message) pairs and renders them as ``file:line:col: path: message`` lines."""
 
     def __init__(self, source: str, pos: PositionedYaml):
@@ -367,7 +367,7 @@ class _Problems:
     def add(self, path: Where, message: str, *, key: bool = False) -> None:
         mark = self.pos.locate(path, prefer_key=key)
         where = f"{self.source}:{mark.line}:{mark.column}" if mark else self.source
-        self.items.append(((mark.line, mark.column) if mark else (0, 0), f"{where}: {_fmt_path(path)}: {message}"))
+        self.items.append(((mark.line, mark.column) if mark else (0, 0), f"{where}: {format_path(path)}: {message}"))
         self.paths.add(path)
 
     def lines(self) -> list[str]:
@@ -477,7 +477,7 @@ def _ignored_key_message(data: dict[str, Any], path: Where, model: type[BaseMode
     return f"unknown key{hint}; mergekit ignores this key{effect}"
 
 
-def _pydantic_problems(errors: list[Any], data: Any, problems: _Problems, skip: set[Where]) -> None:
+def _pydantic_problems(errors: list[Any], data: Any, problems: PositionedProblems, skip: set[Where]) -> None:
     for err in errors:
         loc = _data_path(data, err["loc"])
         if any(loc[: len(s)] == s for s in skip):
@@ -496,7 +496,7 @@ def _pydantic_problems(errors: list[Any], data: Any, problems: _Problems, skip: 
             problems.add(loc, f"{msg[0].lower()}{msg[1:]}{shown}")
 
 
-def _validate_schema(data: dict[str, Any], warnings: _Problems) -> tuple[Recipe | None, list[Any]]:
+def _validate_schema(data: dict[str, Any], warnings: PositionedProblems) -> tuple[Recipe | None, list[Any]]:
     """Pydantic validation, mergekit's way: a key that its model of that mapping ignores is
     dropped (with a warning) and the rest validated again, so the recipe means what it means to
     mergekit. Returns the recipe, or the Pydantic errors left."""
@@ -547,7 +547,7 @@ def _raw_param_locations(data: dict[str, Any]) -> Iterable[tuple[tuple[str | int
             yield from inputs_at(module, ("modules", name))
 
 
-def _check_filters(setting: Any, where: tuple[str | int, ...], problems: _Problems) -> None:
+def _check_filters(setting: Any, where: tuple[str | int, ...], problems: PositionedProblems) -> None:
     rules = [setting] if isinstance(setting, dict) else setting if isinstance(setting, list) else []
     for k, rule in enumerate(rules):
         f = rule.get("filter") if isinstance(rule, dict) else None
@@ -582,7 +582,7 @@ def _normalize_numbers(data: dict[str, Any]) -> None:
             s["residual_weight"] = _numeric_strings_to_floats(s["residual_weight"])
 
 
-def _check_values(setting: Any, where: tuple[str | int, ...], param: Param, problems: _Problems) -> None:
+def _check_values(setting: Any, where: tuple[str | int, ...], param: Param, problems: PositionedProblems) -> None:
     """Every value a setting can take (the scalar, each gradient point, each rule's value) must be of the
     parameter's kind (number, or true/false — 0 and 1 included, as mergekit's float-typed configs write
     them) and in its range (``Param.check``); each problem points at the value."""
@@ -600,7 +600,7 @@ def _check_values(setting: Any, where: tuple[str | int, ...], param: Param, prob
         problems.add(where, problem)
 
 
-def _raw_checks(data: dict[str, Any], problems: _Problems, warnings: _Problems) -> None:
+def _raw_checks(data: dict[str, Any], problems: PositionedProblems, warnings: PositionedProblems) -> None:
     """Method name and parameter names, checked on the raw mapping."""
     method = data.get("merge_method")
     if not isinstance(method, str):
@@ -650,7 +650,7 @@ def _yaml_float(value: float) -> str:
     return ".nan" if math.isnan(value) else ".inf" if value > 0 else "-.inf"
 
 
-def _check_finite(data: Any, problems: _Problems) -> set[Where]:
+def _check_finite(data: Any, problems: PositionedProblems) -> set[Where]:
     """Every number must be finite: a .nan or .inf weight (or 1e400, which is infinite) would
     give a model of NaNs without a word. Returns where they are, so that schema errors about the
     same values are not reported twice."""
@@ -691,7 +691,7 @@ def _inputs(recipe: Recipe) -> Iterable[tuple[Where, str, tuple[Parameters | Non
                 )
 
 
-def _semantic_checks(recipe: Recipe, problems: _Problems) -> None:
+def _semantic_checks(recipe: Recipe, problems: PositionedProblems) -> None:
     """Consistency checks on a schema-valid recipe that need the registry but no model files."""
     try:
         spec = REGISTRY.get(recipe.merge_method)
@@ -773,7 +773,7 @@ def _semantic_checks(recipe: Recipe, problems: _Problems) -> None:
             problems.add(("tokenizer", "tokens", key, "source", "model"), "kind model_token needs 'model'")
 
 
-def _validate_document(
+def validate_document(
     pos: PositionedYaml, text: str, source: str, path: Path | None, whole: bool, strict: bool
 ) -> tuple[LoadedRecipe | None, list[str]]:
     if not isinstance(pos.data, dict):
@@ -781,8 +781,8 @@ def _validate_document(
         first = pos.values.get(())
         where = f"{source}:{first.line}:{first.column}" if first else source
         return None, [f"{where}: expected a mapping with merge_method, models, ...; found {kind}"]
-    problems = _Problems(source, pos)
-    warnings = _Problems(source, pos)
+    problems = PositionedProblems(source, pos)
+    warnings = PositionedProblems(source, pos)
     for dup in pos.duplicates:
         warnings.add(
             dup.path,
@@ -830,7 +830,7 @@ def parse_recipes(
     lines: list[str] = []
     for pos in docs:
         # A single-step recipe keeps its whole text, comments included (the card quotes it).
-        loaded, errs = _validate_document(pos, text, source, path, whole=len(docs) == 1, strict=strict)
+        loaded, errs = validate_document(pos, text, source, path, whole=len(docs) == 1, strict=strict)
         lines += errs
         if loaded is not None:
             steps.append(loaded)
@@ -841,7 +841,7 @@ def parse_recipes(
     return steps
 
 
-def _path_of_model(recipe: Recipe, ref: str) -> tuple[str | int, ...]:
+def path_of_model(recipe: Recipe, ref: str) -> tuple[str | int, ...]:
     """Where in the recipe ``ref`` is named first (for error positions)."""
     if recipe.base_model == ref:
         return ("base_model",)
@@ -880,7 +880,7 @@ def _check_steps(steps: list[LoadedRecipe], source: str) -> list[str]:
         for ref in step.recipe.referenced_models():
             if ref in names[i:]:
                 lines.append(
-                    f"{where(step, _path_of_model(step.recipe, ref))}: step {i + 1} uses {ref!r}, "
+                    f"{where(step, path_of_model(step.recipe, ref))}: step {i + 1} uses {ref!r}, "
                     "which is made by a later step (or itself)"
                 )
         if name is not None:

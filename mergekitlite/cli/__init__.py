@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from mergekitlite import __version__
 from mergekitlite.cli.cmd_diff import add_diff_arguments, cmd_diff
 from mergekitlite.cli.cmd_eval import add_eval_arguments, cmd_eval
+from mergekitlite.cli.cmd_evolve import add_evolve_arguments, add_evolve_schema_arguments, cmd_evolve, cmd_evolve_schema
 from mergekitlite.cli.cmd_inspect import add_inspect_arguments, cmd_inspect
 from mergekitlite.cli.cmd_lora import add_extract_lora_arguments, cmd_extract_lora
 from mergekitlite.cli.cmd_merge import add_merge_arguments, add_plan_arguments, cmd_merge, cmd_plan
@@ -99,6 +100,22 @@ COMMANDS: tuple[tuple[str, str, str | None, Callable[[argparse.ArgumentParser], 
         None,
         add_extract_lora_arguments,
         cmd_extract_lora,
+    ),
+    (
+        "evolve",
+        "search for the recipe that scores best (CMA-ES over a recipe template)",
+        "Search a recipe template's free parameters (weights, densities, gradients, a choice of method) for the "
+        "recipe that scores best on an objective (perplexity, Q/A, KL to a parent, EOS rate, lm-eval tasks), "
+        "trials merging and measuring locally or on a Ray cluster; the study resumes where it stopped.",
+        add_evolve_arguments,
+        cmd_evolve,
+    ),
+    (
+        "evolve-schema",
+        "write the search spec JSON schema (for editors and CI)",
+        None,
+        add_evolve_schema_arguments,
+        cmd_evolve_schema,
     ),
 )
 
