@@ -1,6 +1,7 @@
-"""Build the optional native kernel (mergekitlite/_native.c); everything else is in pyproject.toml.
+"""Build the optional native kernels (mergekitlite/_native.c: the linear family; mergekitlite/kernels/gta.c:
+TIES/DARE/Breadcrumbs); everything else is in pyproject.toml.
 
-The extension is optional: without a C compiler the install still succeeds and merges run on the
+The extensions are optional: without a C compiler the install still succeeds and merges run on the
 torch path (same bits, slower)."""
 
 from setuptools import Extension, setup
@@ -19,7 +20,12 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
+_HEADERS = ["mergekitlite/kernels/dtypes.h"]
+
 setup(
-    ext_modules=[Extension("mergekitlite._native", ["mergekitlite/_native.c"], optional=True)],
+    ext_modules=[
+        Extension("mergekitlite._native", ["mergekitlite/_native.c"], depends=_HEADERS, optional=True),
+        Extension("mergekitlite._gta", ["mergekitlite/kernels/gta.c"], depends=_HEADERS, optional=True),
+    ],
     cmdclass={"build_ext": BuildExt},
 )

@@ -30,9 +30,9 @@ from mergekitlite.gather import gather_rows
 from mergekitlite.io.files import InputFiles, ShardFile
 from mergekitlite.io.safetensors_header import CODE_BY_NAME, itemsize, torch_dtype
 from mergekitlite.lora.rows import read_rows
-from mergekitlite.methods import ChunkInfo, get_method, native
-from mergekitlite.methods.apply import compute_stats
-from mergekitlite.methods.linear_form import LinearForm
+from mergekitlite.methods import ChunkInfo, get_method
+from mergekitlite.methods.apply import RawChunk, compute_stats
+from mergekitlite.methods.registry import NativeMerge
 from mergekitlite.rounding import narrow_once
 from mergekitlite.taskgraph import InputRef, Plan, RowRule, TensorTask
 
@@ -67,7 +67,8 @@ class ExecContext:
     on_done: Callable[[list[str], bool], None] | None = None
     journal_every_s: float = 1.0
     sync_every_bytes: int = 1 << 30
-    # Linear methods on the CPU run in the fused native kernel when it is built (same bits).
+    # Methods with a native kernel (the linear family, TIES/DARE/Breadcrumbs) run in it on the CPU when it
+    # is built (same bits); False (--no-native): the torch path everywhere, statistics included.
     native: bool = True
 
 
@@ -246,13 +247,19 @@ def to_compute(
     return None, tensors
 
 
-def native_form(task: TensorTask, compute: torch.dtype, device: torch.device) -> LinearForm | None:
-    """The form to hand to the native kernel for ``task``, or None when the torch path must run it."""
-    if task.copy_of is not None or device.type != "cpu" or compute != torch.float32:
+def _native_compute(compute: torch.dtype, device: torch.device) -> bool:
+    """Native kernels compute in float32 on the CPU."""
+    return device.type == "cpu" and compute == torch.float32
+
+
+def native_merge(task: TensorTask, compute: torch.dtype, device: torch.device) -> NativeMerge | None:
+    """The method's native merge for ``task`` (as its declaration makes it), or None: the torch path."""
+    if task.copy_of is not None or not _native_compute(compute, device):
         return None
-    if not native.supports([ref.tensor.dtype for ref in task.inputs], task.out_dtype):
-        return None
-    return get_method(task.method).form(task.base is not None, len(task.models), task.param_dict)
+    codes = [ref.tensor.dtype for ref in task.inputs]
+    return get_method(task.method).native_merge(
+        task.base is not None, len(task.models), task.param_dict, codes, task.out_dtype
+    )
 
 
 def merge_chunk(
@@ -263,21 +270,22 @@ def merge_chunk(
     device: torch.device,
     stats: Any = None,
     bufs: ChunkBuffers | None = None,
-    form: LinearForm | None = None,
+    kernel: NativeMerge | None = None,
 ) -> memoryview:
-    """Merge one row chunk: raw input bytes in, raw output bytes out. With a ``form`` (see
-    ``native_form``) the native kernel computes it, else the method's torch function."""
+    """Merge one row chunk: raw input bytes in, raw output bytes out. With a ``kernel`` (see
+    ``native_merge``) the native kernel computes it, else (or where it declines the chunk) the
+    method's torch function."""
     if task.copy_of is not None:
         return _bytes_view(raw[0])
     rows = info.row_end - info.row_start
     if rows == 0 or math.prod(task.shape) == 0:
         return memoryview(b"")
-    if form is not None:
+    if kernel is not None:
         nbytes = rows * _row_bytes(task.out_dtype, task.shape)
         cpu = torch.device("cpu")
         out = torch.empty(nbytes, dtype=torch.uint8) if bufs is None else bufs.get("out", 0, nbytes, torch.uint8, cpu)
-        native.run_linear(form, raw, [ref.tensor.dtype for ref in task.inputs], out, task.out_dtype)
-        return _bytes_view(out)
+        if kernel(raw, out, info, stats):
+            return _bytes_view(out)
     base, models = to_compute(task, raw, info, compute, device, bufs)
     with _naming_the_tensor(task):
         result = get_method(task.method)(base, models, task.param_dict, chunk=info, stats=stats)
@@ -294,10 +302,16 @@ def task_stats(
     device: torch.device,
     pool: ThreadPoolExecutor | None = None,
     lookahead: int = 2,
+    native: bool = True,
 ) -> Any:
     """Run the statistic passes of ``task``'s method. Chunks are re-read for every pass (from the
     page cache, cheaper than holding the tensor); with a ``pool``, the next chunks are read and
-    converted by the workers while this thread updates the statistic."""
+    converted by the workers while this thread updates the statistic. With ``native``, a statistic
+    with a raw-byte update (``update_raw``) is handed the chunks' raw bytes instead.
+
+    Chunks are read and converted into reused buffers, never fresh memory (page faults, zero-fill):
+    one set per worker when the pass is spread over the workers (each folds one chunk at a time), else
+    one per chunk that may be alive at once (the one being folded and the ``lookahead`` pending)."""
     spec = get_method(task.method)
     if spec.statistic is None or math.prod(task.shape) == 0:
         return None
@@ -305,9 +319,24 @@ def task_stats(
     index = {info.row_start: i for i, info in enumerate(infos)}
     pending: dict[int, Future[tuple[torch.Tensor | None, list[torch.Tensor]]]] = {}
     concurrent = pool is not None and getattr(spec.statistic, "concurrent", False)
+    direct = pool is None or concurrent  # each chunk is read by the thread that folds it
+    local = threading.local()
+    slots = [ChunkBuffers() for _ in range(lookahead + 1)]
+
+    def buffers(i: int) -> ChunkBuffers:
+        if direct:
+            return local.__dict__.setdefault("buffers", ChunkBuffers())
+        return slots[i % len(slots)]  # chunk i - 1 has been folded before chunk i + lookahead is read
 
     def fetch(i: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        return to_compute(task, read_chunk(files, task, infos[i]), infos[i], compute, device)
+        bufs = buffers(i)
+        return to_compute(task, read_chunk(files, task, infos[i], bufs), infos[i], compute, device, bufs)
+
+    def fetch_raw(info: ChunkInfo) -> RawChunk:
+        bufs = buffers(index[info.row_start])
+        raw = read_chunk(files, task, info, bufs)
+        codes = [ref.tensor.dtype for ref in task.inputs]
+        return RawChunk(raw, codes, lambda: to_compute(task, raw, info, compute, device, bufs))
 
     def load(info: ChunkInfo) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         i = index[info.row_start]
@@ -319,9 +348,18 @@ def task_stats(
         return pending.pop(i).result()
 
     shape = (task.merged_rows, *task.shape[1:]) if task.shape else ()
+    use_raw = native and direct and task.base is not None and _native_compute(compute, device)
     with _naming_the_tensor(task):
         return compute_stats(
-            spec, shape, task.param_dict, len(task.models), infos, load, pool if concurrent else None, lookahead + 1
+            spec,
+            shape,
+            task.param_dict,
+            len(task.models),
+            infos,
+            load,
+            pool if concurrent else None,
+            lookahead + 1,
+            load_raw=fetch_raw if use_raw else None,
         )
 
 
@@ -369,7 +407,7 @@ def _process(
     device: torch.device,
     stats: Any,
     local: threading.local,
-    form: LinearForm | None,
+    kernel: NativeMerge | None,
 ) -> int:
     """One worker's job: read a chunk's inputs, merge (or apply the row rule), write the result."""
     bufs = local.__dict__.setdefault("buffers", ChunkBuffers())
@@ -379,7 +417,7 @@ def _process(
     if chunk.rule is not None:
         data = apply_rule(task, chunk.rule, raw, rows, compute, bufs)
     else:
-        data = merge_chunk(task, raw, chunk.info, compute, device, stats, bufs, form)
+        data = merge_chunk(task, raw, chunk.info, compute, device, stats, bufs, kernel)
     shards[chunk.shard].write(task.name, chunk.info.row_start * _row_bytes(task.out_dtype, task.shape), data)
     return len(data)
 
@@ -436,8 +474,10 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
                     # first, so that two tasks' working sets never overlap (the budget counts one).
                     while inflight:
                         complete_oldest()
-                    stats = task_stats(files, task, compute, ctx.device, pool, lookahead=plan.budget.workers)
-                form = native_form(task, compute, ctx.device) if ctx.native else None
+                    stats = task_stats(
+                        files, task, compute, ctx.device, pool, lookahead=plan.budget.workers, native=ctx.native
+                    )
+                kernel = native_merge(task, compute, ctx.device) if ctx.native else None
                 rule = None
                 for chunk in parts:
                     if chunk.rule is not rule:
@@ -448,7 +488,7 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
                         rule = chunk.rule
                     while len(inflight) >= limit:
                         complete_oldest()
-                    job = pool.submit(_process, files, shards, chunk, compute, ctx.device, stats, local, form)
+                    job = pool.submit(_process, files, shards, chunk, compute, ctx.device, stats, local, kernel)
                     inflight.append((chunk, job))
                 if not parts:  # an empty tensor: its header entry is all there is
                     remaining[task.name] = 1

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +34,17 @@ def row_chunks(shape: Sequence[int], rows_per_chunk: int, seed: int) -> Iterator
         yield ChunkInfo(start, min(rows, start + step), tuple(shape), seed)
 
 
+@dataclass(frozen=True)
+class RawChunk:
+    """A chunk's inputs as raw bytes (contiguous uint8 CPU tensors, the base first) with their safetensors
+    dtype codes, for statistics with a native ``update_raw``; ``convert`` gives (base, models) in the
+    compute dtype when the statistic declines them."""
+
+    raw: list[Tensor]
+    codes: list[str]
+    convert: Callable[[], tuple[Tensor | None, list[Tensor]]]
+
+
 def compute_stats(
     spec: MethodSpec,
     shape: Sequence[int],
@@ -43,8 +55,10 @@ def compute_stats(
     pool: Executor | None = None,
     window: int = 4,
     shuffle_seed: int | None = None,
+    load_raw: Callable[[ChunkInfo], RawChunk] | None = None,
 ) -> Any:
     """Run the method's statistic passes; ``load(chunk)`` returns (base, models) for the chunk.
+    With ``load_raw``, a statistic that has ``update_raw`` is offered each chunk's raw bytes first.
 
     With a ``pool`` and a statistic that declares ``concurrent = True``, each pass's chunks are
     loaded and folded in by the pool's workers, at most ``window`` at a time, in any order.
@@ -55,8 +69,16 @@ def compute_stats(
     stat = spec.statistic()
     state = stat.begin(tuple(shape), n_models, params)
 
+    raw_update = getattr(stat, "update_raw", None) if load_raw is not None else None
+
     def fold(p: int, c: ChunkInfo) -> None:
-        base, models = load(c)
+        if raw_update is not None and load_raw is not None:
+            chunk = load_raw(c)
+            if raw_update(state, p, chunk.raw, chunk.codes, params, c):
+                return
+            base, models = chunk.convert()
+        else:
+            base, models = load(c)
         stat.update(state, p, base, models, params, c)
 
     p = 0

@@ -419,6 +419,55 @@ class TopK:
         before[:, 1:] = torch.cumsum(self.row_ties, 1)[:, :-1]
         self.ties_before = before
 
+    # Raw-count entry points: the native kernel counts the keys itself, these fold its counts in.
+
+    def high_wanted(self) -> bool:
+        """Whether ``count_high`` would count (not when the queries are chosen from this very pass)."""
+        return not self.queries or bool(self._selecting())
+
+    def add_high(self, counts: np.ndarray) -> None:
+        """``count_high`` from a histogram of the chunk's keys >> 16."""
+        with self._lock:
+            self.hist_high += counts
+
+    def low_bins(self) -> list[int]:
+        """The distinct high bins whose low 16 bits ``count_low`` histograms."""
+        return sorted({q.high for _, q in self._selecting()})
+
+    def add_low(self, counts: Mapping[int, np.ndarray]) -> None:
+        """``count_low`` from the chunk's low-bit histograms of each bin in ``low_bins``."""
+        with self._lock:
+            for _, q in self._selecting():
+                q.hist_low += counts[q.high]
+
+    def tie_rows(self, row_start: int, rows: int) -> list[tuple[int, Tensor]]:
+        """(threshold, row_ties slice) per query whose ties ``count_ties`` records: the slice, zeroed, is
+        where the chunk's per-row counts of keys equal to the threshold go (contiguous int64)."""
+        out = []
+        for i, q in enumerate(self.queries):
+            if self._partial(q):
+                out.append((q.threshold, self.row_ties[i, row_start : row_start + rows].zero_()))
+        return out
+
+    def mask_rules(self, row_start: int, rows: int) -> list[tuple[str, int, Tensor | None]] | None:
+        """Per k, what ``masks`` keeps, for a kernel: ("none"|"all"|"threshold", T, allowed): keys > T,
+        and of the keys equal to T the first ``allowed[row]`` of each chunk row (``None``: all of them).
+        ``None`` when the ties are not settled (``keep(record=True)``'s running order)."""
+        out: list[tuple[str, int, Tensor | None]] = []
+        for i, q in enumerate(self.queries):
+            if q.k == 0 or q.k == self.n:
+                out.append(("none" if q.k == 0 else "all", 0, None))
+            elif not self._partial(q):
+                out.append(("threshold", q.threshold, None))
+            elif self.ties_before is None:
+                return None
+            else:
+                ties = self.row_ties[i, row_start : row_start + rows]
+                before = self.ties_before[i, row_start : row_start + rows]
+                allowed = torch.minimum((q.ties_allowed - before).clamp_(min=0), ties)
+                out.append(("threshold", q.threshold, allowed.contiguous()))
+        return out
+
     def masks(self, keys: Tensor, row_start: int, rows: int) -> list[Tensor | None]:
         """Per k, the mask (int32) of the chunk's keys among the k largest; ``None``: all of them."""
         return [self._mask(i, q, keys, row_start, rows) for i, q in enumerate(self.queries)]

@@ -111,6 +111,29 @@ class Statistic(Protocol):
 
     def result(self, state: Any) -> Any: ...
 
+    # Optional, not part of the protocol's required surface: ``update_raw(state, pass_index, raw, codes,
+    # params, chunk) -> bool`` folds a chunk in from its inputs' raw bytes (contiguous uint8 CPU tensors,
+    # the base first, with their safetensors dtype codes) with a native kernel, with the same result as
+    # ``update`` on their float32 values. False: nothing was recorded, call ``update`` instead.
+
+
+class NativeMerge(Protocol):
+    """A method's native merge of one task's chunks: the inputs' raw bytes (contiguous uint8 CPU tensors in
+    the task's input order, the base first) to the output's raw bytes in ``out``, the same bits as the
+    torch path on float32. Returns False when it cannot reproduce them for this chunk (``out`` is then
+    garbage, and the caller runs the torch path for the chunk)."""
+
+    def __call__(self, raw: Sequence[Tensor], out: Tensor, chunk: ChunkInfo, stats: Any) -> bool: ...
+
+
+class NativeKernel(Protocol):
+    """``Implementation.native``: prepares a ``NativeMerge`` for one task (its inputs, parameters and
+    safetensors dtype codes; float32 compute on the CPU), or None when the kernel does not take it."""
+
+    def prepare(
+        self, has_base: bool, n_models: int, params: Mapping[str, Any], in_codes: Sequence[str], out_code: str
+    ) -> NativeMerge | None: ...
+
 
 # ---------------------------------------------------------------------------------------------
 # Parameters
@@ -229,11 +252,13 @@ def model_label(models: Sequence[str], i: int) -> str:
 class Implementation:
     """A method's tensor code: ``fn(base, models, **params)``, its statistic factory (one fresh object
     per tensor) and, for linear methods, the builder of its ``LinearForm`` from (base position, model
-    positions, **params), which the native kernel evaluates instead of ``fn``."""
+    positions, **params), which the native kernel evaluates instead of ``fn``. Other methods may declare
+    a ``native`` kernel of their own (``NativeKernel``), which the executor prefers where it applies."""
 
     fn: Callable[..., Any]
     statistic: Callable[[], Statistic] | None = None
     linear_form: Callable[..., Any] | None = None
+    native: NativeKernel | None = None
 
     @property
     def declares_params(self) -> Callable[..., Any]:
@@ -397,6 +422,18 @@ class MethodSpec:
         if self.linear_form is None:
             return None
         return self.linear_form(*input_positions(has_base, n_models), **{_py_name(k): v for k, v in params.items()})
+
+    def native_merge(
+        self, has_base: bool, n_models: int, params: Mapping[str, Any], in_codes: Sequence[str], out_code: str
+    ) -> NativeMerge | None:
+        """The native merge of one task (float32 compute on the CPU), or None: for linear methods the fused
+        kernel of their ``LinearForm``, else the method's own declared kernel (``Implementation.native``)."""
+        if self.linear_form is not None:
+            from mergekitlite.methods import native  # imports torch: only once a merge runs
+
+            return native.linear_merge(self.form(has_base, n_models, params), in_codes, out_code)
+        kernel = self._impl.native
+        return None if kernel is None else kernel.prepare(has_base, n_models, params, in_codes, out_code)
 
 
 def input_positions(has_base: bool, n_models: int) -> tuple[int | None, tuple[int, ...]]:

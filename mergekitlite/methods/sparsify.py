@@ -38,7 +38,9 @@ import torch
 from torch import Tensor
 
 from mergekitlite.errors import MethodInputError
+from mergekitlite.methods import native_gta
 from mergekitlite.methods.catalog import GTA_FAMILY, GtaMethod, della_window_problem
+from mergekitlite.methods.native_gta import KEEP_ALL, MASK_NONE, MASK_RANDOM, MASK_TOPK, NativeMask
 from mergekitlite.methods.primitives import (
     NAN_KEY,
     RowPartials,
@@ -53,12 +55,13 @@ from mergekitlite.methods.primitives import (
     divide_,
     float_key,
     keep_factor,
+    probability_bound,
     random_bits,
     row_sums,
     sign_agreement,
     stream_key,
 )
-from mergekitlite.methods.registry import ChunkInfo, Implementation, tensor_rows
+from mergekitlite.methods.registry import ChunkInfo, Implementation, NativeMerge, tensor_rows
 
 _RESCALE_EPS = 1e-7  # mergekit's threshold below which an L1 norm is treated as zero
 
@@ -75,7 +78,11 @@ class Sparsifier(Protocol):
     ``_PHASES``); ``wants`` says, once the earlier phases are settled, whether a phase is still needed.
     ``observe`` may run concurrently for different chunks of a phase, in any order. ``keep_mask`` gives
     an int32 bit mask (``None``: keep all); it depends only on |δ| and positions, so it may be given
-    either δ or |δ| (and ``magnitude`` = |δ| when already computed)."""
+    either δ or |δ| (and ``magnitude`` = |δ| when already computed).
+
+    Sparsifiers with a native kernel also have ``native_mask(chunk) -> NativeMask | None`` (the same mask,
+    described for the kernel; ``None``: not now) and ``observe_raw(phase, raw, codes, i, chunk)`` (``observe``
+    with model i's |δ| counted by the kernel from the raw inputs)."""
 
     phases: tuple[str, ...]
 
@@ -115,6 +122,22 @@ class RankWindowSparsifier:
 
     def settle(self, phase: str) -> None:
         {"high": self.selector.settle_high, "low": self.selector.settle_low, "ties": self.selector.settle_ties}[phase]()
+
+    def observe_raw(self, phase: str, raw: Sequence[Tensor], codes: Sequence[str], i: int, chunk: ChunkInfo) -> None:
+        selector = self.selector
+        if phase == "high":
+            if selector.high_wanted():
+                selector.add_high(native_gta.count_high(raw, codes, i))
+        elif phase == "low":
+            selector.add_low(native_gta.count_low(raw, codes, i, selector.low_bins()))
+        else:
+            rows = chunk_rows(chunk)
+            native_gta.count_ties(raw, codes, i, rows, selector.tie_rows(chunk.row_start, rows))
+
+    def native_mask(self, chunk: ChunkInfo) -> NativeMask | None:
+        # keep_mask's composition (the first query's keys, minus the second's) is the kernel's.
+        rules = self.selector.mask_rules(chunk.row_start, chunk_rows(chunk))
+        return None if rules is None else NativeMask(MASK_TOPK, tuple(rules))
 
     def keep_mask(self, delta: Tensor, chunk: ChunkInfo, magnitude: Tensor | None = None) -> Tensor | None:
         keys = float_key(delta.abs() if magnitude is None else magnitude)
@@ -159,6 +182,17 @@ class RandomSparsifier:
 
     def settle(self, phase: str) -> None:
         pass
+
+    def observe_raw(self, phase: str, raw: Sequence[Tensor], codes: Sequence[str], i: int, chunk: ChunkInfo) -> None:
+        pass
+
+    def native_mask(self, chunk: ChunkInfo) -> NativeMask | None:
+        bound = probability_bound(self.density)  # as bernoulli_mask: bits < bound ⟺ hash < bound·2¹¹
+        if bound == 0:
+            return NativeMask(MASK_NONE)
+        if bound >= 1 << 53:
+            return KEEP_ALL
+        return NativeMask(MASK_RANDOM, key=stream_key(chunk.seed, self.stream), limit=bound << 11)
 
     def keep_mask(self, delta: Tensor, chunk: ChunkInfo, magnitude: Tensor | None = None) -> Tensor | None:
         return bernoulli_mask(stream_key(chunk.seed, self.stream), delta, chunk, self.density)
@@ -325,6 +359,38 @@ class SparseStatistic:
             kept = magnitude if keep is None else magnitude.mul_(_factor(keep, magnitude))
             state.l1.put(2 * i + 1, chunk.row_start, row_sums(kept, rows))
 
+    def update_raw(
+        self,
+        state: _SparseState,
+        pass_index: int,
+        raw: Sequence[Tensor],
+        codes: Sequence[str],
+        params: Mapping[str, Any],
+        chunk: ChunkInfo,
+    ) -> bool:
+        """``update`` from the inputs' raw bytes (the base first) by the native kernel; False (nothing
+        recorded) when some sparsifier or dtype has no kernel."""
+        if pass_index >= len(state.phases):
+            return True
+        if len(raw) != len(state.sparsifiers) + 1 or not native_gta.supports(codes):
+            return False
+        phase = state.phases[pass_index]
+        wanting = state.wanting(phase)
+        if phase != "rescale":
+            if not all(hasattr(s, "observe_raw") for _, s in wanting):
+                return False
+            for i, sparsifier in wanting:
+                sparsifier.observe_raw(phase, raw, codes, i, chunk)  # type: ignore[attr-defined]
+            return True
+        masks = [_native_mask(s, chunk) for _, s in wanting]
+        if any(m is None for m in masks):  # decided before anything is recorded
+            return False
+        rows = slice(chunk.row_start, chunk.row_end)
+        for (i, _), mask in zip(wanting, masks, strict=True):
+            before, after = state.l1.values[2 * i, rows], state.l1.values[2 * i + 1, rows]
+            native_gta.row_l1(raw, codes, i, chunk, mask, before, after)
+        return True
+
     def finish_pass(self, state: _SparseState, pass_index: int) -> None:
         phase = state.phases[pass_index] if pass_index < len(state.phases) else "rescale"
         if phase == "rescale":
@@ -461,7 +527,81 @@ def generalized_task_arithmetic(method: GtaMethod) -> Implementation:
 
     merge.__name__ = merge.__qualname__ = method.name
     merge.__doc__ = method.summary
-    return Implementation(merge, statistic=StatisticFactory(SparseStatistic, method.sparsifier))
+    kernel = GtaKernel(method.consensus) if method.sparsifier in ("magnitude", "magnitude_outliers", "random") else None
+    return Implementation(merge, statistic=StatisticFactory(SparseStatistic, method.sparsifier), native=kernel)
+
+
+def _native_mask(sparsifier: Sparsifier | None, chunk: ChunkInfo) -> NativeMask | None:
+    """The sparsifier's mask for the kernel (``None``: it has none for this chunk)."""
+    if sparsifier is None:
+        return KEEP_ALL
+    describe = getattr(sparsifier, "native_mask", None)
+    return None if describe is None else describe(chunk)
+
+
+@dataclass(frozen=True)
+class GtaKernel:
+    """The family's native merge (``kernels/gta.c``) for the sparsifiers that describe their masks to it
+    (TIES, DARE, Breadcrumbs; DELLA stays on torch): ``Implementation.native``."""
+
+    consensus: bool
+
+    def prepare(
+        self, has_base: bool, n_models: int, params: Mapping[str, Any], in_codes: Sequence[str], out_code: str
+    ) -> NativeMerge | None:
+        weight = tuple(float(w) for w in params["weight"])
+        if not has_base or len(in_codes) != n_models + 1 or not native_gta.supports(in_codes, out_code):
+            return None
+        if self.consensus and not native_gta.finite(weight):  # mix() takes _agreeing_mix: 0·inf stays NaN
+            return None
+        divisor = None
+        if not self.consensus and params["normalize"] and abs(math.fsum(weight)) >= 1e-8:
+            divisor = math.fsum(weight)
+        lam = float(params["lambda"])
+        return _GtaMerge(
+            self.consensus,
+            bool(params["normalize"]),
+            weight,
+            divisor,
+            None if lam == 1 else lam,
+            tuple(in_codes),
+            out_code,
+        )
+
+
+@dataclass(frozen=True)
+class _GtaMerge:
+    consensus: bool
+    normalize: bool
+    weight: tuple[float, ...]
+    divisor: float | None
+    lambda_: float | None
+    codes: tuple[str, ...]
+    out_code: str
+
+    def __call__(self, raw: Sequence[Tensor], out: Tensor, chunk: ChunkInfo, stats: SparseStats) -> bool:
+        masks = [_native_mask(s, chunk) for s in stats.sparsifiers]
+        if any(m is None for m in masks):
+            return False
+        # sparse_deltas' order: mask, rescale (when the statistic set a factor), weight (when ≠ 1).
+        specs = [
+            m.spec(scale if s is not None else None, w if w != 1 else None)  # type: ignore[union-attr]
+            for m, s, scale, w in zip(masks, stats.sparsifiers, stats.scales, self.weight, strict=True)
+        ]
+        done, _, _ = native_gta.run_merge(
+            raw,
+            self.codes,
+            out,
+            self.out_code,
+            chunk,
+            specs,
+            self.weight,
+            consensus=self.consensus,
+            normalize_agreeing=self.consensus and self.normalize,
+            divisor=self.divisor,
+            lambda_=self.lambda_,
+        )
+        return done
 
 
 # ---------------------------------------------------------------------------------------------
