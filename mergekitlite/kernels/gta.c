@@ -44,12 +44,15 @@ enum { STATUS_OK = 0, STATUS_FALLBACK = 1 };
 #define MIX2 0x94D049BB133111EBull
 #define EXP_BITS 0x7f800000u
 
-/* One top-k query: keys > threshold are kept; of the keys equal to it, with ``allow`` (per chunk row),
-   the first allow[row] of the row in flat order, else all. ``row``/``seen``: the tie count so far. */
+/* One top-k query. Without per-row rules: keys ≥ ``threshold`` are kept. With them (a threshold that
+   splits the keys equal to it): in chunk row r, keys > thr[r] are kept (thr[r] is threshold − 1 in the
+   rows that keep all their ties, threshold in those that keep none), and where partial[r] ≥ 0 the first
+   partial[r] keys equal to ``threshold`` of the row, in flat order, too. ``row``/``seen``: that count. */
 typedef struct {
     int kind;
     int32_t threshold;
-    const int64_t *allow;
+    const int32_t *thr;
+    const int64_t *partial;
     Py_ssize_t row;
     int64_t seen;
 } Query;
@@ -65,32 +68,32 @@ typedef struct {
 
 /* ---------------------------------------------------------------- masks */
 
-static void query_block(Query *q, const int32_t *restrict keys, int32_t *restrict keep, Py_ssize_t p0, Py_ssize_t len,
-                        Py_ssize_t row_len) {
+MULTIVERSION static void query_block(Query *q, const int32_t *restrict keys, int32_t *restrict keep, Py_ssize_t p0,
+                                     Py_ssize_t len, Py_ssize_t row_len) {
     if (q->kind != Q_THRESHOLD) {
         int32_t v = q->kind == Q_ALL ? -1 : 0;
         for (Py_ssize_t i = 0; i < len; i++) keep[i] = v;
         return;
     }
-    const int32_t t = q->threshold;
-    if (!q->allow) { /* every key equal to the threshold is kept */
+    if (!q->thr) {
+        const int32_t t = q->threshold;
         for (Py_ssize_t i = 0; i < len; i++) keep[i] = -(int32_t)(keys[i] >= t);
         return;
     }
-    int any = 0;
-    for (Py_ssize_t i = 0; i < len; i++) {
-        keep[i] = -(int32_t)(keys[i] > t);
-        any |= keys[i] == t;
-    }
-    if (!any) return;
-    for (Py_ssize_t i = 0; i < len; i++) {
-        if (keys[i] != t) continue;
-        Py_ssize_t r = (p0 + i) / row_len;
-        if (r != q->row) {
-            q->row = r;
-            q->seen = 0;
+    for (Py_ssize_t i = 0; i < len;) { /* one segment per chunk row */
+        Py_ssize_t r = (p0 + i) / row_len, end = (r + 1) * row_len - p0;
+        if (end > len) end = len;
+        const int32_t t = q->thr[r];
+        for (Py_ssize_t j = i; j < end; j++) keep[j] = -(int32_t)(keys[j] > t);
+        if (q->partial[r] >= 0) {
+            if (r != q->row) {
+                q->row = r;
+                q->seen = 0;
+            }
+            for (Py_ssize_t j = i; j < end; j++)
+                if (keys[j] == q->threshold) keep[j] = -(int32_t)(q->seen++ < q->partial[r]);
         }
-        keep[i] = -(int32_t)(q->seen++ < q->allow[r]);
+        i = end;
     }
 }
 
@@ -102,7 +105,7 @@ static inline uint64_t splitmix(uint64_t z) {
 
 /* keep[i] (all ones: keep) for the chunk's elements p0.. (chunk-relative; ``flat0``: the chunk's first
    flat index in the tensor), given their |δ| keys. ``scratch``: BLOCK int32. */
-static void model_mask(Model *m, const int32_t *restrict keys, int32_t *restrict keep, int32_t *restrict scratch,
+MULTIVERSION static void model_mask(Model *m, const int32_t *restrict keys, int32_t *restrict keep, int32_t *restrict scratch,
                        Py_ssize_t p0, Py_ssize_t len, Py_ssize_t row_len, uint64_t flat0) {
     if (m->mask == MASK_ALL || m->mask == MASK_NONE) {
         int32_t v = m->mask == MASK_ALL ? -1 : 0;
@@ -118,7 +121,7 @@ static void model_mask(Model *m, const int32_t *restrict keys, int32_t *restrict
     }
 }
 
-static void abs_keys(const float *restrict d, int32_t *restrict keys, Py_ssize_t len) {
+MULTIVERSION static void abs_keys(const float *restrict d, int32_t *restrict keys, Py_ssize_t len) {
     for (Py_ssize_t i = 0; i < len; i++) keys[i] = (int32_t)(f32_to_bits(d[i]) & 0x7fffffffu);
 }
 
@@ -139,13 +142,13 @@ typedef struct {
     Py_ssize_t nonfinite_in, nonfinite_out;
 } MergeJob;
 
-static Py_ssize_t count_nonfinite(const float *x, Py_ssize_t len) {
+MULTIVERSION static Py_ssize_t count_nonfinite(const float *x, Py_ssize_t len) {
     Py_ssize_t c = 0;
     for (Py_ssize_t i = 0; i < len; i++) c += (f32_to_bits(x[i]) & EXP_BITS) == EXP_BITS;
     return c;
 }
 
-static Py_ssize_t count_nonfinite_out(const char *out, int code, Py_ssize_t start, Py_ssize_t len) {
+MULTIVERSION static Py_ssize_t count_nonfinite_out(const char *out, int code, Py_ssize_t start, Py_ssize_t len) {
     Py_ssize_t c = 0;
     if (code == CODE_F32) return count_nonfinite((const float *)out + start, len);
     const uint16_t *h = (const uint16_t *)out + start;
@@ -155,7 +158,7 @@ static Py_ssize_t count_nonfinite_out(const char *out, int code, Py_ssize_t star
 }
 
 /* δᵢ of model i over a block: masked, rescaled and weighted, in ``d``. */
-static void model_block(MergeJob *job, Py_ssize_t i, const float *restrict base, float *restrict d,
+MULTIVERSION static void model_block(MergeJob *job, Py_ssize_t i, const float *restrict base, float *restrict d,
                         int32_t *restrict keys, int32_t *restrict keep, int32_t *restrict scratch, Py_ssize_t start,
                         Py_ssize_t len) {
     Model *m = &job->model[i];
@@ -174,57 +177,70 @@ static void model_block(MergeJob *job, Py_ssize_t i, const float *restrict base,
         for (Py_ssize_t j = 0; j < len; j++) d[j] = d[j] * m->weight;
 }
 
-/* The TIES mix of a block into ``acc``; 0 when some vote is not finite (nothing is then guaranteed). */
-static int consensus_block(const MergeJob *job, float *const *d, float *restrict acc, float *restrict wsum,
-                           Py_ssize_t len) {
+/* The TIES mix of a block into ``acc``; 0 when some vote is not finite (nothing is then guaranteed).
+   ``vote``, ``sign``, ``wsum``: BLOCK floats; ``wide``: BLOCK doubles (three or more models). */
+MULTIVERSION static int consensus_block(const MergeJob *job, float *const *d, float *restrict acc,
+                                        float *restrict vote, float *restrict sign, float *restrict wsum,
+                                        double *restrict wide, Py_ssize_t len) {
     Py_ssize_t n = job->n_models;
+    if (n == 1)
+        for (Py_ssize_t j = 0; j < len; j++) vote[j] = d[0][j] + 0.0f;
+    else if (n == 2)
+        for (Py_ssize_t j = 0; j < len; j++) vote[j] = d[0][j] + d[1][j];
+    else {
+        for (Py_ssize_t j = 0; j < len; j++) wide[j] = (double)d[0][j];
+        for (Py_ssize_t i = 1; i < n; i++)
+            for (Py_ssize_t j = 0; j < len; j++) wide[j] = wide[j] + (double)d[i][j];
+        for (Py_ssize_t j = 0; j < len; j++) vote[j] = (float)wide[j];
+    }
     uint32_t bad = 0;
     for (Py_ssize_t j = 0; j < len; j++) {
-        float vote;
-        if (n == 1)
-            vote = d[0][j] + 0.0f;
-        else if (n == 2)
-            vote = d[0][j] + d[1][j];
-        else {
-            double s = (double)d[0][j];
-            for (Py_ssize_t i = 1; i < n; i++) s += (double)d[i][j];
-            vote = (float)s;
-        }
-        bad |= (f32_to_bits(vote) & EXP_BITS) == EXP_BITS;
-        /* the elected sign: + for a zero vote (−0.0 + 0.0 = +0.0) */
-        float sign = bits_to_f32((f32_to_bits(vote + 0.0f) & 0x80000000u) | 0x3f800000u);
-        float total = 0.0f, weights = 0.0f;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            int agree = d[i][j] * sign > 0.0f;
-            float term = agree ? d[i][j] : 0.0f;
-            float w = agree ? job->agree_weight[i] : 0.0f;
-            total = i == 0 ? term : total + term;
-            weights = i == 0 ? w : weights + w;
-        }
-        acc[j] = total;
-        wsum[j] = weights;
+        uint32_t u = f32_to_bits(vote[j]);
+        bad |= (u & EXP_BITS) == EXP_BITS;
+        /* the elected sign as ±1.0: + for a zero vote (−0.0 + 0.0 = +0.0) */
+        sign[j] = bits_to_f32((f32_to_bits(vote[j] + 0.0f) & 0x80000000u) | 0x3f800000u);
     }
     if (bad) return 0;
+    /* δ agrees where δ·sign > 0 (zeros never do); the rest count as +0.0, in the sum and in the weights. */
+    const float w0 = job->agree_weight[0];
+    for (Py_ssize_t j = 0; j < len; j++) {
+        int agree = d[0][j] * sign[j] > 0.0f;
+        acc[j] = agree ? d[0][j] : 0.0f;
+        wsum[j] = agree ? w0 : 0.0f;
+    }
+    for (Py_ssize_t i = 1; i < n; i++) {
+        const float *restrict di = d[i];
+        const float wi = job->agree_weight[i];
+        for (Py_ssize_t j = 0; j < len; j++) {
+            int agree = di[j] * sign[j] > 0.0f;
+            acc[j] = acc[j] + (agree ? di[j] : 0.0f);
+            wsum[j] = wsum[j] + (agree ? wi : 0.0f);
+        }
+    }
     if (job->normalize_agreeing)
         for (Py_ssize_t j = 0; j < len; j++) {
             float w = wsum[j] + 0.0f;
-            acc[j] = acc[j] / ((f32_to_bits(w) & 0x7fffffffu) == 0 ? 1.0f : w);
+            acc[j] = acc[j] / (w == 0.0f ? 1.0f : w); /* no agreeing weight (or a sum of ±0): ÷ 1 */
         }
     return 1;
 }
 
-static int run_merge(MergeJob *job, float *work) {
-    float *base = work, *acc = work + BLOCK, *wsum = work + 2 * BLOCK;
-    int32_t *keys = (int32_t *)(work + 3 * BLOCK), *keep = keys + BLOCK, *scratch = keep + BLOCK;
+#define MERGE_WORK_BLOCKS 10 /* BLOCK-sized float arrays besides one per model (a double array is two) */
+
+MULTIVERSION static int run_merge(MergeJob *job, float *work) {
+    float *base = work, *acc = work + BLOCK, *wsum = work + 2 * BLOCK, *vote = work + 3 * BLOCK;
+    float *sign = work + 4 * BLOCK;
+    int32_t *keys = (int32_t *)(work + 5 * BLOCK), *keep = keys + BLOCK, *scratch = keep + BLOCK;
+    double *wide = (double *)(work + 8 * BLOCK);
     float *d[MAX_MODELS];
-    for (Py_ssize_t i = 0; i < job->n_models; i++) d[i] = work + (6 + i) * BLOCK;
+    for (Py_ssize_t i = 0; i < job->n_models; i++) d[i] = work + (MERGE_WORK_BLOCKS + i) * BLOCK;
     for (Py_ssize_t start = 0; start < job->n; start += BLOCK) {
         Py_ssize_t len = job->n - start < BLOCK ? job->n - start : BLOCK;
         load(base, job->in[0], job->code[0], start, len);
         job->nonfinite_in += count_nonfinite(base, len);
         for (Py_ssize_t i = 0; i < job->n_models; i++) model_block(job, i, base, d[i], keys, keep, scratch, start, len);
         if (job->consensus) {
-            if (!consensus_block(job, d, acc, wsum, len)) return STATUS_FALLBACK;
+            if (!consensus_block(job, d, acc, vote, sign, wsum, wide, len)) return STATUS_FALLBACK;
         } else {
             memcpy(acc, d[0], (size_t)len * 4);
             for (Py_ssize_t i = 1; i < job->n_models; i++)
@@ -249,32 +265,31 @@ static int read_float(PyObject *obj, int *has, float *value) {
     return PyErr_Occurred() ? -1 : 0;
 }
 
-static int parse_query(int kind, int threshold, unsigned long long allow, Query *q) {
-    if (kind < Q_NONE || kind > Q_THRESHOLD || threshold < 0) {
+static int parse_query(PyObject *spec, Query *q) {
+    unsigned long long thr, partial;
+    if (!PyArg_ParseTuple(spec, "iiKK", &q->kind, &q->threshold, &thr, &partial)) return -1;
+    if (q->kind < Q_NONE || q->kind > Q_THRESHOLD || q->threshold < 0 || (!thr) != (!partial)) {
         PyErr_SetString(PyExc_ValueError, "gta: bad top-k query");
         return -1;
     }
-    q->kind = kind;
-    q->threshold = threshold;
-    q->allow = (const int64_t *)(uintptr_t)allow;
+    q->thr = (const int32_t *)(uintptr_t)thr;
+    q->partial = (const int64_t *)(uintptr_t)partial;
     q->row = -1;
     q->seen = 0;
     return 0;
 }
 
-/* (mask, a_kind, a_threshold, a_allow, b_kind, b_threshold, b_allow, key, limit, scale|None, weight|None) */
+/* (mask, (kind, threshold, thr, partial) × 2, key, limit, scale|None, weight|None) */
 static int parse_model(PyObject *spec, Model *m) {
-    int a_kind, a_thr, b_kind, b_thr;
-    unsigned long long a_allow, b_allow, key, limit;
+    PyObject *a, *b;
+    unsigned long long key, limit;
     PyObject *scale, *weight;
-    if (!PyArg_ParseTuple(spec, "iiiKiiKKKOO", &m->mask, &a_kind, &a_thr, &a_allow, &b_kind, &b_thr, &b_allow, &key,
-                          &limit, &scale, &weight))
-        return -1;
+    if (!PyArg_ParseTuple(spec, "iOOKKOO", &m->mask, &a, &b, &key, &limit, &scale, &weight)) return -1;
     if (m->mask < MASK_ALL || m->mask > MASK_RANDOM) {
         PyErr_SetString(PyExc_ValueError, "gta: unknown mask kind");
         return -1;
     }
-    if (parse_query(a_kind, a_thr, a_allow, &m->a) || parse_query(b_kind, b_thr, b_allow, &m->b)) return -1;
+    if (parse_query(a, &m->a) || parse_query(b, &m->b)) return -1;
     m->key = key;
     m->limit = limit;
     if (read_float(scale, &m->has_scale, &m->scale) || read_float(weight, &m->has_weight, &m->weight)) return -1;
@@ -348,7 +363,7 @@ static PyObject *py_merge(PyObject *self, PyObject *args) {
         Py_XDECREF(spec);
         Py_XDECREF(w);
     }
-    float *work = failed ? NULL : malloc(sizeof(float) * BLOCK * (size_t)(6 + job->n_models));
+    float *work = failed ? NULL : malloc(sizeof(float) * BLOCK * (size_t)(MERGE_WORK_BLOCKS + job->n_models));
     if (failed || !work) {
         free(job);
         return failed ? NULL : PyErr_NoMemory();
@@ -371,7 +386,7 @@ typedef struct {
 } Delta;
 
 /* |δ| keys (and, with ``mag``, |δ| itself) of elements start..start+len of the chunk. */
-static void delta_keys(const Delta *dl, float *restrict b, float *restrict mag, int32_t *restrict keys,
+MULTIVERSION static void delta_keys(const Delta *dl, float *restrict b, float *restrict mag, int32_t *restrict keys,
                        Py_ssize_t start, Py_ssize_t len) {
     load(b, dl->base, dl->base_code, start, len);
     load(mag, dl->model, dl->model_code, start, len);
@@ -392,9 +407,6 @@ static int parse_delta(PyObject *args, Delta *dl) {
     return 0;
 }
 
-/* counts(delta, n, mode, values, outputs): mode 0: histogram of key >> 16 into outputs[0] (int64 × 65536);
-   mode 1: for each high value h, histogram of the low 16 bits of the keys whose high bits are h;
-   mode 2: per row of ``values[0]`` elements... see methods/native_gta.py. */
 typedef struct {
     Delta dl;
     Py_ssize_t n, row_len;
@@ -404,10 +416,14 @@ typedef struct {
     int64_t *out[MAX_QUERIES];
 } CountJob;
 
-static void run_counts(CountJob *job, float *b, float *mag, int32_t *keys) {
+/* Returns how many |δ| are NaN: their keys depend on NaN payloads, which the C and torch conversions and
+   subtractions do not propagate alike, so the caller leaves such chunks to the torch path. */
+MULTIVERSION static Py_ssize_t run_counts(CountJob *job, float *b, float *mag, int32_t *keys) {
+    Py_ssize_t nan = 0;
     for (Py_ssize_t start = 0; start < job->n; start += BLOCK) {
         Py_ssize_t len = job->n - start < BLOCK ? job->n - start : BLOCK;
         delta_keys(&job->dl, b, mag, keys, start, len);
+        for (Py_ssize_t j = 0; j < len; j++) nan += keys[j] > (int32_t)EXP_BITS;
         if (job->mode == 0) {
             int64_t *h = job->out[0];
             for (Py_ssize_t j = 0; j < len; j++) h[(uint32_t)keys[j] >> 16]++;
@@ -427,10 +443,11 @@ static void run_counts(CountJob *job, float *b, float *mag, int32_t *keys) {
             }
         }
     }
+    return nan;
 }
 
-/* counts(delta, n, row_len, mode, values, outputs) -> None: mode 0 "high" (values: [], outputs: [hist]),
-   1 "low" (values: high bits per query, outputs: a 65536-bin histogram each), 2 "ties" (values:
+/* counts(delta, n, row_len, mode, values, outputs) -> NaN |δ| seen: mode 0 "high" (values: [], outputs:
+   [hist]), 1 "low" (values: high bits per query, outputs: a 65536-bin histogram each), 2 "ties" (values:
    thresholds, outputs: an int64 count per chunk row each). Counts are added to the outputs. */
 static PyObject *py_counts(PyObject *self, PyObject *args) {
     (void)self;
@@ -459,16 +476,17 @@ static PyObject *py_counts(PyObject *self, PyObject *args) {
     }
     float *work = malloc(sizeof(float) * BLOCK * 3);
     if (!work) return PyErr_NoMemory();
+    Py_ssize_t nan;
     Py_BEGIN_ALLOW_THREADS;
-    run_counts(&job, work, work + BLOCK, (int32_t *)(work + 2 * BLOCK));
+    nan = run_counts(&job, work, work + BLOCK, (int32_t *)(work + 2 * BLOCK));
     Py_END_ALLOW_THREADS;
     free(work);
-    Py_RETURN_NONE;
+    return PyLong_FromSsize_t(nan);
 }
 
 /* primitives.pairwise_sum of one row whose ``width`` leading terms are in acc[0..width) (the rest already
    folded in): the padding's zeros, then halving. ``n``: the row's length (≥ 2). */
-static double pairwise_tail(double *acc, Py_ssize_t n, Py_ssize_t half) {
+MULTIVERSION static double pairwise_tail(double *acc, Py_ssize_t n, Py_ssize_t half) {
     for (Py_ssize_t j = n - half; j < half; j++) acc[j] = acc[j] + 0.0; /* −0.0 → +0.0, as the padded tree */
     for (Py_ssize_t width = half; width > 1;) {
         width /= 2;
@@ -486,7 +504,7 @@ typedef struct {
 } L1Job;
 
 /* Per row: Σ|δ| and Σ|δ|·keep (keep as 1.0/0.0 multiplied in float32), each by pairwise_sum's tree. */
-static void run_l1(L1Job *job, float *b, float *mag, float *kept, int32_t *keys, int32_t *keep, int32_t *scratch,
+MULTIVERSION static void run_l1(L1Job *job, float *b, float *mag, float *kept, int32_t *keys, int32_t *keep, int32_t *scratch,
                    double *acc_b, double *acc_a) {
     Py_ssize_t n = job->row_len;
     Py_ssize_t half = 1;
@@ -502,14 +520,17 @@ static void run_l1(L1Job *job, float *b, float *mag, float *kept, int32_t *keys,
                 job->after[r] = (double)kept[0];
                 continue;
             }
-            for (Py_ssize_t j = 0; j < len; j++) {
-                Py_ssize_t p = j0 + j;
-                if (p < half) {
-                    acc_b[p] = (double)mag[j];
-                    acc_a[p] = (double)kept[j];
-                } else {
-                    acc_b[p - half] = acc_b[p - half] + (double)mag[j];
-                    acc_a[p - half] = acc_a[p - half] + (double)kept[j];
+            /* The first level of the tree: positions below ``half`` start their pair, the rest join it. */
+            Py_ssize_t low = j0 < half ? (half - j0 < len ? half - j0 : len) : 0;
+            for (Py_ssize_t j = 0; j < low; j++) {
+                acc_b[j0 + j] = (double)mag[j];
+                acc_a[j0 + j] = (double)kept[j];
+            }
+            if (low < len) {
+                double *restrict hb = acc_b + (j0 + low - half), *restrict ha = acc_a + (j0 + low - half);
+                for (Py_ssize_t j = low; j < len; j++) {
+                    hb[j - low] = hb[j - low] + (double)mag[j];
+                    ha[j - low] = ha[j - low] + (double)kept[j];
                 }
             }
         }

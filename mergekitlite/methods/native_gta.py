@@ -62,20 +62,21 @@ def supports(in_codes: Sequence[str], out_code: str | None = None) -> bool:
 @dataclass(frozen=True)
 class NativeMask:
     """One model's mask over a chunk, as the kernel computes it: ``MASK_ALL``/``MASK_NONE``; ``MASK_TOPK``
-    with up to two top-k rules (kind, threshold, per-row tie allowance or ``None``) keeping what the first
-    keeps and the second does not; ``MASK_RANDOM``: splitmix64(key + i·γ) < limit (the flat index i)."""
+    with up to two top-k rules (``TopK.mask_rules``) keeping what the first keeps and the second does not;
+    ``MASK_RANDOM``: splitmix64(key + i·γ) < limit (i: the element's flat index in the tensor)."""
 
     kind: int
-    rules: tuple[tuple[str, int, Tensor | None], ...] = ()
+    rules: tuple[tuple[str, int, tuple[Tensor, Tensor] | None], ...] = ()
     key: int = 0
     limit: int = 0
 
     def spec(self, scale: float | None, weight: float | None) -> tuple[Any, ...]:
         rules = [*self.rules, ("none", 0, None), ("none", 0, None)][:2]
-        flat: list[Any] = [self.kind]
-        for kind, threshold, allowed in rules:
-            flat += [_QUERY_KINDS[kind], threshold, 0 if allowed is None else allowed.data_ptr()]
-        return (*flat, self.key, self.limit, scale, weight)
+        queries = [
+            (_QUERY_KINDS[kind], threshold, *((0, 0) if rows is None else (rows[0].data_ptr(), rows[1].data_ptr())))
+            for kind, threshold, rows in rules
+        ]
+        return (self.kind, *queries, self.key, self.limit, scale, weight)
 
 
 KEEP_ALL = NativeMask(MASK_ALL)
@@ -137,36 +138,43 @@ def run_merge(
     return status == 0, nonfinite_in, nonfinite_out
 
 
-def count_high(raw: Sequence[Tensor], codes: Sequence[str], i: int) -> np.ndarray:
-    """Histogram (int64, 65536 bins) of model i's |δ| keys >> 16 over the chunk."""
+def count_high(raw: Sequence[Tensor], codes: Sequence[str], i: int) -> np.ndarray | None:
+    """Histogram (int64, 65536 bins) of model i's |δ| keys >> 16 over the chunk; ``None`` when some |δ| is
+    NaN (NaN keys depend on payloads, which torch propagates its own way: leave the chunk to torch)."""
     n = raw[0].numel() // itemsize(codes[0])
     _check(raw, codes, n)
     hist = np.zeros(_BINS, dtype=np.int64)
-    _kernel().counts(_delta(raw, codes, i), n, 1, 0, [], [hist.ctypes.data])
-    return hist
+    nan = _kernel().counts(_delta(raw, codes, i), n, 1, 0, [], [hist.ctypes.data])
+    return None if nan else hist
 
 
-def count_low(raw: Sequence[Tensor], codes: Sequence[str], i: int, highs: Sequence[int]) -> dict[int, np.ndarray]:
-    """Per high bin h: histogram of the low 16 bits of model i's |δ| keys whose high 16 bits are h."""
+def count_low(
+    raw: Sequence[Tensor], codes: Sequence[str], i: int, highs: Sequence[int]
+) -> dict[int, np.ndarray] | None:
+    """Per high bin h: histogram of the low 16 bits of model i's |δ| keys whose high 16 bits are h;
+    ``None`` when some |δ| is NaN."""
     n = raw[0].numel() // itemsize(codes[0])
     _check(raw, codes, n)
     hists = {h: np.zeros(_BINS, dtype=np.int64) for h in highs}
-    if hists:
-        _kernel().counts(_delta(raw, codes, i), n, 1, 1, list(hists), [h.ctypes.data for h in hists.values()])
-    return hists
+    if not hists:
+        return hists
+    nan = _kernel().counts(_delta(raw, codes, i), n, 1, 1, list(hists), [h.ctypes.data for h in hists.values()])
+    return None if nan else hists
 
 
-def count_ties(raw: Sequence[Tensor], codes: Sequence[str], i: int, rows: int, targets: Sequence[tuple[int, Tensor]]):
-    """Adds to each (threshold, int64 per-row counts) target the chunk's per-row count of keys equal to it."""
+def count_ties(
+    raw: Sequence[Tensor], codes: Sequence[str], i: int, rows: int, thresholds: Sequence[int]
+) -> list[Tensor] | None:
+    """Per threshold, the chunk's per-row counts (int64) of model i's |δ| keys equal to it; ``None`` when
+    some |δ| is NaN."""
     n = raw[0].numel() // itemsize(codes[0])
     _check(raw, codes, n)
-    for _, counts in targets:
-        if counts.dtype != torch.int64 or not counts.is_contiguous() or counts.numel() != rows:
-            raise ValueError("tie counts must be a contiguous int64 tensor, one per chunk row")
-    if targets and n:
-        row_len = n // rows
-        values = [t for t, _ in targets]
-        _kernel().counts(_delta(raw, codes, i), n, row_len, 2, values, [c.data_ptr() for _, c in targets])
+    counts = [torch.zeros(rows, dtype=torch.int64) for _ in thresholds]
+    if counts and n:
+        ptrs = [c.data_ptr() for c in counts]
+        if _kernel().counts(_delta(raw, codes, i), n, n // rows, 2, list(thresholds), ptrs):
+            return None
+    return counts
 
 
 def row_l1(

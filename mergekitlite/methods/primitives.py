@@ -440,32 +440,37 @@ class TopK:
             for _, q in self._selecting():
                 q.hist_low += counts[q.high]
 
-    def tie_rows(self, row_start: int, rows: int) -> list[tuple[int, Tensor]]:
-        """(threshold, row_ties slice) per query whose ties ``count_ties`` records: the slice, zeroed, is
-        where the chunk's per-row counts of keys equal to the threshold go (contiguous int64)."""
-        out = []
-        for i, q in enumerate(self.queries):
-            if self._partial(q):
-                out.append((q.threshold, self.row_ties[i, row_start : row_start + rows].zero_()))
-        return out
+    def tie_thresholds(self) -> list[int]:
+        """The thresholds whose per-row ties ``count_ties`` records, in query order."""
+        return [q.threshold for q in self.queries if self._partial(q)]
 
-    def mask_rules(self, row_start: int, rows: int) -> list[tuple[str, int, Tensor | None]] | None:
-        """Per k, what ``masks`` keeps, for a kernel: ("none"|"all"|"threshold", T, allowed): keys > T,
-        and of the keys equal to T the first ``allowed[row]`` of each chunk row (``None``: all of them).
-        ``None`` when the ties are not settled (``keep(record=True)``'s running order)."""
-        out: list[tuple[str, int, Tensor | None]] = []
+    def put_ties(self, row_start: int, counts: Sequence[Tensor]) -> None:
+        """``count_ties`` from the chunk's per-row counts for each of ``tie_thresholds`` (disjoint rows)."""
+        partial = [i for i, q in enumerate(self.queries) if self._partial(q)]
+        for i, c in zip(partial, counts, strict=True):
+            self.row_ties[i, row_start : row_start + c.numel()] = c
+
+    def mask_rules(self, row_start: int, rows: int) -> list[tuple[str, int, tuple[Tensor, Tensor] | None]] | None:
+        """Per k, what ``masks`` keeps, for a kernel: ("none"|"all"|"threshold", T, per_row): keys ≥ T, or with
+        ``per_row`` = (thresholds, partial) per chunk row: keys > thresholds[r] (int32: T − 1 where the row
+        keeps all its keys equal to T, else T) and, where partial[r] ≥ 0 (int64), the row's first
+        partial[r] keys equal to T in flat order. ``None`` when the ties are not settled, or when a threshold is a
+        NaN key (its comparisons would depend on NaN payloads, which a kernel does not propagate as torch)."""
+        out: list[tuple[str, int, tuple[Tensor, Tensor] | None]] = []
         for i, q in enumerate(self.queries):
             if q.k == 0 or q.k == self.n:
                 out.append(("none" if q.k == 0 else "all", 0, None))
+            elif q.threshold > INF_BITS or (self._partial(q) and self.ties_before is None):
+                return None  # comparing NaN keys depends on NaN payloads; unsettled ties: running order
             elif not self._partial(q):
                 out.append(("threshold", q.threshold, None))
-            elif self.ties_before is None:
-                return None
             else:
                 ties = self.row_ties[i, row_start : row_start + rows]
                 before = self.ties_before[i, row_start : row_start + rows]
                 allowed = torch.minimum((q.ties_allowed - before).clamp_(min=0), ties)
-                out.append(("threshold", q.threshold, allowed.contiguous()))
+                thresholds = torch.where(allowed == ties, q.threshold - 1, q.threshold).to(torch.int32)
+                partial = torch.where((allowed > 0) & (allowed < ties), allowed, -1)
+                out.append(("threshold", q.threshold, (thresholds.contiguous(), partial.contiguous())))
         return out
 
     def masks(self, keys: Tensor, row_start: int, rows: int) -> list[Tensor | None]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -81,8 +81,9 @@ class Sparsifier(Protocol):
     either δ or |δ| (and ``magnitude`` = |δ| when already computed).
 
     Sparsifiers with a native kernel also have ``native_mask(chunk) -> NativeMask | None`` (the same mask,
-    described for the kernel; ``None``: not now) and ``observe_raw(phase, raw, codes, i, chunk)`` (``observe``
-    with model i's |δ| counted by the kernel from the raw inputs)."""
+    described for the kernel; ``None``: not for this chunk) and ``count_raw(phase, raw, codes, i, chunk)``:
+    ``observe`` with model i's |δ| counted by the kernel from the raw inputs, returned as a function that
+    records the counts (``None``: the kernel cannot count this chunk)."""
 
     phases: tuple[str, ...]
 
@@ -123,16 +124,20 @@ class RankWindowSparsifier:
     def settle(self, phase: str) -> None:
         {"high": self.selector.settle_high, "low": self.selector.settle_low, "ties": self.selector.settle_ties}[phase]()
 
-    def observe_raw(self, phase: str, raw: Sequence[Tensor], codes: Sequence[str], i: int, chunk: ChunkInfo) -> None:
+    def count_raw(
+        self, phase: str, raw: Sequence[Tensor], codes: Sequence[str], i: int, chunk: ChunkInfo
+    ) -> Callable[[], None] | None:
         selector = self.selector
         if phase == "high":
-            if selector.high_wanted():
-                selector.add_high(native_gta.count_high(raw, codes, i))
-        elif phase == "low":
-            selector.add_low(native_gta.count_low(raw, codes, i, selector.low_bins()))
-        else:
-            rows = chunk_rows(chunk)
-            native_gta.count_ties(raw, codes, i, rows, selector.tie_rows(chunk.row_start, rows))
+            if not selector.high_wanted():
+                return lambda: None
+            hist = native_gta.count_high(raw, codes, i)
+            return None if hist is None else lambda: selector.add_high(hist)
+        if phase == "low":
+            hists = native_gta.count_low(raw, codes, i, selector.low_bins())
+            return None if hists is None else lambda: selector.add_low(hists)
+        counts = native_gta.count_ties(raw, codes, i, chunk_rows(chunk), selector.tie_thresholds())
+        return None if counts is None else lambda: selector.put_ties(chunk.row_start, counts)
 
     def native_mask(self, chunk: ChunkInfo) -> NativeMask | None:
         # keep_mask's composition (the first query's keys, minus the second's) is the kernel's.
@@ -183,8 +188,10 @@ class RandomSparsifier:
     def settle(self, phase: str) -> None:
         pass
 
-    def observe_raw(self, phase: str, raw: Sequence[Tensor], codes: Sequence[str], i: int, chunk: ChunkInfo) -> None:
-        pass
+    def count_raw(
+        self, phase: str, raw: Sequence[Tensor], codes: Sequence[str], i: int, chunk: ChunkInfo
+    ) -> Callable[[], None] | None:
+        return lambda: None
 
     def native_mask(self, chunk: ChunkInfo) -> NativeMask | None:
         bound = probability_bound(self.density)  # as bernoulli_mask: bits < bound ⟺ hash < bound·2¹¹
@@ -377,10 +384,16 @@ class SparseStatistic:
         phase = state.phases[pass_index]
         wanting = state.wanting(phase)
         if phase != "rescale":
-            if not all(hasattr(s, "observe_raw") for _, s in wanting):
+            if not all(hasattr(s, "count_raw") for _, s in wanting):
                 return False
-            for i, sparsifier in wanting:
-                sparsifier.observe_raw(phase, raw, codes, i, chunk)  # type: ignore[attr-defined]
+            commits = []
+            for i, sparsifier in wanting:  # every model counted before any count is recorded
+                commit = sparsifier.count_raw(phase, raw, codes, i, chunk)  # type: ignore[attr-defined]
+                if commit is None:
+                    return False
+                commits.append(commit)
+            for commit in commits:
+                commit()
             return True
         masks = [_native_mask(s, chunk) for _, s in wanting]
         if any(m is None for m in masks):  # decided before anything is recorded
