@@ -172,7 +172,8 @@ class MergeOptions:
     native: bool = option(
         True,
         "--no-native",
-        help="compute linear methods with torch ops instead of the fused native kernel (same bits, slower)",
+        help="compute with torch ops instead of the native kernels (linear family, TIES/DARE/Breadcrumbs; same bits, "
+        "slower)",
     )
     copy_tokenizer: bool = option(True, "--no-copy-tokenizer", help="write no tokenizer files", group=MERGEKIT_GROUP)
     strict: bool = option(

@@ -195,9 +195,9 @@ def test_native_equals_torch(method: str, n: int, in_code: str, out_code: str) -
     kernel_chunks = raw_folds = 0
     for v, variant in enumerate(VARIANTS):
         params = _params(method, n, variant)
-        for kind in ("ties", "equal", "special", "bits"):
+        for kind in ("ties", "equal", "special", "bits") if v in (0, 3) else ("ties", "special", "bits"):
             xs = _inputs(kind, codes, gen)
-            for rows in (ROWS, 5, 1) if v == 0 else (4,):
+            for rows in (ROWS, 1) if v == 0 else (5,):
                 what = f"{method} n={n} {codes}->{out_code} variant {v} {kind} {rows}-row chunks"
                 expected, ref_stats = _torch_path(method, xs, out_code, params, rows)
                 got, stats, merged, raw_updates = _native_path(method, xs, codes, out_code, params, rows)
