@@ -27,6 +27,7 @@ import torch
 
 from mergekitlite.errors import MergekitliteError, MethodInputError, OutputError
 from mergekitlite.gather import gather_rows
+from mergekitlite.heap import retained_heap
 from mergekitlite.io.files import InputFiles, ShardFile
 from mergekitlite.io.safetensors_header import CODE_BY_NAME, itemsize, torch_dtype
 from mergekitlite.lora.rows import read_rows
@@ -347,7 +348,8 @@ def run_tasks(plan: Plan, out_dir: Path, ctx: ExecContext, done: set[str] | None
     try:
         for layout in plan.shards:
             shards[layout.filename] = ShardFile(out_dir / layout.filename, layout, reuse=bool(done))
-        return _pipeline(plan, todo, shards, ctx)
+        with retained_heap():  # chunk temporaries are reused, not page-faulted again (see heap.py)
+            return _pipeline(plan, todo, shards, ctx)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputError(
