@@ -247,13 +247,15 @@ def to_compute(
     return None, tensors
 
 
-def native_form(task: TensorTask, compute: torch.dtype, device: torch.device) -> LinearForm | None:
-    """The form to hand to the native kernel for ``task``, or None when the torch path must run it."""
+def native_form(task: TensorTask, compute: torch.dtype, device: torch.device, stats: Any = None) -> LinearForm | None:
+    """The form to hand to the native kernel for ``task`` (given its statistic, for methods whose form comes
+    from it), or None when the torch path must run it."""
     if task.copy_of is not None or device.type != "cpu" or compute != torch.float32:
         return None
     if not native.supports([ref.tensor.dtype for ref in task.inputs], task.out_dtype):
         return None
-    return get_method(task.method).form(task.base is not None, len(task.models), task.param_dict)
+    with _naming_the_tensor(task):
+        return get_method(task.method).form(task.base is not None, len(task.models), task.param_dict, stats)
 
 
 def merge_chunk(
@@ -295,6 +297,7 @@ def task_stats(
     device: torch.device,
     pool: ThreadPoolExecutor | None = None,
     lookahead: int = 2,
+    native: bool = True,
 ) -> Any:
     """Run the statistic passes of ``task``'s method. Chunks are re-read for every pass (from the
     page cache, cheaper than holding the tensor); with a ``pool``, the next chunks are read and
@@ -322,7 +325,15 @@ def task_stats(
     shape = (task.merged_rows, *task.shape[1:]) if task.shape else ()
     with _naming_the_tensor(task):
         return compute_stats(
-            spec, shape, task.param_dict, len(task.models), infos, load, pool if concurrent else None, lookahead + 1
+            spec,
+            shape,
+            task.param_dict,
+            len(task.models),
+            infos,
+            load,
+            pool if concurrent else None,
+            lookahead + 1,
+            native=native,
         )
 
 
@@ -438,8 +449,10 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
                     # first, so that two tasks' working sets never overlap (the budget counts one).
                     while inflight:
                         complete_oldest()
-                    stats = task_stats(files, task, compute, ctx.device, pool, lookahead=plan.budget.workers)
-                form = native_form(task, compute, ctx.device) if ctx.native else None
+                    stats = task_stats(
+                        files, task, compute, ctx.device, pool, lookahead=plan.budget.workers, native=ctx.native
+                    )
+                form = native_form(task, compute, ctx.device, stats) if ctx.native else None
                 rule = None
                 for chunk in parts:
                     if chunk.rule is not rule:

@@ -229,11 +229,14 @@ def model_label(models: Sequence[str], i: int) -> str:
 class Implementation:
     """A method's tensor code: ``fn(base, models, **params)``, its statistic factory (one fresh object
     per tensor) and, for linear methods, the builder of its ``LinearForm`` from (base position, model
-    positions, **params), which the native kernel evaluates instead of ``fn``."""
+    positions, **params), which the native kernel evaluates instead of ``fn``. ``stats_form`` is that
+    builder for methods whose result is a linear form with coefficients from their statistic (slerp:
+    c₀·base + c₁·model from the angle), called with ``stats=`` once the statistic is known."""
 
     fn: Callable[..., Any]
     statistic: Callable[[], Statistic] | None = None
     linear_form: Callable[..., Any] | None = None
+    stats_form: Callable[..., Any] | None = None
 
     @property
     def declares_params(self) -> Callable[..., Any]:
@@ -264,6 +267,8 @@ def verify(spec: MethodSpec, impl: Implementation) -> None:
         problems.append("has a statistic but no keyword-only 'stats' argument")
     if (impl.linear_form is not None) != spec.linear:
         problems.append(f"has {'a' if impl.linear_form else 'no'} linear form, against its declaration")
+    if impl.stats_form is not None and impl.statistic is None:
+        problems.append("has a form built from its statistic, but no statistic")
     if spec.random and "chunk" not in inspect.signature(impl.fn).parameters:
         problems.append("is declared random but takes no 'chunk' (its seed)")
     if problems:
@@ -392,11 +397,15 @@ class MethodSpec:
             kwargs["stats"] = stats
         return self.fn(base, models, **kwargs)
 
-    def form(self, has_base: bool, n_models: int, params: Mapping[str, Any]) -> Any:
-        """The ``LinearForm`` of a linear method for these inputs and parameters; None for other methods."""
-        if self.linear_form is None:
-            return None
-        return self.linear_form(*input_positions(has_base, n_models), **{_py_name(k): v for k, v in params.items()})
+    def form(self, has_base: bool, n_models: int, params: Mapping[str, Any], stats: Any = None) -> Any:
+        """The ``LinearForm`` of the method for these inputs, parameters and (for a method whose form comes
+        from its statistic) the tensor's statistic; None for methods that are not linear forms."""
+        kwargs = {_py_name(k): v for k, v in params.items()}
+        if self.linear_form is not None:
+            return self.linear_form(*input_positions(has_base, n_models), **kwargs)
+        if self.has_statistic and self._impl.stats_form is not None:
+            return self._impl.stats_form(*input_positions(has_base, n_models), stats=stats, **kwargs)
+        return None
 
 
 def input_positions(has_base: bool, n_models: int) -> tuple[int | None, tuple[int, ...]]:
