@@ -18,7 +18,7 @@ import time
 import harness
 import torch
 
-from mergekitlite.execute import ChunkBuffers, merge_chunk, native_merge
+from mergekitlite.execute import ChunkBuffers, merge_chunk, native_form
 from mergekitlite.io.safetensors_header import TensorInfo
 from mergekitlite.methods import ChunkInfo, native
 from mergekitlite.taskgraph import InputRef, TensorTask
@@ -58,7 +58,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     raw = [torch.randn(shape, generator=g).to(torch.bfloat16).view(torch.uint8).reshape(-1) for _ in task.inputs]
     info = ChunkInfo(0, rows, shape, 0)
-    form = native_merge(task, torch.float32, torch.device("cpu"))
+    form = native_form(task, torch.float32, torch.device("cpu"))
     assert form is not None
     bufs = ChunkBuffers()
     results = {}

@@ -27,11 +27,13 @@ import torch
 
 from mergekitlite.errors import MergekitliteError, MethodInputError, OutputError
 from mergekitlite.gather import gather_rows
+from mergekitlite.heap import retained_heap
 from mergekitlite.io.files import InputFiles, ShardFile
 from mergekitlite.io.safetensors_header import CODE_BY_NAME, itemsize, torch_dtype
 from mergekitlite.lora.rows import read_rows
-from mergekitlite.methods import ChunkInfo, get_method
+from mergekitlite.methods import ChunkInfo, get_method, native
 from mergekitlite.methods.apply import RawChunk, compute_stats
+from mergekitlite.methods.linear_form import LinearForm
 from mergekitlite.methods.registry import NativeMerge
 from mergekitlite.rounding import narrow_once
 from mergekitlite.taskgraph import InputRef, Plan, RowRule, TensorTask
@@ -67,8 +69,8 @@ class ExecContext:
     on_done: Callable[[list[str], bool], None] | None = None
     journal_every_s: float = 1.0
     sync_every_bytes: int = 1 << 30
-    # Methods with a native kernel (the linear family, TIES/DARE/Breadcrumbs) run in it on the CPU when it
-    # is built (same bits); False (--no-native): the torch path everywhere, statistics included.
+    # Methods with a native kernel (linear forms, TIES/DARE/Breadcrumbs; native statistics) run in it on the
+    # CPU when it is built (same bits); False (--no-native): the torch path everywhere, statistics included.
     native: bool = True
 
 
@@ -252,14 +254,27 @@ def _native_compute(compute: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and compute == torch.float32
 
 
-def native_merge(task: TensorTask, compute: torch.dtype, device: torch.device) -> NativeMerge | None:
-    """The method's native merge for ``task`` (as its declaration makes it), or None: the torch path."""
+def native_form(task: TensorTask, compute: torch.dtype, device: torch.device, stats: Any = None) -> LinearForm | None:
+    """The form to hand to the native kernel for ``task`` (given its statistic, for methods whose form comes
+    from it), or None when the torch path must run it."""
+    if task.copy_of is not None or not _native_compute(compute, device):
+        return None
+    if not native.supports([ref.tensor.dtype for ref in task.inputs], task.out_dtype):
+        return None
+    with _naming_the_tensor(task):
+        return get_method(task.method).form(task.base is not None, len(task.models), task.param_dict, stats)
+
+
+def native_kernel(task: TensorTask, compute: torch.dtype, device: torch.device) -> NativeMerge | None:
+    """The method's own native merge for ``task``, as its declaration prepares it (``MethodSpec.native_merge``:
+    it says whether it takes the task's dtypes), or None: the torch path."""
     if task.copy_of is not None or not _native_compute(compute, device):
         return None
     codes = [ref.tensor.dtype for ref in task.inputs]
-    return get_method(task.method).native_merge(
-        task.base is not None, len(task.models), task.param_dict, codes, task.out_dtype
-    )
+    with _naming_the_tensor(task):
+        return get_method(task.method).native_merge(
+            task.base is not None, len(task.models), task.param_dict, codes, task.out_dtype
+        )
 
 
 def merge_chunk(
@@ -270,16 +285,23 @@ def merge_chunk(
     device: torch.device,
     stats: Any = None,
     bufs: ChunkBuffers | None = None,
+    form: LinearForm | None = None,
     kernel: NativeMerge | None = None,
 ) -> memoryview:
-    """Merge one row chunk: raw input bytes in, raw output bytes out. With a ``kernel`` (see
-    ``native_merge``) the native kernel computes it, else (or where it declines the chunk) the
-    method's torch function."""
+    """Merge one row chunk: raw input bytes in, raw output bytes out. With a ``form`` (see
+    ``native_form``) the linear kernel computes it; with a ``kernel`` (see ``native_kernel``) the
+    method's own native kernel, unless it declines the chunk; else the method's torch function."""
     if task.copy_of is not None:
         return _bytes_view(raw[0])
     rows = info.row_end - info.row_start
     if rows == 0 or math.prod(task.shape) == 0:
         return memoryview(b"")
+    if form is not None:
+        nbytes = rows * _row_bytes(task.out_dtype, task.shape)
+        cpu = torch.device("cpu")
+        out = torch.empty(nbytes, dtype=torch.uint8) if bufs is None else bufs.get("out", 0, nbytes, torch.uint8, cpu)
+        native.run_linear(form, raw, [ref.tensor.dtype for ref in task.inputs], out, task.out_dtype)
+        return _bytes_view(out)
     if kernel is not None:
         nbytes = rows * _row_bytes(task.out_dtype, task.shape)
         cpu = torch.device("cpu")
@@ -359,6 +381,7 @@ def task_stats(
             load,
             pool if concurrent else None,
             lookahead + 1,
+            native=native,
             load_raw=fetch_raw if use_raw else None,
         )
 
@@ -385,7 +408,8 @@ def run_tasks(plan: Plan, out_dir: Path, ctx: ExecContext, done: set[str] | None
     try:
         for layout in plan.shards:
             shards[layout.filename] = ShardFile(out_dir / layout.filename, layout, reuse=bool(done))
-        return _pipeline(plan, todo, shards, ctx)
+        with retained_heap():  # chunk temporaries are reused, not page-faulted again (see heap.py)
+            return _pipeline(plan, todo, shards, ctx)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputError(
@@ -407,7 +431,8 @@ def _process(
     device: torch.device,
     stats: Any,
     local: threading.local,
-    kernel: NativeMerge | None,
+    form: LinearForm | None,
+    kernel: NativeMerge | None = None,
 ) -> int:
     """One worker's job: read a chunk's inputs, merge (or apply the row rule), write the result."""
     bufs = local.__dict__.setdefault("buffers", ChunkBuffers())
@@ -417,7 +442,7 @@ def _process(
     if chunk.rule is not None:
         data = apply_rule(task, chunk.rule, raw, rows, compute, bufs)
     else:
-        data = merge_chunk(task, raw, chunk.info, compute, device, stats, bufs, kernel)
+        data = merge_chunk(task, raw, chunk.info, compute, device, stats, bufs, form, kernel)
     shards[chunk.shard].write(task.name, chunk.info.row_start * _row_bytes(task.out_dtype, task.shape), data)
     return len(data)
 
@@ -477,7 +502,8 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
                     stats = task_stats(
                         files, task, compute, ctx.device, pool, lookahead=plan.budget.workers, native=ctx.native
                     )
-                kernel = native_merge(task, compute, ctx.device) if ctx.native else None
+                form = native_form(task, compute, ctx.device, stats) if ctx.native else None
+                kernel = native_kernel(task, compute, ctx.device) if ctx.native and form is None else None
                 rule = None
                 for chunk in parts:
                     if chunk.rule is not rule:
@@ -488,7 +514,7 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
                         rule = chunk.rule
                     while len(inflight) >= limit:
                         complete_oldest()
-                    job = pool.submit(_process, files, shards, chunk, compute, ctx.device, stats, local, kernel)
+                    job = pool.submit(_process, files, shards, chunk, compute, ctx.device, stats, local, form, kernel)
                     inflight.append((chunk, job))
                 if not parts:  # an empty tensor: its header entry is all there is
                     remaining[task.name] = 1

@@ -55,21 +55,26 @@ def compute_stats(
     pool: Executor | None = None,
     window: int = 4,
     shuffle_seed: int | None = None,
+    native: bool = True,
     load_raw: Callable[[ChunkInfo], RawChunk] | None = None,
 ) -> Any:
     """Run the method's statistic passes; ``load(chunk)`` returns (base, models) for the chunk.
-    With ``load_raw``, a statistic that has ``update_raw`` is offered each chunk's raw bytes first.
+    With ``load_raw`` (and ``native``), a statistic that has ``update_raw`` is offered each chunk's raw
+    bytes first.
 
     With a ``pool`` and a statistic that declares ``concurrent = True``, each pass's chunks are
     loaded and folded in by the pool's workers, at most ``window`` at a time, in any order.
     ``stat.passes`` is read again after every pass: ``finish_pass`` may drop passes it finds unneeded.
-    ``shuffle_seed`` visits each pass's chunks in a shuffled order (for tests: order must not matter)."""
+    ``shuffle_seed`` visits each pass's chunks in a shuffled order (for tests: order must not matter).
+    ``native`` False keeps a statistic that has native kernels (a ``native`` attribute) on torch alone."""
     if spec.statistic is None:
         return None
     stat = spec.statistic()
+    if hasattr(stat, "native"):
+        stat.native = native
     state = stat.begin(tuple(shape), n_models, params)
 
-    raw_update = getattr(stat, "update_raw", None) if load_raw is not None else None
+    raw_update = getattr(stat, "update_raw", None) if native and load_raw is not None else None
 
     def fold(p: int, c: ChunkInfo) -> None:
         if raw_update is not None and load_raw is not None:

@@ -84,3 +84,16 @@ def linear_implementation(build: FormBuilder) -> Implementation:
         return evaluate(build(*input_positions(base is not None, len(models)), **params), x)  # type: ignore[arg-type]
 
     return Implementation(tensor_fn, linear_form=build)
+
+
+def stats_linear_implementation(build: FormBuilder, statistic: Callable[[], Any]) -> Implementation:
+    """A method whose result is a linear form of its inputs with coefficients computed from its whole-tensor
+    statistic (slerp, multislerp, karcher): ``build(base, models, *, stats, **params)``. The tensor function
+    evaluates the form on torch; the executor hands it to the native kernel once the statistic is known."""
+
+    @functools.wraps(build)
+    def tensor_fn(base: Tensor | None, models: Sequence[Tensor], **params: Any) -> Tensor:
+        x = [base, *models] if base is not None else list(models)
+        return evaluate(build(*input_positions(base is not None, len(models)), **params), x)  # type: ignore[arg-type]
+
+    return Implementation(tensor_fn, statistic=statistic, stats_form=build)

@@ -9,7 +9,7 @@ eight. It is optional: ``pip install`` builds it when a C compiler is present, a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
@@ -40,20 +40,6 @@ def available() -> bool:
 def supports(in_codes: Sequence[str], out_code: str) -> bool:
     """Whether the kernel handles these safetensors dtype codes (float32 compute only)."""
     return available() and len(in_codes) <= MAX_INPUTS and out_code in CODES and all(c in CODES for c in in_codes)
-
-
-def linear_merge(form: LinearForm, in_codes: Sequence[str], out_code: str) -> Callable[..., bool] | None:
-    """The kernel as a method's ``NativeMerge`` for one task (see registry), or None when it does not
-    take these dtypes."""
-    if not supports(in_codes, out_code):
-        return None
-    codes = list(in_codes)
-
-    def merge(raw: Sequence[torch.Tensor], out: torch.Tensor, chunk: object, stats: object) -> bool:
-        run_linear(form, raw, codes, out, out_code)
-        return True
-
-    return merge
 
 
 def run_linear(

@@ -82,16 +82,36 @@ class NativeMask:
 KEEP_ALL = NativeMask(MASK_ALL)
 
 
-def _check(raw: Sequence[Tensor], codes: Sequence[str], n: int) -> None:
-    for t, code in zip(raw, codes, strict=True):
-        if t.numel() != n * itemsize(code) or t.dtype != torch.uint8 or t.device.type != "cpu":
-            raise ValueError(f"native input of {t.numel()} {t.dtype} bytes on {t.device} for {n} {code} values")
-        if not t.is_contiguous():
-            raise ValueError("native inputs must be contiguous")
+def raw_buffer(buf: Any) -> tuple[int, int]:
+    """(address, bytes) of a contiguous uint8 CPU buffer: a numpy array or a torch tensor. Anything else is
+    refused: the kernels read and write raw memory."""
+    if isinstance(buf, np.ndarray):
+        if buf.dtype != np.uint8 or not buf.flags.c_contiguous:
+            raise ValueError(f"native buffers must be contiguous uint8 arrays, not {buf.dtype}")
+        return buf.ctypes.data, buf.nbytes
+    if not isinstance(buf, Tensor) or buf.dtype != torch.uint8 or buf.device.type != "cpu" or not buf.is_contiguous():
+        raise ValueError(f"native buffers must be contiguous uint8 CPU tensors, not {getattr(buf, 'dtype', buf)}")
+    return buf.data_ptr(), buf.numel()
 
 
-def _delta(raw: Sequence[Tensor], codes: Sequence[str], i: int) -> tuple[int, int, int, int]:
-    return (raw[0].data_ptr(), CODES[codes[0]], raw[i + 1].data_ptr(), CODES[codes[i + 1]])
+def _elements(raw: Sequence[Any], codes: Sequence[str]) -> tuple[int, list[int]]:
+    """The values per input (all the same) and the inputs' addresses."""
+    buffers = [raw_buffer(b) for b in raw]
+    n = buffers[0][1] // itemsize(codes[0])
+    for (_, nbytes), code in zip(buffers, codes, strict=True):
+        if nbytes != n * itemsize(code):
+            raise ValueError(f"native input of {nbytes} bytes for {n} {code} values")
+    return n, [addr for addr, _ in buffers]
+
+
+def _check_rows(n: int, chunk: ChunkInfo) -> None:
+    """The kernels index per-row data by element // row length: the buffers must hold the chunk's rows."""
+    if n != (chunk.row_end - chunk.row_start) * chunk.row_elements:
+        raise ValueError(f"{n} values for a chunk of {chunk.row_end - chunk.row_start} rows of {chunk.row_elements}")
+
+
+def _delta(addresses: Sequence[int], codes: Sequence[str], i: int) -> tuple[int, int, int, int]:
+    return (addresses[0], CODES[codes[0]], addresses[i + 1], CODES[codes[i + 1]])
 
 
 def _kernel() -> ModuleType:
@@ -101,9 +121,9 @@ def _kernel() -> ModuleType:
 
 
 def run_merge(
-    raw: Sequence[Tensor],
+    raw: Sequence[Any],
     codes: Sequence[str],
-    out: Tensor,
+    out: Any,
     out_code: str,
     chunk: ChunkInfo,
     specs: Sequence[tuple[Any, ...]],
@@ -114,19 +134,21 @@ def run_merge(
     divisor: float | None,
     lambda_: float | None,
 ) -> tuple[bool, int, int]:
-    """The merge of one chunk into ``out`` (contiguous uint8): (done, non-finite input values, non-finite
-    output values). ``done`` False: a TIES vote is not finite, run the torch path for this chunk instead."""
-    if not out.is_contiguous() or out.dtype != torch.uint8 or out.device.type != "cpu":
-        raise ValueError("the native output must be a contiguous uint8 CPU tensor")
-    n = out.numel() // itemsize(out_code)
-    _check(raw, codes, n)
+    """The merge of one chunk into ``out`` (raw buffers: contiguous uint8 numpy arrays or CPU tensors): (done,
+    non-finite input values, non-finite output values). ``done`` False: a TIES vote is not finite, run the
+    torch path for this chunk instead."""
+    out_addr, out_bytes = raw_buffer(out)
+    n, addresses = _elements(raw, codes)
+    _check_rows(n, chunk)
+    if out_bytes != n * itemsize(out_code):
+        raise ValueError(f"native output of {out_bytes} bytes for {n} {out_code} values")
     status, nonfinite_in, nonfinite_out = _kernel().merge(
-        out.data_ptr(),
+        out_addr,
         CODES[out_code],
         n,
         chunk.row_elements,
         chunk.flat_start,
-        [t.data_ptr() for t in raw],
+        addresses,
         [CODES[c] for c in codes],
         list(specs),
         [float(w) for w in agree_weights],
@@ -138,47 +160,45 @@ def run_merge(
     return status == 0, nonfinite_in, nonfinite_out
 
 
-def count_high(raw: Sequence[Tensor], codes: Sequence[str], i: int) -> np.ndarray | None:
+def count_high(raw: Sequence[Any], codes: Sequence[str], i: int) -> np.ndarray | None:
     """Histogram (int64, 65536 bins) of model i's |δ| keys >> 16 over the chunk; ``None`` when some |δ| is
     NaN (NaN keys depend on payloads, which torch propagates its own way: leave the chunk to torch)."""
-    n = raw[0].numel() // itemsize(codes[0])
-    _check(raw, codes, n)
+    n, addresses = _elements(raw, codes)
     hist = np.zeros(_BINS, dtype=np.int64)
-    nan = _kernel().counts(_delta(raw, codes, i), n, 1, 0, [], [hist.ctypes.data])
+    nan = _kernel().counts(_delta(addresses, codes, i), n, 1, 0, [], [hist.ctypes.data])
     return None if nan else hist
 
 
-def count_low(
-    raw: Sequence[Tensor], codes: Sequence[str], i: int, highs: Sequence[int]
-) -> dict[int, np.ndarray] | None:
+def count_low(raw: Sequence[Any], codes: Sequence[str], i: int, highs: Sequence[int]) -> dict[int, np.ndarray] | None:
     """Per high bin h: histogram of the low 16 bits of model i's |δ| keys whose high 16 bits are h;
     ``None`` when some |δ| is NaN."""
-    n = raw[0].numel() // itemsize(codes[0])
-    _check(raw, codes, n)
+    n, addresses = _elements(raw, codes)
     hists = {h: np.zeros(_BINS, dtype=np.int64) for h in highs}
     if not hists:
         return hists
-    nan = _kernel().counts(_delta(raw, codes, i), n, 1, 1, list(hists), [h.ctypes.data for h in hists.values()])
+    ptrs = [h.ctypes.data for h in hists.values()]
+    nan = _kernel().counts(_delta(addresses, codes, i), n, 1, 1, list(hists), ptrs)
     return None if nan else hists
 
 
 def count_ties(
-    raw: Sequence[Tensor], codes: Sequence[str], i: int, rows: int, thresholds: Sequence[int]
+    raw: Sequence[Any], codes: Sequence[str], i: int, rows: int, thresholds: Sequence[int]
 ) -> list[Tensor] | None:
     """Per threshold, the chunk's per-row counts (int64) of model i's |δ| keys equal to it; ``None`` when
     some |δ| is NaN."""
-    n = raw[0].numel() // itemsize(codes[0])
-    _check(raw, codes, n)
+    n, addresses = _elements(raw, codes)
+    if rows < 1 or n % rows:
+        raise ValueError(f"{n} values are not {rows} equal rows")
     counts = [torch.zeros(rows, dtype=torch.int64) for _ in thresholds]
     if counts and n:
         ptrs = [c.data_ptr() for c in counts]
-        if _kernel().counts(_delta(raw, codes, i), n, n // rows, 2, list(thresholds), ptrs):
+        if _kernel().counts(_delta(addresses, codes, i), n, n // rows, 2, list(thresholds), ptrs):
             return None
     return counts
 
 
 def row_l1(
-    raw: Sequence[Tensor],
+    raw: Sequence[Any],
     codes: Sequence[str],
     i: int,
     chunk: ChunkInfo,
@@ -188,13 +208,13 @@ def row_l1(
 ) -> None:
     """Per chunk row: Σ|δᵢ| into ``before`` and Σ|δᵢ|·maskᵢ into ``after`` (float64, by pairwise_sum's tree)."""
     rows = chunk.row_end - chunk.row_start
-    n = raw[0].numel() // itemsize(codes[0])
-    _check(raw, codes, n)
+    n, addresses = _elements(raw, codes)
+    _check_rows(n, chunk)
     for t in (before, after):
         if t.dtype != torch.float64 or not t.is_contiguous() or t.numel() != rows:
             raise ValueError("row sums must be a contiguous float64 tensor, one per chunk row")
     _kernel().row_l1(
-        _delta(raw, codes, i),
+        _delta(addresses, codes, i),
         rows,
         chunk.row_elements,
         chunk.flat_start,

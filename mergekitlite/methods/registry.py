@@ -118,12 +118,12 @@ class Statistic(Protocol):
 
 
 class NativeMerge(Protocol):
-    """A method's native merge of one task's chunks: the inputs' raw bytes (contiguous uint8 CPU tensors in
-    the task's input order, the base first) to the output's raw bytes in ``out``, the same bits as the
-    torch path on float32. Returns False when it cannot reproduce them for this chunk (``out`` is then
-    garbage, and the caller runs the torch path for the chunk)."""
+    """A method's native merge of one task's chunks: the inputs' raw bytes (contiguous uint8 buffers, numpy
+    arrays or CPU tensors, in the task's input order, the base first) to the output's raw bytes in ``out``,
+    the same bits as the torch path on float32. Returns False when it cannot reproduce them for this chunk
+    (``out`` is then garbage, and the caller runs the torch path for the chunk)."""
 
-    def __call__(self, raw: Sequence[Tensor], out: Tensor, chunk: ChunkInfo, stats: Any) -> bool: ...
+    def __call__(self, raw: Sequence[Any], out: Any, chunk: ChunkInfo, stats: Any) -> bool: ...
 
 
 class NativeKernel(Protocol):
@@ -252,12 +252,16 @@ def model_label(models: Sequence[str], i: int) -> str:
 class Implementation:
     """A method's tensor code: ``fn(base, models, **params)``, its statistic factory (one fresh object
     per tensor) and, for linear methods, the builder of its ``LinearForm`` from (base position, model
-    positions, **params), which the native kernel evaluates instead of ``fn``. Other methods may declare
-    a ``native`` kernel of their own (``NativeKernel``), which the executor prefers where it applies."""
+    positions, **params), which the native kernel evaluates instead of ``fn``. ``stats_form`` is that
+    builder for methods whose result is a linear form with coefficients from their statistic (slerp:
+    c₀·base + c₁·model from the angle), called with ``stats=`` once the statistic is known. Other methods
+    may declare a ``native`` kernel of their own (``NativeKernel``), which the executor prefers where it
+    takes the task."""
 
     fn: Callable[..., Any]
     statistic: Callable[[], Statistic] | None = None
     linear_form: Callable[..., Any] | None = None
+    stats_form: Callable[..., Any] | None = None
     native: NativeKernel | None = None
 
     @property
@@ -289,6 +293,8 @@ def verify(spec: MethodSpec, impl: Implementation) -> None:
         problems.append("has a statistic but no keyword-only 'stats' argument")
     if (impl.linear_form is not None) != spec.linear:
         problems.append(f"has {'a' if impl.linear_form else 'no'} linear form, against its declaration")
+    if impl.stats_form is not None and impl.statistic is None:
+        problems.append("has a form built from its statistic, but no statistic")
     if spec.random and "chunk" not in inspect.signature(impl.fn).parameters:
         problems.append("is declared random but takes no 'chunk' (its seed)")
     if problems:
@@ -417,21 +423,21 @@ class MethodSpec:
             kwargs["stats"] = stats
         return self.fn(base, models, **kwargs)
 
-    def form(self, has_base: bool, n_models: int, params: Mapping[str, Any]) -> Any:
-        """The ``LinearForm`` of a linear method for these inputs and parameters; None for other methods."""
-        if self.linear_form is None:
-            return None
-        return self.linear_form(*input_positions(has_base, n_models), **{_py_name(k): v for k, v in params.items()})
+    def form(self, has_base: bool, n_models: int, params: Mapping[str, Any], stats: Any = None) -> Any:
+        """The ``LinearForm`` of the method for these inputs, parameters and (for a method whose form comes
+        from its statistic) the tensor's statistic; None for methods that are not linear forms."""
+        kwargs = {_py_name(k): v for k, v in params.items()}
+        if self.linear_form is not None:
+            return self.linear_form(*input_positions(has_base, n_models), **kwargs)
+        if self.has_statistic and self._impl.stats_form is not None:
+            return self._impl.stats_form(*input_positions(has_base, n_models), stats=stats, **kwargs)
+        return None
 
     def native_merge(
         self, has_base: bool, n_models: int, params: Mapping[str, Any], in_codes: Sequence[str], out_code: str
     ) -> NativeMerge | None:
-        """The native merge of one task (float32 compute on the CPU), or None: for linear methods the fused
-        kernel of their ``LinearForm``, else the method's own declared kernel (``Implementation.native``)."""
-        if self.linear_form is not None:
-            from mergekitlite.methods import native  # imports torch: only once a merge runs
-
-            return native.linear_merge(self.form(has_base, n_models, params), in_codes, out_code)
+        """The method's own native kernel (``Implementation.native``) prepared for one task (float32 compute
+        on the CPU), or None. Linear forms (``form``) go to the linear kernel instead."""
         kernel = self._impl.native
         return None if kernel is None else kernel.prepare(has_base, n_models, params, in_codes, out_code)
 

@@ -125,7 +125,7 @@ class RankWindowSparsifier:
         {"high": self.selector.settle_high, "low": self.selector.settle_low, "ties": self.selector.settle_ties}[phase]()
 
     def count_raw(
-        self, phase: str, raw: Sequence[Tensor], codes: Sequence[str], i: int, chunk: ChunkInfo
+        self, phase: str, raw: Sequence[Any], codes: Sequence[str], i: int, chunk: ChunkInfo
     ) -> Callable[[], None] | None:
         selector = self.selector
         if phase == "high":
@@ -189,7 +189,7 @@ class RandomSparsifier:
         pass
 
     def count_raw(
-        self, phase: str, raw: Sequence[Tensor], codes: Sequence[str], i: int, chunk: ChunkInfo
+        self, phase: str, raw: Sequence[Any], codes: Sequence[str], i: int, chunk: ChunkInfo
     ) -> Callable[[], None] | None:
         return lambda: None
 
@@ -370,7 +370,7 @@ class SparseStatistic:
         self,
         state: _SparseState,
         pass_index: int,
-        raw: Sequence[Tensor],
+        raw: Sequence[Any],
         codes: Sequence[str],
         params: Mapping[str, Any],
         chunk: ChunkInfo,
@@ -592,7 +592,7 @@ class _GtaMerge:
     codes: tuple[str, ...]
     out_code: str
 
-    def __call__(self, raw: Sequence[Tensor], out: Tensor, chunk: ChunkInfo, stats: SparseStats) -> bool:
+    def __call__(self, raw: Sequence[Any], out: Any, chunk: ChunkInfo, stats: SparseStats) -> bool:
         masks = [_native_mask(s, chunk) for s in stats.sparsifiers]
         if any(m is None for m in masks):
             return False
