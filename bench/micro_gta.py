@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mergekitlite import working_space
-from mergekitlite.execute import ChunkBuffers, merge_chunk, native_merge
+from mergekitlite.execute import ChunkBuffers, merge_chunk, native_form, native_kernel
 from mergekitlite.io.safetensors_header import TensorInfo
 from mergekitlite.methods import ChunkInfo, get_method
 from mergekitlite.methods.apply import RawChunk, compute_stats, row_chunks
@@ -94,15 +94,16 @@ def bench_method(method: str, xs: list[torch.Tensor], chunk_rows: int, rounds: i
     elements = shape[0] * shape[1]
     out: dict[str, list[float]] = {}
     results: dict[str, Any] = {}
-    kernel = native_merge(task, torch.float32, cpu)
+    kernel = native_kernel(task, torch.float32, cpu)
+    form = native_form(task, torch.float32, cpu)  # task_arithmetic: the linear kernel
     for _ in range(rounds):
         for label, lr in (("torch", None), ("native", load_raw)):
             t, stats = _median_ns(lambda lr=lr: compute_stats(spec, shape, params, n, chunks, load, load_raw=lr), 1, 1)
             out.setdefault(f"stats {label}", []).append(t / elements)
-            k = kernel if label == "native" else None
+            k, f = (kernel, form) if label == "native" else (None, None)
 
-            def merge(k: Any = k, stats: Any = stats) -> bytes:
-                parts = [merge_chunk(task, raw_of(c), c, torch.float32, cpu, stats, bufs, k) for c in chunks]
+            def merge(k: Any = k, f: Any = f, stats: Any = stats) -> bytes:
+                parts = [merge_chunk(task, raw_of(c), c, torch.float32, cpu, stats, bufs, f, k) for c in chunks]
                 return b"".join(bytes(p) for p in parts)
 
             t, data = _median_ns(merge, 1, 1)
