@@ -321,3 +321,37 @@ def test_native_merge_equals_torch_merge(llama_family, tmp_path, write_recipe, m
     for name in a:
         assert a[name].dtype == b[name].dtype
         assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), name
+
+
+@needs_kernel
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties"])
+@pytest.mark.parametrize(("shape", "rows"), [((7,), 3), ((), 1), ((5, 1), 2), ((3, 2100), 2)])
+def test_shapes(method: str, shape: tuple[int, ...], rows: int) -> None:
+    """1-D tensors (rows of one element), a scalar, and rows longer than the kernel's 1024-element block."""
+    spec = get_method(method)
+    gen = torch.Generator().manual_seed(len(shape) * 10 + rows)
+    xs = [(torch.randn(shape, generator=gen) * 0.02).bfloat16() for _ in range(3)]
+    params = _params(method, 2, {"density": (0.5, 0.3), "gamma": (0.1, 0.1), "weight": (0.5, 1.0)})
+    chunks = list(row_chunks(shape, rows, seed=3))
+
+    def part(x: torch.Tensor, c: ChunkInfo) -> torch.Tensor:
+        return x if not shape else x[c.row_start : c.row_end]
+
+    def f32(c: ChunkInfo) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return part(xs[0], c).float(), [part(x, c).float() for x in xs[1:]]
+
+    def raw(c: ChunkInfo) -> list[torch.Tensor]:
+        return [part(x, c).contiguous().reshape(-1).view(torch.uint8) for x in xs]
+
+    reference = compute_stats(spec, shape, params, 2, chunks, f32)
+    stats = compute_stats(
+        spec, shape, params, 2, chunks, f32, load_raw=lambda c: RawChunk(raw(c), ["BF16"] * 3, lambda: f32(c))
+    )
+    kernel = spec.native_merge(True, 2, params, ["BF16"] * 3, "BF16")
+    assert kernel is not None
+    for c in chunks:
+        out = torch.empty(raw(c)[0].numel(), dtype=torch.uint8)
+        assert kernel(raw(c), out, c, stats)
+        base, models = f32(c)
+        expected = spec(base, models, params, chunk=c, stats=reference).bfloat16().reshape(-1)
+        _assert_same_bits(out.view(torch.bfloat16), expected, f"{method} {shape} rows {c.row_start}..")
