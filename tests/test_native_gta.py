@@ -355,3 +355,24 @@ def test_shapes(method: str, shape: tuple[int, ...], rows: int) -> None:
         base, models = f32(c)
         expected = spec(base, models, params, chunk=c, stats=reference).bfloat16().reshape(-1)
         _assert_same_bits(out.view(torch.bfloat16), expected, f"{method} {shape} rows {c.row_start}..")
+
+
+@needs_kernel
+@pytest.mark.parametrize(("distinct", "passes"), [(1, 2), (3, 2), (10, 3)])
+def test_tie_counts_recorded_in_the_low_pass(distinct: int, passes: int) -> None:
+    """Few distinct keys per row in the threshold's 16-bit bin (as bf16 fine-tunes have): the low pass records
+    them and the tie pass is not made; more than the kernel's slots: it is. The statistic and the merge are
+    the torch ones either way."""
+    gen = torch.Generator().manual_seed(distinct)
+    lows = torch.randint(0, distinct, (ROWS, COLS), generator=gen)
+    magnitude = (torch.full((ROWS, COLS), 0x3F800000, dtype=torch.int32) + lows.int()).view(torch.float32)
+    sign = torch.randint(0, 2, (ROWS, COLS), generator=gen).float() * 2 - 1
+    xs = [torch.zeros(ROWS, COLS), magnitude * sign]
+    codes = ["F32", "F32"]
+    params = _params("ties", 1, {"density": (0.45,), "weight": (1.0,)})
+    expected, reference = _torch_path("ties", xs, "F32", params, 3)
+    got, stats, _, folds = _native_path("ties", xs, codes, "F32", params, 3)
+    assert reference.sparsifiers[0].selector.needs_ties
+    assert folds == passes * math.ceil(ROWS / 3)
+    _assert_same_statistic(stats, reference, f"{distinct} distinct")
+    _assert_same_bits(got, expected, f"{distinct} distinct")

@@ -414,7 +414,31 @@ typedef struct {
     Py_ssize_t count;
     int64_t value[MAX_QUERIES];
     int64_t *out[MAX_QUERIES];
+    /* mode 1, optional: per chunk row, up to RECORD_SLOTS distinct low halves of the keys in the bin and
+       their counts (low −1: a free slot), so that the tie counts at the threshold need no pass of their own */
+    int32_t *rec_low[MAX_QUERIES];
+    int64_t *rec_count[MAX_QUERIES];
+    int overflow; /* some row had more distinct low halves in the bin than slots */
 } CountJob;
+
+#define RECORD_SLOTS 4
+
+static void record(CountJob *job, Py_ssize_t q, Py_ssize_t row, int32_t low) {
+    int32_t *lows = job->rec_low[q] + row * RECORD_SLOTS;
+    int64_t *counts = job->rec_count[q] + row * RECORD_SLOTS;
+    for (int s = 0; s < RECORD_SLOTS; s++) {
+        if (lows[s] == low) {
+            counts[s]++;
+            return;
+        }
+        if (lows[s] < 0) {
+            lows[s] = low;
+            counts[s] = 1;
+            return;
+        }
+    }
+    job->overflow = 1;
+}
 
 /* Returns how many |δ| are NaN: their keys depend on NaN payloads, which the C and torch conversions and
    subtractions do not propagate alike, so the caller leaves such chunks to the torch path. */
@@ -431,8 +455,15 @@ MULTIVERSION static Py_ssize_t run_counts(CountJob *job, float *b, float *mag, i
             for (Py_ssize_t q = 0; q < job->count; q++) {
                 int64_t *h = job->out[q];
                 int32_t high = (int32_t)job->value[q];
-                for (Py_ssize_t j = 0; j < len; j++)
-                    if ((keys[j] >> 16) == high) h[keys[j] & 0xffff]++;
+                if (job->rec_low[q]) {
+                    for (Py_ssize_t j = 0; j < len; j++)
+                        if ((keys[j] >> 16) == high) {
+                            h[keys[j] & 0xffff]++;
+                            record(job, q, (start + j) / job->row_len, keys[j] & 0xffff);
+                        }
+                } else
+                    for (Py_ssize_t j = 0; j < len; j++)
+                        if ((keys[j] >> 16) == high) h[keys[j] & 0xffff]++;
             }
         } else {
             for (Py_ssize_t q = 0; q < job->count; q++) {
@@ -446,15 +477,17 @@ MULTIVERSION static Py_ssize_t run_counts(CountJob *job, float *b, float *mag, i
     return nan;
 }
 
-/* counts(delta, n, row_len, mode, values, outputs) -> NaN |δ| seen: mode 0 "high" (values: [], outputs:
-   [hist]), 1 "low" (values: high bits per query, outputs: a 65536-bin histogram each), 2 "ties" (values:
+/* counts(delta, n, row_len, mode, values, outputs[, records]) -> (NaN |δ| seen, overflow): mode 0 "high"
+   (values: [], outputs: [hist]), 1 "low" (values: high bits per query, outputs: a 65536-bin histogram each;
+   records: per query None or (int32 lows, int64 counts), RECORD_SLOTS per chunk row), 2 "ties" (values:
    thresholds, outputs: an int64 count per chunk row each). Counts are added to the outputs. */
 static PyObject *py_counts(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *delta, *values, *outputs;
+    PyObject *delta, *values, *outputs, *records = Py_None;
     CountJob job;
     memset(&job, 0, sizeof job);
-    if (!PyArg_ParseTuple(args, "OnniOO", &delta, &job.n, &job.row_len, &job.mode, &values, &outputs)) return NULL;
+    if (!PyArg_ParseTuple(args, "OnniOO|O", &delta, &job.n, &job.row_len, &job.mode, &values, &outputs, &records))
+        return NULL;
     if (parse_delta(delta, &job.dl)) return NULL;
     job.count = PySequence_Size(outputs);
     if (job.count < 1 || job.count > MAX_QUERIES || job.mode < 0 || job.mode > 2 || job.row_len < 1 || job.n < 0 ||
@@ -473,6 +506,15 @@ static PyObject *py_counts(PyObject *self, PyObject *args) {
             Py_DECREF(item);
             if (PyErr_Occurred()) return NULL;
         }
+        if (job.mode == 1 && records != Py_None) {
+            PyObject *item = PySequence_GetItem(records, q);
+            unsigned long long lows = 0, counts = 0;
+            int ok = item && (item == Py_None || PyArg_ParseTuple(item, "KK", &lows, &counts));
+            Py_XDECREF(item);
+            if (!ok) return NULL;
+            job.rec_low[q] = (int32_t *)(uintptr_t)lows;
+            job.rec_count[q] = (int64_t *)(uintptr_t)counts;
+        }
     }
     float *work = malloc(sizeof(float) * BLOCK * 3);
     if (!work) return PyErr_NoMemory();
@@ -481,7 +523,7 @@ static PyObject *py_counts(PyObject *self, PyObject *args) {
     nan = run_counts(&job, work, work + BLOCK, (int32_t *)(work + 2 * BLOCK));
     Py_END_ALLOW_THREADS;
     free(work);
-    return PyLong_FromSsize_t(nan);
+    return Py_BuildValue("ni", nan, job.overflow);
 }
 
 /* primitives.pairwise_sum of one row whose ``width`` leading terms are in acc[0..width) (the rest already

@@ -14,7 +14,7 @@ The module only knows how to call the kernel: the masks are described by the spa
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -32,6 +32,7 @@ CODES = {"F32": 0, "BF16": 1, "F16": 2}  # safetensors dtype code -> dtypes.h's 
 MASK_ALL, MASK_NONE, MASK_TOPK, MASK_RANDOM = range(4)
 _QUERY_KINDS = {"none": 0, "all": 1, "threshold": 2}
 _BINS = 1 << 16
+RECORD_SLOTS = 4  # gta.c's: distinct low halves recorded per row in the low pass
 
 
 def _load() -> ModuleType | None:
@@ -165,20 +166,41 @@ def count_high(raw: Sequence[Any], codes: Sequence[str], i: int) -> np.ndarray |
     NaN (NaN keys depend on payloads, which torch propagates its own way: leave the chunk to torch)."""
     n, addresses = _elements(raw, codes)
     hist = np.zeros(_BINS, dtype=np.int64)
-    nan = _kernel().counts(_delta(addresses, codes, i), n, 1, 0, [], [hist.ctypes.data])
+    nan, _ = _kernel().counts(_delta(addresses, codes, i), n, 1, 0, [], [hist.ctypes.data])
     return None if nan else hist
 
 
-def count_low(raw: Sequence[Any], codes: Sequence[str], i: int, highs: Sequence[int]) -> dict[int, np.ndarray] | None:
-    """Per high bin h: histogram of the low 16 bits of model i's |δ| keys whose high 16 bits are h;
-    ``None`` when some |δ| is NaN."""
+def count_low(
+    raw: Sequence[Any],
+    codes: Sequence[str],
+    i: int,
+    highs: Sequence[int],
+    rows: int = 1,
+    records: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> tuple[dict[int, np.ndarray], bool] | None:
+    """Per high bin h: histogram of the low 16 bits of model i's |δ| keys whose high 16 bits are h, and
+    whether ``records`` overflowed; ``None`` when some |δ| is NaN. ``records`` (per h, optional): per chunk
+    row, ``RECORD_SLOTS`` distinct low halves of the bin's keys (int32, −1: free) and their counts (int64),
+    filled in as they come; overflowed: some row had more distinct ones than slots."""
     n, addresses = _elements(raw, codes)
     hists = {h: np.zeros(_BINS, dtype=np.int64) for h in highs}
     if not hists:
-        return hists
+        return hists, False
+    if rows < 1 or n % rows:
+        raise ValueError(f"{n} values are not {rows} equal rows")
+    tables = None
+    if records is not None:
+        tables = []
+        for h in hists:
+            lows, counts = records[h]
+            if lows.dtype != np.int32 or counts.dtype != np.int64 or lows.size != rows * RECORD_SLOTS:
+                raise ValueError("records must be int32 lows and int64 counts, RECORD_SLOTS per chunk row")
+            if counts.size != lows.size or not (lows.flags.c_contiguous and counts.flags.c_contiguous):
+                raise ValueError("records must be contiguous, as many counts as lows")
+            tables.append((lows.ctypes.data, counts.ctypes.data))
     ptrs = [h.ctypes.data for h in hists.values()]
-    nan = _kernel().counts(_delta(addresses, codes, i), n, 1, 1, list(hists), ptrs)
-    return None if nan else hists
+    nan, overflow = _kernel().counts(_delta(addresses, codes, i), n, n // rows, 1, list(hists), ptrs, tables)
+    return None if nan else (hists, bool(overflow))
 
 
 def count_ties(
@@ -192,7 +214,8 @@ def count_ties(
     counts = [torch.zeros(rows, dtype=torch.int64) for _ in thresholds]
     if counts and n:
         ptrs = [c.data_ptr() for c in counts]
-        if _kernel().counts(_delta(addresses, codes, i), n, n // rows, 2, list(thresholds), ptrs):
+        nan, _ = _kernel().counts(_delta(addresses, codes, i), n, n // rows, 2, list(thresholds), ptrs)
+        if nan:
             return None
     return counts
 

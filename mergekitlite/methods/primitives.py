@@ -284,6 +284,7 @@ def chunk_bernoulli(key: int, like: Tensor, chunk: ChunkInfo, p: float) -> Tenso
 # Exact top-k over row chunks (radix select on float32 bit patterns)
 
 _BINS = 1 << 16
+RECORD_SLOTS = 4  # distinct keys per row that the low pass's records hold (kernels/gta.c)
 
 
 def magnitude_key(x: Tensor) -> Tensor:
@@ -359,6 +360,13 @@ class TopK:
         self.row_ties = torch.zeros(len(self.queries), self.rows, dtype=torch.int64)
         self.ties_before: Tensor | None = None  # [query, row]: keys equal to T in earlier rows
         self._low_settled = False
+        # A kernel counting the low pass may also record, per row, the few distinct keys of the threshold's
+        # bin (``recording``, set during the high pass); when every row was recorded the tie counts come from
+        # them and the tie pass is not made. Per high bin: int32 low halves and int64 counts, SLOTS per row.
+        self.recording = False
+        self._records: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
+        self._recorded_rows = 0
+        self._ties_recorded = False
 
     def count_high(self, keys: Tensor) -> None:
         if self.queries and not self._selecting():  # queries not chosen yet: they will be from this pass
@@ -371,6 +379,9 @@ class TopK:
         for _, q in self._selecting():
             q.high, above_bin = _top_bin(self.hist_high, q.k)
             q.need = q.k - above_bin
+        if self.recording and self._selecting():
+            slots = RECORD_SLOTS * self.rows
+            self._records = {h: (np.full(slots, -1, np.int32), np.zeros(slots, np.int64)) for h in self.low_bins()}
 
     def count_low(self, keys: Tensor) -> None:
         flat = keys.reshape(-1)
@@ -392,6 +403,31 @@ class TopK:
             q.ties_allowed = q.need - above_bin
             q.ties_total = int(q.hist_low[low])
         self._low_settled = True
+        records, self._records = self._records, None
+        if records is not None and self._recorded_rows == self.rows and self.needs_ties:
+            for i, q in enumerate(self.queries):  # as count_ties: the per-row counts of keys equal to T
+                if self._partial(q):
+                    lows, counts = (a.reshape(self.rows, RECORD_SLOTS) for a in records[q.high])
+                    at_t = np.where(lows == (q.threshold & 0xFFFF), counts, 0).sum(axis=1)
+                    self.row_ties[i] = torch.from_numpy(at_t)
+            self._ties_recorded = True
+            self.settle_ties()
+
+    def low_records(self, row_start: int, rows: int) -> dict[int, tuple[np.ndarray, np.ndarray]] | None:
+        """The chunk's rows of the per-row records of each bin (see ``recording``), or None: not recording."""
+        if self._records is None:
+            return None
+        part = slice(RECORD_SLOTS * row_start, RECORD_SLOTS * (row_start + rows))
+        return {h: (lows[part], counts[part]) for h, (lows, counts) in self._records.items()}
+
+    def add_recorded(self, rows: int, overflow: bool) -> None:
+        """The low pass's records of ``rows`` rows are complete (or, ``overflow``, unusable)."""
+        with self._lock:
+            if self._records is not None:
+                if overflow:
+                    self._records = None
+                else:
+                    self._recorded_rows += rows
 
     @property
     def needs_ties(self) -> bool:
@@ -405,7 +441,7 @@ class TopK:
         if phase == "low":
             return bool(self._selecting())
         if phase == "ties":
-            return bool(self._selecting()) and (not self._low_settled or self.needs_ties)
+            return bool(self._selecting()) and (not self._low_settled or (self.needs_ties and not self._ties_recorded))
         return False
 
     def count_ties(self, keys: Tensor, row_start: int, rows: int) -> None:

@@ -128,15 +128,27 @@ class RankWindowSparsifier:
         self, phase: str, raw: Sequence[Any], codes: Sequence[str], i: int, chunk: ChunkInfo
     ) -> Callable[[], None] | None:
         selector = self.selector
+        rows = chunk_rows(chunk)
         if phase == "high":
             if not selector.high_wanted():
                 return lambda: None
+            selector.recording = True  # the low pass will be counted here too: record its ties (see TopK)
             hist = native_gta.count_high(raw, codes, i)
             return None if hist is None else lambda: selector.add_high(hist)
         if phase == "low":
-            hists = native_gta.count_low(raw, codes, i, selector.low_bins())
-            return None if hists is None else lambda: selector.add_low(hists)
-        counts = native_gta.count_ties(raw, codes, i, chunk_rows(chunk), selector.tie_thresholds())
+            records = selector.low_records(chunk.row_start, rows)
+            low = native_gta.count_low(raw, codes, i, selector.low_bins(), rows, records)
+            if low is None:
+                return None
+            hists, overflow = low
+
+            def commit() -> None:
+                selector.add_low(hists)
+                if records is not None:
+                    selector.add_recorded(rows, overflow)
+
+            return commit
+        counts = native_gta.count_ties(raw, codes, i, rows, selector.tie_thresholds())
         return None if counts is None else lambda: selector.put_ties(chunk.row_start, counts)
 
     def native_mask(self, chunk: ChunkInfo) -> NativeMask | None:
