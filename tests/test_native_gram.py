@@ -1,7 +1,7 @@
 """The native Gram kernel (kernels/gram.c) against the torch path it replaces: per-row float64 dot products
 summed by ``pairwise_sum``'s tree, bit for bit, for every row length (odd, powers of two, 1) and for float32
-values of every kind (subnormals, ±0, ±inf; NaN sums are NaN); and the statistic it serves gives the same Gram matrix and
-the same merged tensors with and without it."""
+values of every kind (subnormals, ±0, ±inf; NaN sums are NaN); and the statistic it serves gives the same Gram
+matrix and the same merged tensors with and without it."""
 
 from __future__ import annotations
 
