@@ -64,18 +64,19 @@ def test_refuses_what_it_cannot_take() -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("method", ["slerp", "multislerp", "karcher"])
+@pytest.mark.parametrize("method", ["slerp", "multislerp", "karcher", "nuslerp"])
 @pytest.mark.parametrize("shape", [(37, 19), (64,), ()])
 def test_statistic_and_merge_are_the_same_with_and_without_it(method: str, shape: tuple[int, ...]) -> None:
     gen = torch.Generator().manual_seed(len(shape))
     base, a, b = (torch.randn(shape, generator=gen) for _ in range(3))
     models = [a] if method == "slerp" else [a, b]
+    nuslerp = {"weight": [0.6, 0.4], "nuslerp_row_wise": False, "nuslerp_flatten": True}
     spec = get_method(method)
-    params = spec.resolve_params({}, len(models)) if hasattr(spec, "resolve_params") else None
     params = {
         "slerp": {"t": 0.3},
         "multislerp": {"weight": [0.6, 0.4], "normalize_weights": True, "eps": 1e-8},
         "karcher": {"max_iter": 10, "tol": 1e-5},
+        "nuslerp": nuslerp,
     }[method]
     chunks = list(row_chunks(shape, 5, 0))
 
