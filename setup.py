@@ -23,7 +23,7 @@ class BuildExt(build_ext):
 setup(
     ext_modules=[
         Extension("mergekitlite._native", ["mergekitlite/_native.c"], optional=True),
-        Extension("mergekitlite._gram", ["mergekitlite/kernels/gram.c"], optional=True),
+        Extension("mergekitlite._stats", ["mergekitlite/kernels/stats.c"], optional=True),
     ],
     cmdclass={"build_ext": BuildExt},
 )

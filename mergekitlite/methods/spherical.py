@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from mergekitlite.errors import MethodInputError
-from mergekitlite.methods import native_gram
+from mergekitlite.methods import native_stats
 from mergekitlite.methods.linear_form import LinearForm, stats_linear_implementation
 from mergekitlite.methods.primitives import (
     GramStatistic,
@@ -165,8 +165,8 @@ class NuSlerpStatistic:
             return
         v0, v1 = (v.contiguous() for v in _nuslerp_vectors(base, models))
         rows = chunk_rows(chunk)
-        if state.mode == "whole" and self.native and native_gram.supports([v0, v1]):
-            g00, g01, g11 = native_gram.gram_rows([v0, v1], rows)  # pairs (0,0), (0,1), (1,1)
+        if state.mode == "whole" and self.native and native_stats.supports([v0, v1]):
+            g00, g01, g11 = native_stats.gram_rows([v0, v1], rows)  # pairs (0,0), (0,1), (1,1)
             for idx, sums in enumerate((g00, g11, g01)):
                 state.whole.put(idx, chunk.row_start, sums)
             return
