@@ -1,5 +1,6 @@
-"""Build the optional native kernels (mergekitlite/_native.c: the linear family; mergekitlite/kernels/gram.c:
-the Gram statistic; mergekitlite/kernels/gta.c: TIES/DARE/Breadcrumbs); everything else is in pyproject.toml.
+"""Build the optional native kernels (mergekitlite/_native.c: linear forms; mergekitlite/kernels/stats.c: the
+Gram statistic, DELLA's ranks; mergekitlite/kernels/gta.c: TIES/DARE/Breadcrumbs); everything else is in
+pyproject.toml.
 
 The extensions are optional: without a C compiler the install still succeeds and merges run on the
 torch path (same bits, slower)."""
@@ -25,7 +26,7 @@ _HEADERS = ["mergekitlite/kernels/dtypes.h"]
 setup(
     ext_modules=[
         Extension("mergekitlite._native", ["mergekitlite/_native.c"], depends=_HEADERS, optional=True),
-        Extension("mergekitlite._gram", ["mergekitlite/kernels/gram.c"], optional=True),
+        Extension("mergekitlite._stats", ["mergekitlite/kernels/stats.c"], optional=True),
         Extension("mergekitlite._gta", ["mergekitlite/kernels/gta.c"], depends=_HEADERS, optional=True),
     ],
     cmdclass={"build_ext": BuildExt},

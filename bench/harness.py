@@ -60,18 +60,23 @@ def tree_digest(folder: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def _reuse_kernel(package: Path) -> str:
-    """A git revision carries the native kernel's source, not its build: copy this checkout's build when
-    the source is the same (same source, same binary), else say the snapshot has none."""
-    built = list((REPO / "mergekitlite").glob("_native*.so"))
-    source = package / "_native.c"
-    if not source.exists():
-        return ""
-    if built and source.read_bytes() == (REPO / "mergekitlite" / "_native.c").read_bytes():
-        for so in built:
-            shutil.copy2(so, package / so.name)
-        return ""
-    return "; its native kernel source differs from this checkout's build, so it runs without one"
+def _build_kernels(root: Path, rev: str) -> str:
+    """A git revision carries the native kernels' sources, not their builds: build them in the snapshot with
+    that revision's own setup.py (same compiler flags as its install), so an older version is measured with
+    its kernels; a failed build is said in the report."""
+    setup = git("show", f"{rev}:setup.py")
+    if setup is None:
+        return "; it has no setup.py (no native kernel)"
+    (root / "setup.py").write_text(setup + "\n")
+    done = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=root, capture_output=True, text=True
+    )
+    (root / "setup.py").unlink()
+    shutil.rmtree(root / "build", ignore_errors=True)
+    built = sorted(p.name for p in (root / "mergekitlite").glob("*.so"))
+    if done.returncode != 0 or not built:
+        return "; its native kernels did not build, so it runs without them"
+    return f"; its native kernels built in the snapshot ({', '.join(built)})"
 
 
 def snapshot(source: str) -> tuple[Path, str]:
@@ -90,7 +95,7 @@ def snapshot(source: str) -> tuple[Path, str]:
         tar = subprocess.run(["git", "-C", str(REPO), "archive", rev, "mergekitlite"], capture_output=True, check=True)
         with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as archive:
             archive.extractall(tmp, filter="data")
-        origin = f"git {source} ({rev}){_reuse_kernel(tmp / 'mergekitlite')}"
+        origin = f"git {source} ({rev}){_build_kernels(tmp, rev)}"
     digest = tree_digest(tmp / "mergekitlite")
     root = WORK / "snapshots" / digest
     if (root / "mergekitlite").exists():

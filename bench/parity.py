@@ -12,6 +12,7 @@ decoded keep rates and rescale factors (DARE/DELLA, whose random draws cannot ma
     python bench/parity.py -n 1 --only ties,slerp --no-write
     python bench/parity.py --preset medium -n 2
     python bench/parity.py --preset 1.3b -n 3 --no-check   # real scale: the 1.3b family (two fine-tunes)
+    python bench/parity.py --preset 1.3b -n 3 --tools ours --only della,sce   # our times alone
 
 Ours runs from a frozen copy of mergekitlite/ (bench/harness.py), since others commit while it runs.
 A method mergekit lacks or fails on is reported as skipped, with the reason from its log.
@@ -131,7 +132,7 @@ def jobs(case: Case, args: argparse.Namespace, paths: Paths, env: dict[str, str]
     ours = [str(args.merge_bin), recipe, str(paths.output(case, "ours")), "--overwrite", "--no-hash", "-q"]
     mk = [str(args.mergekit_bin), recipe, str(paths.output(case, "mergekit")), "--quiet"]
     cmds = {"ours": [*ours, *shlex.split(args.ours_args)], "mergekit": [*mk, *shlex.split(args.mk_args)]}
-    return [Job(f"{case.name} {tool}", cmds[tool], env, paths.output(case, tool)) for tool in TOOLS]
+    return [Job(f"{case.name} {tool}", cmds[tool], env, paths.output(case, tool)) for tool in args.tools]
 
 
 def exact_tensors(args: argparse.Namespace) -> list[str]:
@@ -198,7 +199,7 @@ def run_rounds(
         list(groups.values()), args.repeats, logs, alternate=True, skip_failed=True, on_run=show, after_group=after
     )
     for c in selected:
-        for tool, job in zip(TOOLS, groups[c.name], strict=True):
+        for tool, job in zip(args.tools, groups[c.name], strict=True):
             outcomes[c.name].runs[tool] = rounds.runs[job.label]
             if job.label in rounds.skipped:
                 outcomes[c.name].skipped[tool] = rounds.skipped[job.label]
@@ -420,8 +421,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--recheck", action="store_true", help="merge nothing: check the outputs kept by an earlier --keep-outputs run"
     )
+    ap.add_argument("--tools", default="ours,mergekit", help="ours,mergekit (default) or ours: our times alone")
     args = ap.parse_args(argv)
     args.ours_args, args.mk_args = one(args.ours_args, "--ours-args"), one(args.mk_args, "--mk-args")
+    args.tools = tuple(t for t in TOOLS if t in args.tools.split(","))
+    if "mergekit" not in args.tools:
+        args.no_check = True  # nothing to compare ours with
     return args
 
 

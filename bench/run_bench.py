@@ -8,6 +8,7 @@ task_arithmetic, base + 1.0·(ft1 − base) + 1.0·(ft2 − base) in bf16, read 
     python bench/run_bench.py --preset 1.3b                      # N=3, ours + mergekit + floors
     python bench/run_bench.py --preset 2.6b -n 1 --ours-args "" --ours-args "-j 2"
     python bench/run_bench.py --preset tiny --no-write           # quick end-to-end check
+    python bench/run_bench.py --preset 1.3b --tools ours,floor --code REV --code .   # two versions side by side
 
 Between runs (untimed) the previous output is deleted and ``sync`` is called, so that one run's
 dirty pages are not written back during the next one; how long that sync took is reported, since
@@ -51,18 +52,24 @@ def shards(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
 
-def build_variants(args: argparse.Namespace, family: Path, recipe: Path, code: harness.Code) -> list[tuple[str, Job]]:
-    """(tool, job) for every variant: "ours", "mergekit" or "floor"."""
+def build_variants(
+    args: argparse.Namespace, family: Path, recipe: Path, codes: list[harness.Code]
+) -> list[tuple[str, Job]]:
+    """(tool, job) for every variant: "ours" (per code version: "ours A", "ours B" with two --code), "mergekit"
+    or "floor"."""
     variants: list[tuple[str, Job]] = []
     tools = set(args.tools.split(","))
+    code = codes[0]
 
-    def add(tool: str, label: str, before: list[str], after: list[str]) -> None:
+    def add(tool: str, label: str, before: list[str], after: list[str], env: dict[str, str] = code.env) -> None:
         out = family / "out" / slug(label)
-        variants.append((tool, Job(label, [*before, str(out), *after], code.env, out)))
+        variants.append((tool, Job(label, [*before, str(out), *after], env, out)))
 
-    for extra in args.ours_args if "ours" in tools else []:
-        flags = ["--overwrite", "--no-hash", *shlex.split(extra)]
-        add("ours", f"ours {extra}".strip(), [str(args.merge_bin), str(recipe)], flags)
+    for version in codes:
+        name = "ours" if len(codes) == 1 else f"ours {version.label}"
+        for extra in args.ours_args if "ours" in tools else []:
+            flags = ["--overwrite", "--no-hash", *shlex.split(extra)]
+            add("ours", f"{name} {extra}".strip(), [str(args.merge_bin), str(recipe)], flags, version.env)
     for extra in args.mk_args if "mergekit" in tools else []:
         add("mergekit", f"mergekit {extra}".strip(), [str(args.mergekit_bin), str(recipe)], shlex.split(extra))
     if "floor" in tools:
@@ -153,7 +160,14 @@ def markdown(
 
 
 def ratio_lines(variants: list[tuple[str, Job]], summaries: dict[str, dict[str, float]]) -> list[str]:
+    ours = [job for tool, job in variants if tool == "ours"]
     out = []
+    for b in ours[1:]:
+        a, v = summaries[ours[0].label], summaries[b.label]
+        out.append(
+            f"- {b.label} / {ours[0].label}: **{v['wall_median'] / a['wall_median']:.3f}×** wall (medians), "
+            f"{v['cpu_median'] / a['cpu_median']:.3f}× CPU time"
+        )
     for o in (job for tool, job in variants if tool == "ours"):
         for tool, v in variants:
             if tool == "ours":
@@ -226,9 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     family_root, family = make_family.ensure_in_child(args.preset, args.seed)
     recipe = family_root / "task_arithmetic.yaml"
     recipe.write_text(recipe_text(family_root))
-    (code,) = harness.codes_under_test(args)
-    variants = build_variants(args, family_root, recipe, code)
-    info = harness.machine_info([code], args.mergekit_bin)
+    codes = harness.codes_under_test(args, most=2)
+    variants = build_variants(args, family_root, recipe, codes)
+    info = harness.machine_info(codes, args.mergekit_bin)
     print(json.dumps(info, indent=2))
 
     inputs = [p for m in family.models for p in shards(family_root / m)]

@@ -20,6 +20,7 @@ import harness
 import make_family
 import pytest
 import startup
+import tiebreak
 import torch
 from procstats import Job, interleave, summarize
 from reference import RecipeReference
@@ -215,3 +216,45 @@ def test_snapshot_of_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 def test_count() -> None:
     assert [harness.count(t) for t in ("64K", "4m", "1G", "123")] == [65536, 4 << 20, 1 << 30, 123]
+
+
+# ---------------------------------------------------------------- tiebreak
+def ranked_window(key: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Ranks [lo, hi), largest first, equal values by lowest index: a stable sort of the negated keys."""
+    order = torch.argsort(-key, stable=True)
+    mask = torch.zeros(key.numel(), dtype=torch.bool)
+    mask[order[lo:hi]] = True
+    return mask
+
+
+def test_window_mask_is_the_stable_ranking() -> None:
+    g = torch.Generator().manual_seed(1)
+    key = torch.randint(0, 6, (997,), generator=g).float()  # six values: every threshold splits a tie
+    for lo, hi in [(0, 1), (0, 498), (0, 996), (9, 906), (0, 0), (0, 997), (100, 997)]:
+        mask, thresholds = tiebreak.window_mask(key, lo, hi)
+        assert torch.equal(mask, ranked_window(key, lo, hi)), (lo, hi)
+        kept = key[mask]
+        assert all(t in (kept.min().item(), kept.max().item()) for t in thresholds)
+
+
+def test_window_follows_mergekits_arithmetic() -> None:
+    assert tiebreak.window("ties", 1000, 0.5, 0.0) == (0, 500)
+    assert tiebreak.window("ties", 3, 0.1, 0.0) == (0, 1)  # mergekit keeps at least one
+    # Breadcrumbs: keep 900 after dropping the 10 largest, so the 90 smallest go; with γ too large for the
+    # density, fewer of the largest are dropped.
+    assert tiebreak.window("breadcrumbs", 1000, 0.9, 0.01) == (10, 910)
+    assert tiebreak.window("breadcrumbs", 1000, 0.95, 0.1) == (50, 1000)
+
+
+@pytest.mark.parametrize("job", tiebreak.JOBS, ids=lambda j: j.slug)
+def test_our_masks_are_the_definition(job: tiebreak.Job) -> None:
+    # bf16 fine-tunes a few ulps from their base: the deltas tie as on real checkpoints.
+    g = torch.Generator().manual_seed(2)
+    base16 = (torch.randn(37, 29, generator=g) * 0.02).to(torch.bfloat16)
+    models16 = [(base16.float() + torch.randn(37, 29, generator=g) * 1e-3).to(torch.bfloat16) for _ in range(2)]
+    t = tiebreak.Loaded("w", base16, models16)
+    exact, _, _ = tiebreak.rank_keys(job, t)
+    for mine, key in zip(tiebreak.our_masks(job, t.base, t.models), exact, strict=True):
+        expected, thresholds = tiebreak.definition(job, key)
+        assert torch.equal(mine, expected)
+        assert tiebreak.tie_count(key, thresholds)[0] > 1

@@ -7,6 +7,9 @@ writes the bytes at the chunk's planned offset (pwrite). torch, pread and pwrite
 so reading, arithmetic and writing of different chunks overlap, and only ``workers + 1`` chunks
 are alive at any time. Methods with whole-tensor statistics get their statistic passes first.
 The executor knows the methods' declared properties, never their maths.
+
+torch is imported only when a chunk needs it: a merge whose tensors are all copies, raw takes or linear
+forms for the native kernel reads into numpy byte buffers and never imports it (about a second of start-up).
 """
 
 from __future__ import annotations
@@ -21,22 +24,22 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+import numpy as np
 
 from mergekitlite.errors import MergekitliteError, MethodInputError, OutputError
-from mergekitlite.gather import gather_rows
 from mergekitlite.heap import retained_heap
 from mergekitlite.io.files import InputFiles, ShardFile
 from mergekitlite.io.safetensors_header import CODE_BY_NAME, itemsize, torch_dtype
-from mergekitlite.lora.rows import read_rows
+from mergekitlite.lora.tensor import AdaptedTensor
 from mergekitlite.methods import ChunkInfo, get_method, native
-from mergekitlite.methods.apply import RawChunk, compute_stats
 from mergekitlite.methods.linear_form import LinearForm
 from mergekitlite.methods.registry import NativeMerge
-from mergekitlite.rounding import narrow_once
 from mergekitlite.taskgraph import InputRef, Plan, RowRule, TensorTask
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Progress(Protocol):
@@ -62,7 +65,7 @@ class NullProgress:
 class ExecContext:
     """How to run: where to compute and how much to overlap. Passed down, never global."""
 
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: Any = "cpu"  # a torch.device, or a name ("cpu" needs no torch: see merge_device)
     progress: Progress = field(default_factory=NullProgress)
     # Called with tensors whose bytes are written, and whether they (and all before) are fsynced;
     # the resume journal records them (see output.py).
@@ -74,8 +77,21 @@ class ExecContext:
     native: bool = True
 
 
+def merge_device(name: str) -> Any:
+    """The device for ``merge --device NAME``: ``"cpu"`` as a name (so a merge that runs no torch op never
+    imports torch), any other as ``resolve_device`` gives it."""
+    return "cpu" if name == "cpu" else resolve_device(name)
+
+
+def device_type(device: Any) -> str:
+    """ "cpu", "cuda", "mps"... of a torch.device or a device name."""
+    return str(getattr(device, "type", None) or str(device).split(":")[0])
+
+
 def resolve_device(name: str) -> torch.device:
     """A torch device from --device; ``auto`` is the first GPU when one is visible, else the CPU."""
+    import torch
+
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -127,15 +143,27 @@ def _row_bytes(code: str, shape: tuple[int, ...]) -> int:
 
 
 class ChunkBuffers:
-    """One worker's reusable buffers: the raw input bytes, their compute-dtype copies and the
-    output bytes of the chunk it is working on. Reusing them instead of allocating per chunk
-    saves the page faults and zero-filling of fresh memory (measured ~30% of the CPU time of
+    """One worker's reusable buffers: the raw input bytes (numpy, no torch needed), their compute-dtype
+    copies and the output bytes of the chunk it is working on. Reusing them instead of allocating per
+    chunk saves the page faults and zero-filling of fresh memory (measured ~30% of the CPU time of
     task_arithmetic on bf16 inputs). Only the chunk being merged uses them, so nothing outlives it."""
 
     def __init__(self) -> None:
-        self._store: dict[tuple[str, int, torch.dtype, torch.device], torch.Tensor] = {}
+        self._bytes: dict[tuple[str, int], np.ndarray] = {}
+        self._store: dict[tuple[str, int, Any, Any], torch.Tensor] = {}
+
+    def raw(self, slot: str, index: int, nbytes: int) -> np.ndarray:
+        """A uint8 array of ``nbytes`` for slot ``(slot, index)``."""
+        buf = self._bytes.get((slot, index))
+        if buf is None or buf.size < nbytes:
+            buf = np.empty(nbytes, dtype=np.uint8)
+            self._bytes[(slot, index)] = buf
+        return buf[:nbytes]
 
     def get(self, slot: str, index: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A torch tensor of ``numel`` elements for slot ``(slot, index, dtype, device)``."""
+        import torch
+
         key = (slot, index, dtype, device)
         buf = self._store.get(key)
         if buf is None or buf.numel() < numel:
@@ -144,37 +172,57 @@ class ChunkBuffers:
         return buf[:numel]
 
 
-def _bytes_view(t: torch.Tensor) -> memoryview:
+def _bytes_view(t: Any) -> memoryview:
+    """The bytes of a numpy array or a CPU torch tensor."""
+    if isinstance(t, np.ndarray):
+        return memoryview(t).cast("B")
+    import torch
+
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def _tensor(raw: Any) -> torch.Tensor:
+    """A raw byte buffer as a uint8 torch tensor (no copy)."""
+    import torch
+
+    return torch.from_numpy(raw) if isinstance(raw, np.ndarray) else raw
+
+
+def _computed_on_read(ref: InputRef) -> bool:
+    """Whether reading the input's rows computes (vocabulary rows gathered, LoRA factors applied): torch."""
+    return ref.rows is not None or (isinstance(ref.tensor, AdaptedTensor) and ref.tensor.computed)
 
 
 def _read_rows(
     files: InputFiles, refs: tuple[InputRef, ...], first_row: int, rows: int, bufs: ChunkBuffers | None
-) -> list[torch.Tensor]:
-    """The rows of each input as uint8 tensors (in ``bufs`` when given)."""
+) -> list[np.ndarray]:
+    """The rows of each input as uint8 arrays (in ``bufs`` when given)."""
     out = []
     for i, ref in enumerate(refs):
         rb = ref.tensor.row_bytes
         n = rows * rb
-        if bufs is None:
-            raw = torch.empty(n, dtype=torch.uint8)
-        else:
-            raw = bufs.get("raw", i, n, torch.uint8, torch.device("cpu"))
+        raw = np.empty(n, dtype=np.uint8) if bufs is None else bufs.raw("raw", i, n)
         if n and ref.rows is not None:
+            from mergekitlite.gather import gather_rows
+
             gather_rows(files, ref.rows, first_row, rows, _bytes_view(raw))
-        elif n:  # as stored, or computed on read for a model+adapter input
+        elif n and _computed_on_read(ref):  # a model+adapter input
+            from mergekitlite.lora.rows import read_rows
+
             read_rows(files, ref.tensor, first_row, rows, _bytes_view(raw), bufs)
+        elif n:
+            files.read_into(ref.tensor, first_row * rb, _bytes_view(raw))
         out.append(raw)
     return out
 
 
 def read_chunk(
     files: InputFiles, task: TensorTask, info: ChunkInfo, bufs: ChunkBuffers | None = None
-) -> list[torch.Tensor]:
+) -> list[np.ndarray]:
     return _read_rows(files, task.inputs, info.row_start, info.row_end - info.row_start, bufs)
 
 
-def _read_part(files: InputFiles, chunk: _Chunk, bufs: ChunkBuffers | None) -> list[torch.Tensor]:
+def _read_part(files: InputFiles, chunk: _Chunk, bufs: ChunkBuffers | None) -> list[np.ndarray]:
     rule = chunk.rule
     if rule is None:
         return read_chunk(files, chunk.task, chunk.info, bufs)
@@ -183,12 +231,16 @@ def _read_part(files: InputFiles, chunk: _Chunk, bufs: ChunkBuffers | None) -> l
     return _read_rows(files, rule.sources, chunk.info.row_start + offset, rows, bufs)
 
 
-def _typed(raw: torch.Tensor, code: str, shape: tuple[int, ...]) -> torch.Tensor:
-    return raw.view(torch_dtype(code)).view(shape)
+def _typed(raw: Any, code: str, shape: tuple[int, ...]) -> torch.Tensor:
+    return _tensor(raw).view(torch_dtype(code)).view(shape)
 
 
 def _to_output(result: torch.Tensor, code: str, bufs: ChunkBuffers | None) -> memoryview:
     """Cast once to the output dtype, on the host, as bytes."""
+    import torch
+
+    from mergekitlite.rounding import narrow_once
+
     dtype = torch_dtype(code)
     result = narrow_once(result, dtype) if result.dtype == torch.float64 else result
     if bufs is None:
@@ -198,22 +250,29 @@ def _to_output(result: torch.Tensor, code: str, bufs: ChunkBuffers | None) -> me
     return _bytes_view(out)
 
 
+def _rule_needs_torch(rule: RowRule, out_dtype: str) -> bool:
+    return not (rule.kind == "take" and rule.sources[0].tensor.dtype == out_dtype)
+
+
 def apply_rule(
     task: TensorTask,
     rule: RowRule,
-    raw: list[torch.Tensor],
+    raw: list[Any],
     rows: int,
-    compute: torch.dtype,
+    compute: Any,
     bufs: ChunkBuffers | None = None,
 ) -> memoryview:
     """Rows set by a row rule: a zero row, a row taken from a model, or the mean of models' rows."""
+    if not _rule_needs_torch(rule, task.out_dtype):
+        return _bytes_view(raw[0])
+    import torch
+
+    compute = compute_dtype(compute)
     shape = (rows, *task.shape[1:])
     if rule.kind == "zero":
         return _bytes_view(torch.zeros(shape, dtype=torch_dtype(task.out_dtype)).reshape(-1))
     tensors = [_typed(buf, ref.tensor.dtype, shape) for buf, ref in zip(raw, rule.sources)]
     if rule.kind == "take":
-        if rule.sources[0].tensor.dtype == task.out_dtype:
-            return _bytes_view(raw[0])
         result = tensors[0].to(compute)
     elif rule.kind == "mean":
         result = tensors[0].to(compute)
@@ -225,15 +284,23 @@ def apply_rule(
     return _to_output(result, task.out_dtype, bufs)
 
 
+def compute_dtype(compute: Any) -> torch.dtype:
+    """A torch dtype from a torch dtype or a name ("float32": the plan's ``compute_dtype``)."""
+    return torch_dtype(CODE_BY_NAME[compute]) if isinstance(compute, str) else compute
+
+
 def to_compute(
     task: TensorTask,
-    raw: list[torch.Tensor],
+    raw: list[Any],
     info: ChunkInfo,
-    compute: torch.dtype,
-    device: torch.device,
+    compute: Any,
+    device: Any,
     bufs: ChunkBuffers | None = None,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """Input bytes → (base, models) tensors in the compute dtype on the compute device."""
+    import torch
+
+    compute, device = compute_dtype(compute), torch.device(device)
     rows = info.row_end - info.row_start
     shape = (rows, *task.shape[1:]) if task.shape else ()
     tensors = []
@@ -249,15 +316,17 @@ def to_compute(
     return None, tensors
 
 
-def _native_compute(compute: torch.dtype, device: torch.device) -> bool:
-    """Native kernels compute in float32 on the CPU."""
-    return device.type == "cpu" and compute == torch.float32
+def _native_compute(compute: Any, device: Any) -> bool:
+    """Native kernels compute in float32 on the CPU. ``compute``: a torch dtype or its name."""
+    return device_type(device) == "cpu" and str(compute).removeprefix("torch.") == "float32"
 
 
-def native_form(task: TensorTask, compute: torch.dtype, device: torch.device, stats: Any = None) -> LinearForm | None:
+def native_form(task: TensorTask, compute: Any, device: Any, stats: Any = None) -> LinearForm | None:
     """The form to hand to the native kernel for ``task`` (given its statistic, for methods whose form comes
-    from it), or None when the torch path must run it."""
+    from it), or None when the torch path must run it. ``compute``: a torch dtype or its name."""
     if task.copy_of is not None or not _native_compute(compute, device):
+        return None
+    if any(_computed_on_read(ref) for ref in task.inputs):
         return None
     if not native.supports([ref.tensor.dtype for ref in task.inputs], task.out_dtype):
         return None
@@ -265,10 +334,12 @@ def native_form(task: TensorTask, compute: torch.dtype, device: torch.device, st
         return get_method(task.method).form(task.base is not None, len(task.models), task.param_dict, stats)
 
 
-def native_kernel(task: TensorTask, compute: torch.dtype, device: torch.device) -> NativeMerge | None:
+def native_kernel(task: TensorTask, compute: Any, device: Any) -> NativeMerge | None:
     """The method's own native merge for ``task``, as its declaration prepares it (``MethodSpec.native_merge``:
     it says whether it takes the task's dtypes), or None: the torch path."""
     if task.copy_of is not None or not _native_compute(compute, device):
+        return None
+    if any(_computed_on_read(ref) for ref in task.inputs):
         return None
     codes = [ref.tensor.dtype for ref in task.inputs]
     with _naming_the_tensor(task):
@@ -279,10 +350,10 @@ def native_kernel(task: TensorTask, compute: torch.dtype, device: torch.device) 
 
 def merge_chunk(
     task: TensorTask,
-    raw: list[torch.Tensor],
+    raw: list[Any],
     info: ChunkInfo,
-    compute: torch.dtype,
-    device: torch.device,
+    compute: Any,
+    device: Any,
     stats: Any = None,
     bufs: ChunkBuffers | None = None,
     form: LinearForm | None = None,
@@ -298,16 +369,16 @@ def merge_chunk(
         return memoryview(b"")
     if form is not None:
         nbytes = rows * _row_bytes(task.out_dtype, task.shape)
-        cpu = torch.device("cpu")
-        out = torch.empty(nbytes, dtype=torch.uint8) if bufs is None else bufs.get("out", 0, nbytes, torch.uint8, cpu)
+        out = np.empty(nbytes, dtype=np.uint8) if bufs is None else bufs.raw("out", 0, nbytes)
         native.run_linear(form, raw, [ref.tensor.dtype for ref in task.inputs], out, task.out_dtype)
         return _bytes_view(out)
     if kernel is not None:
         nbytes = rows * _row_bytes(task.out_dtype, task.shape)
-        cpu = torch.device("cpu")
-        out = torch.empty(nbytes, dtype=torch.uint8) if bufs is None else bufs.get("out", 0, nbytes, torch.uint8, cpu)
+        out = np.empty(nbytes, dtype=np.uint8) if bufs is None else bufs.raw("out", 0, nbytes)
         if kernel(raw, out, info, stats):
             return _bytes_view(out)
+    import torch
+
     base, models = to_compute(task, raw, info, compute, device, bufs)
     with _naming_the_tensor(task):
         result = get_method(task.method)(base, models, task.param_dict, chunk=info, stats=stats)
@@ -320,8 +391,8 @@ def merge_chunk(
 def task_stats(
     files: InputFiles,
     task: TensorTask,
-    compute: torch.dtype,
-    device: torch.device,
+    compute: Any,
+    device: Any,
     pool: ThreadPoolExecutor | None = None,
     lookahead: int = 2,
     native: bool = True,
@@ -334,6 +405,8 @@ def task_stats(
     Chunks are read and converted into reused buffers, never fresh memory (page faults, zero-fill):
     one set per worker when the pass is spread over the workers (each folds one chunk at a time), else
     one per chunk that may be alive at once (the one being folded and the ``lookahead`` pending)."""
+    from mergekitlite.methods.apply import RawChunk, compute_stats
+
     spec = get_method(task.method)
     if spec.statistic is None or math.prod(task.shape) == 0:
         return None
@@ -395,6 +468,38 @@ def _naming_the_tensor(task: TensorTask) -> Iterator[None]:
         raise MethodInputError(f"tensor {task.name}: {exc}") from None
 
 
+class _Torch:
+    """torch for the chunks that compute with it, imported by the first of them (a merge of copies and
+    native linear forms never imports it). Workers each run single-threaded torch ops on their own chunk
+    (see budget.default_workers); the caller's thread count comes back at the end."""
+
+    def __init__(self) -> None:
+        self._saved: int | None = None
+
+    def need(self) -> None:
+        if self._saved is None:
+            import torch
+
+            self._saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            import torch
+
+            torch.set_num_threads(self._saved)
+
+
+def _needs_torch(chunk: _Chunk, form: LinearForm | None) -> bool:
+    """Whether a worker computes this chunk with torch (rather than copying bytes or the native kernel)."""
+    refs = chunk.task.inputs if chunk.rule is None else chunk.rule.sources
+    if any(_computed_on_read(ref) for ref in refs):
+        return True
+    if chunk.rule is not None:
+        return _rule_needs_torch(chunk.rule, chunk.task.out_dtype)
+    return chunk.task.copy_of is None and form is None
+
+
 def run_tasks(plan: Plan, out_dir: Path, ctx: ExecContext, done: set[str] | None = None) -> int:
     """Write every task not in ``done`` into the shard files in ``out_dir``. Returns tensors merged."""
     done = set(done or ())
@@ -402,14 +507,12 @@ def run_tasks(plan: Plan, out_dir: Path, ctx: ExecContext, done: set[str] | None
     total = sum(t.nbytes + sum((r.end - r.start) * _row_bytes(t.out_dtype, t.shape) for r in t.row_rules) for t in todo)
     ctx.progress.start(total, len(todo))
     shards: dict[str, ShardFile] = {}
-    threads = torch.get_num_threads()
-    # Workers each run single-threaded torch ops on their own chunk (see budget.default_workers).
-    torch.set_num_threads(1)
+    torch_scope = _Torch()
     try:
         for layout in plan.shards:
             shards[layout.filename] = ShardFile(out_dir / layout.filename, layout, reuse=bool(done))
         with retained_heap():  # chunk temporaries are reused, not page-faulted again (see heap.py)
-            return _pipeline(plan, todo, shards, ctx)
+            return _pipeline(plan, todo, shards, ctx, torch_scope)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputError(
@@ -418,7 +521,7 @@ def run_tasks(plan: Plan, out_dir: Path, ctx: ExecContext, done: set[str] | None
             ) from None
         raise
     finally:
-        torch.set_num_threads(threads)
+        torch_scope.restore()
         for s in shards.values():
             s.close()
 
@@ -427,8 +530,8 @@ def _process(
     files: InputFiles,
     shards: dict[str, ShardFile],
     chunk: _Chunk,
-    compute: torch.dtype,
-    device: torch.device,
+    compute: Any,
+    device: Any,
     stats: Any,
     local: threading.local,
     form: LinearForm | None,
@@ -447,8 +550,10 @@ def _process(
     return len(data)
 
 
-def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], ctx: ExecContext) -> int:
-    compute = torch_dtype(CODE_BY_NAME[plan.compute_dtype])
+def _pipeline(
+    plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], ctx: ExecContext, torch_scope: _Torch
+) -> int:
+    compute = plan.compute_dtype  # a name: torch is imported only when a chunk computes with it
     merged = 0
     finished: list[str] = []
     unsynced = 0
@@ -499,6 +604,7 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
                     # first, so that two tasks' working sets never overlap (the budget counts one).
                     while inflight:
                         complete_oldest()
+                    torch_scope.need()
                     stats = task_stats(
                         files, task, compute, ctx.device, pool, lookahead=plan.budget.workers, native=ctx.native
                     )
@@ -514,6 +620,8 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
                         rule = chunk.rule
                     while len(inflight) >= limit:
                         complete_oldest()
+                    if _needs_torch(chunk, form):
+                        torch_scope.need()
                     job = pool.submit(_process, files, shards, chunk, compute, ctx.device, stats, local, form, kernel)
                     inflight.append((chunk, job))
                 if not parts:  # an empty tensor: its header entry is all there is

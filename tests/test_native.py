@@ -225,7 +225,8 @@ def test_kernel_refuses_inconsistent_buffers() -> None:
 
 def test_non_linear_methods_have_no_form() -> None:
     assert get_method("ties").form(True, 2, {}) is None
-    assert get_method("nuslerp").form(True, 2, {}) is None
+    nuslerp = {"weight": [0.5, 0.5], "nuslerp_row_wise": False, "nuslerp_flatten": False}
+    assert get_method("nuslerp").form(True, 2, nuslerp, stats=None) is None  # per-row angles: torch
 
 
 def test_spherical_forms_come_from_the_statistic() -> None:
@@ -264,6 +265,16 @@ RECIPES = {
     """,
     "multislerp": """
         merge_method: multislerp
+        base_model: {base}
+        models:
+          - model: {a}
+            parameters: {{weight: 0.6}}
+          - model: {b}
+            parameters: {{weight: 0.4}}
+        dtype: {dtype}
+    """,
+    "nuslerp": """
+        merge_method: nuslerp
         base_model: {base}
         models:
           - model: {a}

@@ -7,7 +7,6 @@ any chunking gives the result of a single chunk, bit for bit.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -19,12 +18,6 @@ import torch
 from torch import Tensor
 
 from mergekitlite.methods.registry import ChunkInfo, MethodSpec, tensor_rows
-
-
-def tensor_seed(random_seed: int, tensor_name: str) -> int:
-    """A per-tensor seed (63 bits) from the recipe seed and the output tensor name."""
-    digest = hashlib.sha256(f"{random_seed}:{tensor_name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def row_chunks(shape: Sequence[int], rows_per_chunk: int, seed: int) -> Iterator[ChunkInfo]:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
-
-from mergekitlite.methods.primitives import divide_
 from mergekitlite.methods.registry import Implementation, input_positions
+
+if TYPE_CHECKING:  # forms are built without torch (the native kernel evaluates them); only ``evaluate`` needs it
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ def skip_ones(weights: Sequence[float]) -> tuple[float | None, ...]:
 
 def evaluate(form: LinearForm, x: Sequence[Tensor]) -> Tensor:
     """The form on torch tensors (any float dtype and device); never modifies ``x``."""
+    from mergekitlite.methods.primitives import divide_
+
     acc: Tensor | None = None
     for k, w in zip(form.terms, form.weights):
         v = x[k]

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mergekitlite.methods import native_gram
+from mergekitlite.methods import native_stats
 from mergekitlite.methods.registry import ChunkInfo, tensor_rows
 
 # ---------------------------------------------------------------------------------------------
@@ -622,7 +622,7 @@ class GramState:
 class GramStatistic:
     """Gᵢⱼ = ⟨vᵢ, vⱼ⟩ over the whole tensor, for vectors ``vectors(base, models, params)`` built from
     each chunk (e.g. task vectors). Per-row float64 dot products, combined once by a pairwise tree.
-    On the CPU, float32 vectors go through the native kernel (``native_gram``: the same sums, one pass)
+    On the CPU, float32 vectors go through the native kernel (``native_stats``: the same sums, one pass)
     unless ``native`` is False (the executor sets it from ``--no-native``).
 
     ``wanted(shape, params)`` says whether this tensor needs the Gram matrix at all (e.g. not when the
@@ -657,8 +657,8 @@ class GramStatistic:
         vectors = [v.contiguous() for v in self.vectors(base, models, params)]
         state.count = len(vectors)
         rows = chunk_rows(chunk)
-        if self.native and native_gram.supports(vectors):
-            sums = native_gram.gram_rows(vectors, rows)
+        if self.native and native_stats.supports(vectors):
+            sums = native_stats.gram_rows(vectors, rows)
             for idx in range(sums.shape[0]):
                 state.partials.put(idx, chunk.row_start, sums[idx])
             return

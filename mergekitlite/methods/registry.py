@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import importlib
 import inspect
 import math
@@ -41,6 +42,12 @@ EXECUTOR_ARGS = frozenset({"chunk", "stats"})
 def tensor_rows(shape: Sequence[int]) -> int:
     """Rows of a tensor of this shape, as chunks cut it: dim 0, and one for a scalar."""
     return shape[0] if len(shape) else 1
+
+
+def tensor_seed(random_seed: int, tensor_name: str) -> int:
+    """A per-tensor seed (63 bits) from the recipe seed and the output tensor name."""
+    digest = hashlib.sha256(f"{random_seed}:{tensor_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from mergekitlite.errors import MethodInputError
-from mergekitlite.methods import native_gta
+from mergekitlite.methods import native_gta, native_stats
 from mergekitlite.methods.catalog import GTA_FAMILY, GtaMethod, della_window_problem
 from mergekitlite.methods.native_gta import KEEP_ALL, MASK_NONE, MASK_RANDOM, MASK_TOPK, NativeMask
 from mergekitlite.methods.primitives import (
@@ -280,15 +280,18 @@ def _ranks(magnitudes: Tensor, dim: int) -> Tensor:
     return torch.empty_like(order).scatter_(dim, order, positions)
 
 
-def by_fiber_rank(magnitude: Tensor, values: Tensor) -> Tensor:
+def by_fiber_rank(magnitude: Tensor, values: Tensor, native: bool = True) -> Tensor:
     """``values[r]`` (int64) for each element, r its rank by magnitude along dim 1 (as ``_ranks``).
 
     float32 magnitudes are ranked by sorting unique int64 keys (bit pattern·2³² + position): equal
     magnitudes then rank by position without a stable sort, numpy's vectorised integer sort is about ten
     times faster than torch's stable float argsort, and scattering ``values`` into the sorted positions
-    needs no rank tensor. Every NaN gets one key above +inf, as torch's sort puts NaNs last, in order."""
+    needs no rank tensor. Every NaN gets one key above +inf, as torch's sort puts NaNs last, in order. A 2-D
+    float32 CPU tensor goes through the native statistics kernel (``native``): a stable radix sort per row."""
     n = magnitude.shape[1]
     values = values.to(magnitude.device)
+    if native and magnitude.dim() == 2 and native_stats.supports([magnitude]) and n < 1 << 31:
+        return native_stats.fiber_rank_values(magnitude, values)  # the same ranks by a radix sort
     if magnitude.dtype != torch.float32 or n >= 1 << 31:
         return values[_ranks(magnitude, 1)]
     fibers = magnitude.movedim(1, -1)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from mergekitlite.errors import MethodInputError
+from mergekitlite.methods import native_stats
 from mergekitlite.methods.linear_form import LinearForm, stats_linear_implementation
 from mergekitlite.methods.primitives import (
     GramStatistic,
@@ -138,6 +139,7 @@ class NuSlerpStatistic:
 
     passes = 1
     concurrent = True
+    native = True  # the whole-tensor sums through the native Gram kernel (the executor sets it from --no-native)
 
     def begin(self, shape: tuple[int, ...], n_models: int, params: Mapping[str, object]) -> _NuState:
         mode = _nuslerp_mode(shape, params)
@@ -161,8 +163,13 @@ class NuSlerpStatistic:
     ) -> None:
         if pass_index >= self.passes:
             return
-        v0, v1 = _nuslerp_vectors(base, models)
+        v0, v1 = (v.contiguous() for v in _nuslerp_vectors(base, models))
         rows = chunk_rows(chunk)
+        if state.mode == "whole" and self.native and native_stats.supports([v0, v1]):
+            g00, g01, g11 = native_stats.gram_rows([v0, v1], rows)  # pairs (0,0), (0,1), (1,1)
+            for idx, sums in enumerate((g00, g11, g01)):
+                state.whole.put(idx, chunk.row_start, sums)
+            return
         w0, w1 = v0.to(torch.float64), v1.to(torch.float64)  # widened once for the three products
         if state.mode == "whole":
             for idx, (a, b) in enumerate(((w0, w0), (w1, w1), (w0, w1))):
@@ -231,6 +238,23 @@ def nuslerp(
     res = v0 * c0
     res.add_(v1 * c1)
     return res if base is None else res.add_(base)
+
+
+def nuslerp_form(
+    base: int | None,
+    models: Sequence[int],
+    *,
+    weight: Sequence[float],
+    nuslerp_row_wise: bool,
+    nuslerp_flatten: bool,
+    stats: tuple[float, float] | tuple[Tensor, Tensor] | None = None,
+) -> LinearForm | None:
+    """nuslerp with one angle for the whole tensor as the linear form c₀·v₀ + c₁·v₁ (+ base) over the input
+    positions; None when the coefficients vary by fiber (the tensor function computes those)."""
+    if stats is None or not all(isinstance(c, float) for c in stats):
+        return None
+    c0, c1 = stats
+    return LinearForm(tuple(models), (float(c0), float(c1)), subtract=base, anchor=base)
 
 
 def _per_row_coefficients(t: float, v0: Tensor, v1: Tensor) -> tuple[Tensor, Tensor]:
@@ -380,7 +404,7 @@ def _gram_of(vectors: Callable[[Tensor | None, Sequence[Tensor]], list[Tensor]])
 
 IMPLEMENTATIONS = {
     "slerp": stats_linear_implementation(slerp, _gram_of(lambda base, models: [base, models[0]])),
-    "nuslerp": Implementation(nuslerp, statistic=NuSlerpStatistic),
+    "nuslerp": Implementation(nuslerp, statistic=NuSlerpStatistic, stats_form=nuslerp_form),
     "multislerp": stats_linear_implementation(multislerp, _gram_of(_nuslerp_vectors)),
     "karcher": stats_linear_implementation(karcher, _gram_of(_karcher_points)),
 }

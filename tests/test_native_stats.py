@@ -1,7 +1,7 @@
-"""The native Gram kernel (kernels/gram.c) against the torch path it replaces: per-row float64 dot products
+"""The native Gram kernel (kernels/stats.c) against the torch path it replaces: per-row float64 dot products
 summed by ``pairwise_sum``'s tree, bit for bit, for every row length (odd, powers of two, 1) and for float32
-values of every kind (subnormals, ±0, ±inf; NaN sums are NaN); and the statistic it serves gives the same Gram matrix and
-the same merged tensors with and without it."""
+values of every kind (subnormals, ±0, ±inf; NaN sums are NaN); and the statistic it serves gives the same Gram
+matrix and the same merged tensors with and without it."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ import os
 import pytest
 import torch
 
-from mergekitlite.methods import get_method, native_gram
+from mergekitlite.methods import get_method, native_stats
 from mergekitlite.methods.apply import compute_stats, merge_in_chunks, row_chunks
 from mergekitlite.methods.primitives import row_sums
 
-needs_kernel = pytest.mark.skipif(not native_gram.available(), reason="the native Gram kernel is not built here")
+needs_kernel = pytest.mark.skipif(not native_stats.available(), reason="the native Gram kernel is not built here")
 
 
 def test_kernel_is_built_where_required() -> None:
     if os.environ.get("MERGEKITLITE_REQUIRE_NATIVE") != "1":
         pytest.skip("MERGEKITLITE_REQUIRE_NATIVE is not set")
-    assert native_gram.available(), "mergekitlite._gram did not build or is stale (pip install -e . rebuilds it)"
+    assert native_stats.available(), "mergekitlite._stats did not build or is stale (pip install -e . rebuilds it)"
 
 
 def _values(rows: int, cols: int, gen: torch.Generator, special: bool) -> torch.Tensor:
@@ -42,7 +42,7 @@ def test_rows_equal_the_torch_tree(cols: int, special: bool) -> None:
     gen = torch.Generator().manual_seed(cols * 2 + special)
     rows = 7
     vectors = [_values(rows, cols, gen, special) for _ in range(3)]
-    got = native_gram.gram_rows(vectors, rows)
+    got = native_stats.gram_rows(vectors, rows)
     pairs = [(i, j) for i in range(3) for j in range(i, 3)]
     for idx, (i, j) in enumerate(pairs):
         want = row_sums(vectors[i].double() * vectors[j].double(), rows)
@@ -57,25 +57,26 @@ def test_rows_equal_the_torch_tree(cols: int, special: bool) -> None:
 def test_refuses_what_it_cannot_take() -> None:
     a = torch.zeros(4, 3)
     with pytest.raises(ValueError, match="float32"):
-        native_gram.gram_rows([a.double()], 4)
+        native_stats.gram_rows([a.double()], 4)
     with pytest.raises(ValueError, match="equal rows"):
-        native_gram.gram_rows([a, torch.zeros(5, 3)], 4)
-    assert not native_gram.supports([a.t()])  # not contiguous
+        native_stats.gram_rows([a, torch.zeros(5, 3)], 4)
+    assert not native_stats.supports([a.t()])  # not contiguous
 
 
 @needs_kernel
-@pytest.mark.parametrize("method", ["slerp", "multislerp", "karcher"])
+@pytest.mark.parametrize("method", ["slerp", "multislerp", "karcher", "nuslerp"])
 @pytest.mark.parametrize("shape", [(37, 19), (64,), ()])
 def test_statistic_and_merge_are_the_same_with_and_without_it(method: str, shape: tuple[int, ...]) -> None:
     gen = torch.Generator().manual_seed(len(shape))
     base, a, b = (torch.randn(shape, generator=gen) for _ in range(3))
     models = [a] if method == "slerp" else [a, b]
+    nuslerp = {"weight": [0.6, 0.4], "nuslerp_row_wise": False, "nuslerp_flatten": True}
     spec = get_method(method)
-    params = spec.resolve_params({}, len(models)) if hasattr(spec, "resolve_params") else None
     params = {
         "slerp": {"t": 0.3},
         "multislerp": {"weight": [0.6, 0.4], "normalize_weights": True, "eps": 1e-8},
         "karcher": {"max_iter": 10, "tol": 1e-5},
+        "nuslerp": nuslerp,
     }[method]
     chunks = list(row_chunks(shape, 5, 0))
 
@@ -90,3 +91,23 @@ def test_statistic_and_merge_are_the_same_with_and_without_it(method: str, shape
     merged = merge_in_chunks(spec, base, models, params, rows_per_chunk=5)
     whole = merge_in_chunks(spec, base, models, params)
     assert torch.equal(merged.view(torch.int32), whole.view(torch.int32))
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 2, 7, 300, 2048])
+def test_fiber_ranks_equal_the_sorting_path(n: int) -> None:
+    """DELLA's ranks within a row by the radix kernel: the same values as ``by_fiber_rank``'s sort, with many
+    equal magnitudes (bf16-rounded), zeros, +inf and NaNs of different payloads."""
+    from mergekitlite.methods.sparsify import by_fiber_rank
+
+    gen = torch.Generator().manual_seed(n)
+    magnitude = torch.randn(9, n, generator=gen).abs().to(torch.bfloat16).float()
+    magnitude[1, : n // 2] = 0.0
+    magnitude.view(-1)[:: max(1, n // 3)] = torch.inf
+    nan_bits = torch.tensor([0x7FC00000, 0x7F800001, 0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
+    magnitude[2, :3] = nan_bits[: min(3, n)] if n >= 3 else nan_bits[:n]
+    values = torch.randint(0, 1 << 53, (n,), generator=gen)
+    want = by_fiber_rank(magnitude, values, native=False)
+    got = native_stats.fiber_rank_values(magnitude, values)
+    assert torch.equal(got, want)
+    assert torch.equal(by_fiber_rank(magnitude, values), want)  # the native path is the default

@@ -1,4 +1,4 @@
-"""The native per-row dot products of the Gram statistic (``mergekitlite/kernels/gram.c``), when built.
+"""The native per-row dot products of the Gram statistic (``mergekitlite/kernels/stats.c``), when built.
 
 ``GramStatistic`` (slerp, multislerp, karcher) sums, per row and pair of vectors, the float64 products of
 float32 values by ``primitives.pairwise_sum``'s tree; the kernel forms each product as it adds it, by the
@@ -13,16 +13,16 @@ from types import ModuleType
 
 import torch
 
-ABI_VERSION = 1  # must equal gram.c's
+ABI_VERSION = 1  # must equal stats.c's
 MAX_VECTORS = 64
 
 
 def _load() -> ModuleType | None:
     try:
-        from mergekitlite import _gram  # type: ignore[attr-defined]
+        from mergekitlite import _stats  # type: ignore[attr-defined]
     except ImportError:
         return None
-    return _gram if getattr(_gram, "ABI_VERSION", None) == ABI_VERSION else None
+    return _stats if getattr(_stats, "ABI_VERSION", None) == ABI_VERSION else None
 
 
 _KERNEL = _load()
@@ -52,4 +52,22 @@ def gram_rows(vectors: Sequence[torch.Tensor], rows: int) -> torch.Tensor:
     n = len(vectors)
     out = torch.empty(n * (n + 1) // 2, rows, dtype=torch.float64)
     _KERNEL.gram_rows([v.data_ptr() for v in vectors], rows, numel // rows if rows else 0, out.data_ptr())
+    return out
+
+
+def fiber_rank_values(magnitude: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values[r]`` for each element of a float32 [rows, n] CPU tensor of magnitudes (≥ 0), r its ascending
+    rank within its row (equal magnitudes by position, NaNs above +inf): ``sparsify.by_fiber_rank`` for
+    fibers along the last dim, by a radix sort instead of a comparison sort."""
+    if _KERNEL is None:
+        raise ValueError("the native statistics kernel is not built")
+    if magnitude.dim() != 2 or magnitude.dtype != torch.float32 or magnitude.device.type != "cpu":
+        raise ValueError("fiber_rank_values takes a 2-D float32 CPU tensor")
+    rows, n = magnitude.shape
+    values = values.to(torch.int64).contiguous()
+    if values.numel() != n:
+        raise ValueError(f"{values.numel()} values for fibers of {n}")
+    magnitude = magnitude.contiguous()
+    out = torch.empty(rows, n, dtype=torch.int64)
+    _KERNEL.fiber_rank_values(magnitude.data_ptr(), rows, n, values.data_ptr(), out.data_ptr())
     return out
