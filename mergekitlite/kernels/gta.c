@@ -421,7 +421,7 @@ typedef struct {
     int overflow; /* some row had more distinct low halves in the bin than slots */
 } CountJob;
 
-#define RECORD_SLOTS 4
+#define RECORD_SLOTS 8
 
 static void record(CountJob *job, Py_ssize_t q, Py_ssize_t row, int32_t low) {
     int32_t *lows = job->rec_low[q] + row * RECORD_SLOTS;
@@ -624,7 +624,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_gta", NULL, -1, met
 
 PyMODINIT_FUNC PyInit__gta(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "ABI_VERSION", ABI_VERSION) < 0) {
+    if (m && (PyModule_AddIntConstant(m, "ABI_VERSION", ABI_VERSION) < 0 ||
+              PyModule_AddIntConstant(m, "RECORD_SLOTS", RECORD_SLOTS) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

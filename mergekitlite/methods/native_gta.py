@@ -32,7 +32,6 @@ CODES = {"F32": 0, "BF16": 1, "F16": 2}  # safetensors dtype code -> dtypes.h's 
 MASK_ALL, MASK_NONE, MASK_TOPK, MASK_RANDOM = range(4)
 _QUERY_KINDS = {"none": 0, "all": 1, "threshold": 2}
 _BINS = 1 << 16
-RECORD_SLOTS = 4  # gta.c's: distinct low halves recorded per row in the low pass
 
 
 def _load() -> ModuleType | None:
@@ -44,6 +43,7 @@ def _load() -> ModuleType | None:
 
 
 _KERNEL = _load()
+RECORD_SLOTS: int = getattr(_KERNEL, "RECORD_SLOTS", 0)  # distinct low halves per row the low pass records
 
 
 def available() -> bool:

@@ -284,7 +284,6 @@ def chunk_bernoulli(key: int, like: Tensor, chunk: ChunkInfo, p: float) -> Tenso
 # Exact top-k over row chunks (radix select on float32 bit patterns)
 
 _BINS = 1 << 16
-RECORD_SLOTS = 4  # distinct keys per row that the low pass's records hold (kernels/gta.c)
 
 
 def magnitude_key(x: Tensor) -> Tensor:
@@ -361,9 +360,10 @@ class TopK:
         self.ties_before: Tensor | None = None  # [query, row]: keys equal to T in earlier rows
         self._low_settled = False
         # A kernel counting the low pass may also record, per row, the few distinct keys of the threshold's
-        # bin (``recording``, set during the high pass); when every row was recorded the tie counts come from
-        # them and the tie pass is not made. Per high bin: int32 low halves and int64 counts, SLOTS per row.
-        self.recording = False
+        # bin (``recording``: how many per row, set during the high pass); when every row was recorded the tie
+        # counts come from them and the tie pass is not made. Per high bin: int32 low halves (−1: free) and
+        # int64 counts, ``recording`` of each per row.
+        self.recording = 0
         self._records: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
         self._recorded_rows = 0
         self._ties_recorded = False
@@ -380,7 +380,7 @@ class TopK:
             q.high, above_bin = _top_bin(self.hist_high, q.k)
             q.need = q.k - above_bin
         if self.recording and self._selecting():
-            slots = RECORD_SLOTS * self.rows
+            slots = self.recording * self.rows
             self._records = {h: (np.full(slots, -1, np.int32), np.zeros(slots, np.int64)) for h in self.low_bins()}
 
     def count_low(self, keys: Tensor) -> None:
@@ -407,7 +407,7 @@ class TopK:
         if records is not None and self._recorded_rows == self.rows and self.needs_ties:
             for i, q in enumerate(self.queries):  # as count_ties: the per-row counts of keys equal to T
                 if self._partial(q):
-                    lows, counts = (a.reshape(self.rows, RECORD_SLOTS) for a in records[q.high])
+                    lows, counts = (a.reshape(self.rows, self.recording) for a in records[q.high])
                     at_t = np.where(lows == (q.threshold & 0xFFFF), counts, 0).sum(axis=1)
                     self.row_ties[i] = torch.from_numpy(at_t)
             self._ties_recorded = True
@@ -417,7 +417,7 @@ class TopK:
         """The chunk's rows of the per-row records of each bin (see ``recording``), or None: not recording."""
         if self._records is None:
             return None
-        part = slice(RECORD_SLOTS * row_start, RECORD_SLOTS * (row_start + rows))
+        part = slice(self.recording * row_start, self.recording * (row_start + rows))
         return {h: (lows[part], counts[part]) for h, (lows, counts) in self._records.items()}
 
     def add_recorded(self, rows: int, overflow: bool) -> None:

@@ -132,7 +132,7 @@ class RankWindowSparsifier:
         if phase == "high":
             if not selector.high_wanted():
                 return lambda: None
-            selector.recording = True  # the low pass will be counted here too: record its ties (see TopK)
+            selector.recording = native_gta.RECORD_SLOTS  # the low pass is counted here too: record its ties
             hist = native_gta.count_high(raw, codes, i)
             return None if hist is None else lambda: selector.add_high(hist)
         if phase == "low":
