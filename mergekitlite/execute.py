@@ -7,6 +7,11 @@ writes the bytes at the chunk's planned offset (pwrite). torch, pread and pwrite
 so reading, arithmetic and writing of different chunks overlap, and only ``workers + 1`` chunks
 are alive at any time. Methods with whole-tensor statistics get their statistic passes first.
 The executor knows the methods' declared properties, never their maths.
+
+Every chunk also says how many NaN/±inf values it read and wrote (``nonfinite.NonFinite``): the
+native kernels count while they load and store, the torch path checks the tensors it already holds
+(a reduction that is finite proves a whole tensor finite; only then is anything counted). The
+executor sums them per tensor and hands each finished tensor's sum to ``ExecContext.on_nonfinite``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from mergekitlite.lora.rows import read_rows
 from mergekitlite.methods import ChunkInfo, get_method, native
 from mergekitlite.methods.apply import compute_stats
 from mergekitlite.methods.linear_form import LinearForm
+from mergekitlite.nonfinite import NonFinite
 from mergekitlite.rounding import narrow_once
 from mergekitlite.taskgraph import InputRef, Plan, RowRule, TensorTask
 
@@ -69,6 +75,12 @@ class ExecContext:
     sync_every_bytes: int = 1 << 30
     # Linear methods on the CPU run in the fused native kernel when it is built (same bits).
     native: bool = True
+    # Called (before on_done names it) with each finished tensor that read or wrote NaN/±inf.
+    on_nonfinite: Callable[[str, NonFinite], None] | None = None
+
+
+# A chunk's output bytes and the NaN/±inf it read and wrote.
+Merged = tuple[memoryview, NonFinite]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -184,15 +196,48 @@ def _typed(raw: torch.Tensor, code: str, shape: tuple[int, ...]) -> torch.Tensor
     return raw.view(torch_dtype(code)).view(shape)
 
 
-def _to_output(result: torch.Tensor, code: str, bufs: ChunkBuffers | None) -> memoryview:
-    """Cast once to the output dtype, on the host, as bytes."""
+def count_nonfinite(t: torch.Tensor) -> int:
+    """NaN and ±inf values in ``t``. A finite sum proves every value finite (NaN and inf propagate
+    through additions): one reduction, no mask, in the common case; the values are counted only when
+    the sum is not finite (which an overflow of the sum alone can also cause)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0
+    wide = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(t.sum(dtype=wide))):
+        return 0
+    return t.numel() - int(torch.isfinite(t).sum())
+
+
+def _count_inputs(tensors: list[torch.Tensor], refs: tuple[InputRef, ...]) -> NonFinite:
+    """NaN/±inf among the values read, per input model (counted in the inputs' own dtypes)."""
+    return NonFinite.from_kernel(([count_nonfinite(t) for t in tensors], 0, 0), [r.model for r in refs])
+
+
+def _output_counts(result: torch.Tensor, out: torch.Tensor) -> NonFinite:
+    """NaN/±inf in ``out`` (the cast of ``result``), and how many of them ``result`` held finite."""
+    bad = count_nonfinite(out)
+    if not bad:
+        return NonFinite()
+    overflow = ~torch.isfinite(out.view(result.shape)) & torch.isfinite(result).cpu()
+    return NonFinite(outputs=bad, overflow=int(overflow.sum()))
+
+
+def _to_output(result: torch.Tensor, code: str, bufs: ChunkBuffers | None) -> Merged:
+    """Cast once to the output dtype, on the host, as bytes; with the NaN/±inf the cast left."""
     dtype = torch_dtype(code)
-    result = narrow_once(result, dtype) if result.dtype == torch.float64 else result
+    narrowed = narrow_once(result, dtype) if result.dtype == torch.float64 else result
     if bufs is None:
-        return _bytes_view(result.to(dtype=dtype, device="cpu").contiguous().reshape(-1))
-    out = bufs.get("out", 0, result.numel(), dtype, torch.device("cpu"))
-    out.view(result.shape).copy_(result)
-    return _bytes_view(out)
+        out = narrowed.to(dtype=dtype, device="cpu").contiguous().reshape(-1)
+    else:
+        out = bufs.get("out", 0, result.numel(), dtype, torch.device("cpu"))
+        out.view(result.shape).copy_(narrowed)
+    return _bytes_view(out), _output_counts(result, out)
+
+
+def _passed_through(raw: torch.Tensor, ref: InputRef, shape: tuple[int, ...]) -> Merged:
+    """An input's bytes as the output's: what it holds, it writes."""
+    found = count_nonfinite(_typed(raw, ref.tensor.dtype, shape))
+    return _bytes_view(raw), NonFinite(found, found, 0, {ref.model: found} if found else {})
 
 
 def apply_rule(
@@ -202,15 +247,16 @@ def apply_rule(
     rows: int,
     compute: torch.dtype,
     bufs: ChunkBuffers | None = None,
-) -> memoryview:
+) -> Merged:
     """Rows set by a row rule: a zero row, a row taken from a model, or the mean of models' rows."""
     shape = (rows, *task.shape[1:])
     if rule.kind == "zero":
-        return _bytes_view(torch.zeros(shape, dtype=torch_dtype(task.out_dtype)).reshape(-1))
+        return _bytes_view(torch.zeros(shape, dtype=torch_dtype(task.out_dtype)).reshape(-1)), NonFinite()
+    if rule.kind == "take" and rule.sources[0].tensor.dtype == task.out_dtype:
+        return _passed_through(raw[0], rule.sources[0], shape)
     tensors = [_typed(buf, ref.tensor.dtype, shape) for buf, ref in zip(raw, rule.sources)]
+    read = _count_inputs(tensors, rule.sources)
     if rule.kind == "take":
-        if rule.sources[0].tensor.dtype == task.out_dtype:
-            return _bytes_view(raw[0])
         result = tensors[0].to(compute)
     elif rule.kind == "mean":
         result = tensors[0].to(compute)
@@ -219,7 +265,8 @@ def apply_rule(
         result.div_(len(tensors))
     else:  # pragma: no cover - the planner only makes the kinds above
         raise ValueError(f"unknown row rule {rule.kind!r}")
-    return _to_output(result, task.out_dtype, bufs)
+    data, written = _to_output(result, task.out_dtype, bufs)
+    return data, read + written
 
 
 def to_compute(
@@ -264,27 +311,31 @@ def merge_chunk(
     stats: Any = None,
     bufs: ChunkBuffers | None = None,
     form: LinearForm | None = None,
-) -> memoryview:
-    """Merge one row chunk: raw input bytes in, raw output bytes out. With a ``form`` (see
-    ``native_form``) the native kernel computes it, else the method's torch function."""
-    if task.copy_of is not None:
-        return _bytes_view(raw[0])
+) -> Merged:
+    """Merge one row chunk: raw input bytes in, raw output bytes out, and the NaN/±inf read and
+    written. With a ``form`` (see ``native_form``) the native kernel computes it, else the method's
+    torch function."""
     rows = info.row_end - info.row_start
+    shape = (rows, *task.shape[1:]) if task.shape else ()
+    if task.copy_of is not None:
+        return _passed_through(raw[0], task.copy_of, shape)
     if rows == 0 or math.prod(task.shape) == 0:
-        return memoryview(b"")
+        return memoryview(b""), NonFinite()
+    models = [ref.model for ref in task.inputs]
     if form is not None:
         nbytes = rows * _row_bytes(task.out_dtype, task.shape)
         cpu = torch.device("cpu")
         out = torch.empty(nbytes, dtype=torch.uint8) if bufs is None else bufs.get("out", 0, nbytes, torch.uint8, cpu)
-        native.run_linear(form, raw, [ref.tensor.dtype for ref in task.inputs], out, task.out_dtype)
-        return _bytes_view(out)
-    base, models = to_compute(task, raw, info, compute, device, bufs)
+        found = native.run_linear(form, raw, [ref.tensor.dtype for ref in task.inputs], out, task.out_dtype)
+        return _bytes_view(out), NonFinite.from_kernel(found, models)
+    read = _count_inputs([_typed(buf, ref.tensor.dtype, shape) for buf, ref in zip(raw, task.inputs)], task.inputs)
+    base, models_in = to_compute(task, raw, info, compute, device, bufs)
     with _naming_the_tensor(task):
-        result = get_method(task.method)(base, models, task.param_dict, chunk=info, stats=stats)
-    expected = torch.Size((rows, *task.shape[1:]) if task.shape else ())
-    if result.shape != expected:
-        raise RuntimeError(f"{task.method} returned shape {list(result.shape)} for a {list(expected)} chunk")
-    return _to_output(result, task.out_dtype, bufs)
+        result = get_method(task.method)(base, models_in, task.param_dict, chunk=info, stats=stats)
+    if result.shape != torch.Size(shape):
+        raise RuntimeError(f"{task.method} returned shape {list(result.shape)} for a {list(shape)} chunk")
+    data, written = _to_output(result, task.out_dtype, bufs)
+    return data, read + written
 
 
 def task_stats(
@@ -370,18 +421,19 @@ def _process(
     stats: Any,
     local: threading.local,
     form: LinearForm | None,
-) -> int:
-    """One worker's job: read a chunk's inputs, merge (or apply the row rule), write the result."""
+) -> tuple[int, NonFinite]:
+    """One worker's job: read a chunk's inputs, merge (or apply the row rule), write the result.
+    Returns the bytes written and the NaN/±inf met."""
     bufs = local.__dict__.setdefault("buffers", ChunkBuffers())
     raw = _read_part(files, chunk, bufs)
     rows = chunk.info.row_end - chunk.info.row_start
     task = chunk.task
     if chunk.rule is not None:
-        data = apply_rule(task, chunk.rule, raw, rows, compute, bufs)
+        data, found = apply_rule(task, chunk.rule, raw, rows, compute, bufs)
     else:
-        data = merge_chunk(task, raw, chunk.info, compute, device, stats, bufs, form)
+        data, found = merge_chunk(task, raw, chunk.info, compute, device, stats, bufs, form)
     shards[chunk.shard].write(task.name, chunk.info.row_start * _row_bytes(task.out_dtype, task.shape), data)
-    return len(data)
+    return len(data), found
 
 
 def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], ctx: ExecContext) -> int:
@@ -390,7 +442,8 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
     finished: list[str] = []
     unsynced = 0
     remaining: dict[str, int] = {}
-    inflight: deque[tuple[_Chunk, Future[int]]] = deque()
+    inflight: deque[tuple[_Chunk, Future[tuple[int, NonFinite]]]] = deque()
+    tally: dict[str, NonFinite] = {}  # NaN/±inf of the tensors in flight, summed over their chunks
     limit = plan.budget.inflight
     last_journal = [time.monotonic()]
     local = threading.local()  # each worker's ChunkBuffers
@@ -400,11 +453,17 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
         def complete_oldest() -> None:
             nonlocal merged, unsynced
             chunk, fut = inflight.popleft()
-            nbytes = fut.result()
+            nbytes, found = fut.result()
             ctx.progress.advance(nbytes)
             unsynced += nbytes
-            remaining[chunk.task.name] -= 1
-            if remaining[chunk.task.name] == 0:
+            name = chunk.task.name
+            if found:
+                tally[name] = tally[name] + found if name in tally else found
+            remaining[name] -= 1
+            if remaining[name] == 0:
+                total = tally.pop(name, None)
+                if total is not None and ctx.on_nonfinite is not None:
+                    ctx.on_nonfinite(name, total)
                 merged += 1
                 finished.append(chunk.task.name)
                 ctx.progress.tensor_done(chunk.task.name)
@@ -462,7 +521,7 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
     return merged
 
 
-def _done(value: int) -> Future[int]:
-    fut: Future[int] = Future()
-    fut.set_result(value)
+def _done(value: int) -> Future[tuple[int, NonFinite]]:
+    fut: Future[tuple[int, NonFinite]] = Future()
+    fut.set_result((value, NonFinite()))
     return fut
