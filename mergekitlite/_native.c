@@ -126,12 +126,15 @@ static inline uint16_t f32_to_f16(float f) {
     return (uint16_t)(sign | ((a - (112u << 23)) >> 13));
 }
 
-MULTIVERSION static uint32_t store_f16(uint16_t *restrict dst, const float *restrict src, Py_ssize_t len) {
+/* This loop does not vectorise (f32_to_f16 branches): the maximum is a separate vectorised pass,
+   cheaper than a compare in the scalar loop (measured 5% there, ~1% here). */
+MULTIVERSION static void store_f16(uint16_t *restrict dst, const float *restrict src, Py_ssize_t len) {
+    for (Py_ssize_t i = 0; i < len; i++) dst[i] = f32_to_f16(src[i]);
+}
+
+MULTIVERSION static uint32_t max_magnitude(const float *restrict src, Py_ssize_t len) {
     uint32_t top = 0;
-    for (Py_ssize_t i = 0; i < len; i++) {
-        top = magnitude(src[i]) > top ? magnitude(src[i]) : top;
-        dst[i] = f32_to_f16(src[i]);
-    }
+    for (Py_ssize_t i = 0; i < len; i++) top = magnitude(src[i]) > top ? magnitude(src[i]) : top;
     return top;
 }
 
@@ -241,7 +244,8 @@ static void load(float *dst, const char *src, int code, Py_ssize_t start, Py_ssi
 static uint32_t store(const Job *job, const float *acc, Py_ssize_t start, Py_ssize_t len) {
     if (job->out_code == CODE_F32) return store_f32((float *)job->out + start, acc, len);
     if (job->out_code == CODE_BF16) return store_bf16((uint16_t *)job->out + start, acc, len);
-    return store_f16((uint16_t *)job->out + start, acc, len);
+    store_f16((uint16_t *)job->out + start, acc, len);
+    return max_magnitude(acc, len);
 }
 
 /* The smallest float32 magnitude (as bits) that casts to a non-finite value of the output dtype. */

@@ -321,17 +321,16 @@ def merge_chunk(
         return _passed_through(raw[0], task.copy_of, shape)
     if rows == 0 or math.prod(task.shape) == 0:
         return memoryview(b""), NonFinite()
-    models = [ref.model for ref in task.inputs]
     if form is not None:
         nbytes = rows * _row_bytes(task.out_dtype, task.shape)
         cpu = torch.device("cpu")
         out = torch.empty(nbytes, dtype=torch.uint8) if bufs is None else bufs.get("out", 0, nbytes, torch.uint8, cpu)
         found = native.run_linear(form, raw, [ref.tensor.dtype for ref in task.inputs], out, task.out_dtype)
-        return _bytes_view(out), NonFinite.from_kernel(found, models)
+        return _bytes_view(out), NonFinite.from_kernel(found, [ref.model for ref in task.inputs])
     read = _count_inputs([_typed(buf, ref.tensor.dtype, shape) for buf, ref in zip(raw, task.inputs)], task.inputs)
-    base, models_in = to_compute(task, raw, info, compute, device, bufs)
+    base, models = to_compute(task, raw, info, compute, device, bufs)
     with _naming_the_tensor(task):
-        result = get_method(task.method)(base, models_in, task.param_dict, chunk=info, stats=stats)
+        result = get_method(task.method)(base, models, task.param_dict, chunk=info, stats=stats)
     if result.shape != torch.Size(shape):
         raise RuntimeError(f"{task.method} returned shape {list(result.shape)} for a {list(shape)} chunk")
     data, written = _to_output(result, task.out_dtype, bufs)

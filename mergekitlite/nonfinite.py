@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 # Warning lines printed after a merge; the rest are summed up in one more line.
@@ -47,6 +48,8 @@ class NonFinite:
         """A kernel's ``(nonfinite_in, nonfinite_out, overflow)`` for one chunk. ``nonfinite_in`` is a
         total, or one count per input (in the task's input order, named by ``models``)."""
         found, outputs, overflow = counts
+        if not outputs and (not found if isinstance(found, int) else not any(found)):
+            return _NOTHING  # the common case, per chunk: no allocation, no loop
         if isinstance(found, int):
             return cls(found, int(outputs), int(overflow))
         per_input = [int(n) for n in found]
@@ -81,6 +84,9 @@ class NonFinite:
             int(data.get("overflow_on_cast", 0)),
             {str(k): int(v) for k, v in by_model.items()},
         )
+
+
+_NOTHING = NonFinite(by_model=MappingProxyType({}))  # read-only: shared by every chunk that met no NaN/±inf
 
 
 def describe(name: str, found: NonFinite, paths: Mapping[str, str], out_dtype: str | None = None) -> str:
