@@ -214,6 +214,7 @@ def run_merge(
         peak_rss_bytes(),
         last.notes,
         steps=tuple(done[:-1]),
+        nonfinite=last.nonfinite,
     )
 
 

@@ -8,6 +8,12 @@ executor sums the chunks of a tensor; the resume journal keeps the sums of finis
 resumed merge reports them too; the provenance file records them; and ``--strict`` refuses to
 finalise an output that holds a non-finite value.
 
+A kernel (native or not) plugs in by returning ``(nonfinite_in, nonfinite_out, overflow)`` for its
+chunk, ``nonfinite_in`` a total or one count per input in the task's input order; the executor turns
+it into a ``NonFinite`` with ``NonFinite.from_kernel(counts, [ref.model for ref in task.inputs])``.
+The linear kernel may skip counting a block whose result is finite (NaN/inf propagate through its
+every step); a kernel that masks values (ties, DARE) may not, and counts its inputs.
+
 No torch here: the journal and the report use it without the arithmetic.
 """
 

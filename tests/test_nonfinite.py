@@ -280,3 +280,18 @@ def test_kernel_counts_equal_torch(in_codes, out_code) -> None:
             _nonfinite(written),
             int((~torch.isfinite(written) & torch.isfinite(f32)).sum()),
         ), (in_codes, out_code, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_torch_path_count_per_dtype(dtype) -> None:
+    """The torch path's count: exact with NaN/±inf planted, 0 for finite values whose sum overflows
+    the dtype (the fast test's false alarm falls back to counting), 0 for non-float tensors."""
+    from mergekitlite.execute import count_nonfinite
+
+    big = torch.full((4096,), torch.finfo(dtype).max / 2, dtype=dtype)
+    assert count_nonfinite(big) == 0
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(1)).to(dtype)
+    assert count_nonfinite(x) == 0
+    x[[1, 2, 4999]] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    assert count_nonfinite(x) == 3 == _nonfinite(x)
+    assert count_nonfinite(torch.arange(10)) == 0
