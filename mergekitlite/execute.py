@@ -279,18 +279,24 @@ def to_compute(
     compute: torch.dtype,
     device: torch.device,
     bufs: ChunkBuffers | None = None,
+    found: list[int] | None = None,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    """Input bytes → (base, models) tensors in the compute dtype on the compute device."""
+    """Input bytes → (base, models) tensors in the compute dtype on the compute device. ``found``:
+    append each input's NaN/±inf count, taken while the copy is still in the cache."""
     rows = info.row_end - info.row_start
     shape = (rows, *task.shape[1:]) if task.shape else ()
     tensors = []
     for i, (buf, ref) in enumerate(zip(raw, task.inputs)):
         src = _typed(buf, ref.tensor.dtype, shape)
         if bufs is None:
-            tensors.append(src.to(device=device, dtype=compute))
+            dst = src.to(device=device, dtype=compute)
         else:
-            dst = bufs.get("compute", i, src.numel(), compute, device).view(shape)
-            tensors.append(dst.copy_(src))
+            dst = bufs.get("compute", i, src.numel(), compute, device).view(shape).copy_(src)
+        tensors.append(dst)
+        if found is not None:
+            # A widening copy holds the same NaN/±inf; a narrowing one may overflow: count the source.
+            exact = dst.dtype.itemsize >= src.dtype.itemsize and dst.dtype in (torch.float32, torch.float64)
+            found.append(count_nonfinite(dst if exact else src))
     if task.base is not None:
         return tensors[0], tensors[1:]
     return None, tensors
@@ -330,8 +336,9 @@ def merge_chunk(
         out = torch.empty(nbytes, dtype=torch.uint8) if bufs is None else bufs.get("out", 0, nbytes, torch.uint8, cpu)
         found = native.run_linear(form, raw, [ref.tensor.dtype for ref in task.inputs], out, task.out_dtype)
         return _bytes_view(out), NonFinite.from_kernel(found, [ref.model for ref in task.inputs])
-    read = _count_inputs([_typed(buf, ref.tensor.dtype, shape) for buf, ref in zip(raw, task.inputs)], task.inputs)
-    base, models = to_compute(task, raw, info, compute, device, bufs)
+    counts: list[int] = []
+    base, models = to_compute(task, raw, info, compute, device, bufs, counts)
+    read = NonFinite.from_kernel((counts, 0, 0), [ref.model for ref in task.inputs])
     with _naming_the_tensor(task):
         result = get_method(task.method)(base, models, task.param_dict, chunk=info, stats=stats)
     if result.shape != torch.Size(shape):
