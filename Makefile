@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 .PHONY: setup demo evolve-demo test lint schema bench clean
 
 # setup.py and the C source too: the editable install builds the native kernel in place.
-$(BIN)/.installed: pyproject.toml setup.py mergekitlite/_native.c
+$(BIN)/.installed: pyproject.toml setup.py mergekitlite/_native.c $(wildcard mergekitlite/kernels/*.c mergekitlite/kernels/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"

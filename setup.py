@@ -1,4 +1,5 @@
-"""Build the optional native kernel (mergekitlite/_native.c); everything else is in pyproject.toml.
+"""Build the optional native kernels (mergekitlite/_native.c, mergekitlite/kernels/*.c); everything else is in
+pyproject.toml.
 
 The extension is optional: without a C compiler the install still succeeds and merges run on the
 torch path (same bits, slower)."""
@@ -20,6 +21,9 @@ class BuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("mergekitlite._native", ["mergekitlite/_native.c"], optional=True)],
+    ext_modules=[
+        Extension("mergekitlite._native", ["mergekitlite/_native.c"], optional=True),
+        Extension("mergekitlite._gram", ["mergekitlite/kernels/gram.c"], optional=True),
+    ],
     cmdclass={"build_ext": BuildExt},
 )

@@ -11,6 +11,7 @@ decoded keep rates and rescale factors (DARE/DELLA, whose random draws cannot ma
     python bench/parity.py                          # preset small, N=2, appends to bench/RESULTS.md
     python bench/parity.py -n 1 --only ties,slerp --no-write
     python bench/parity.py --preset medium -n 2
+    python bench/parity.py --preset 1.3b -n 3 --no-check   # real scale: the 1.3b family (two fine-tunes)
 
 Ours runs from a frozen copy of mergekitlite/ (bench/harness.py), since others commit while it runs.
 A method mergekit lacks or fails on is reported as skipped, with the reason from its log.
@@ -59,8 +60,24 @@ def _with_paths(node: Any, family: Path) -> Any:
     return node
 
 
-def cases(family: Path, layers: int) -> list[Case]:
-    """bench/parity_cases.yaml: one recipe per method, over ``family``'s models."""
+def _family_dir(preset: str) -> str:
+    """make_family's preset for ``--preset``: the parity families, or a plain one (1.3b) as is."""
+    return preset if preset in make_family.PRESETS else f"parity-{preset}"
+
+
+def _available(recipe: dict[str, Any], models: Sequence[str]) -> tuple[dict[str, Any], int]:
+    """The recipe without its ``models:`` entries that the family lacks (ft3 in a two-fine-tune family), and how
+    many were dropped."""
+    entries = recipe.get("models")
+    if not isinstance(entries, list):
+        return recipe, 0
+    kept = [e for e in entries if e.get("model") in models]
+    return recipe | {"models": kept}, len(entries) - len(kept)
+
+
+def cases(family: Path, layers: int, models: Sequence[str] = ("base", "ft1", "ft2", "ft3")) -> list[Case]:
+    """bench/parity_cases.yaml: one recipe per method, over ``family``'s models (entries of models the family
+    lacks are left out, and the params column says so; a case left with no model is dropped)."""
     cut = layers - 2
     values = {
         "layers": layers,
@@ -71,10 +88,14 @@ def cases(family: Path, layers: int) -> list[Case]:
         "cut2": 2 * cut,
     }
     text = string.Template((harness.BENCH / "parity_cases.yaml").read_text()).substitute(values)
-    return [
-        Case(c["name"], _with_paths(c["recipe"], family) | {"dtype": "bfloat16"}, c["params"])
-        for c in yaml.safe_load(text)
-    ]
+    out = []
+    for c in yaml.safe_load(text):
+        recipe, dropped = _available(c["recipe"], models)
+        if recipe.get("models") == [] or any(s.get("sources") for s in recipe.get("slices", []) if "ft3" in str(s)):
+            continue
+        params = c["params"] + (f" ({dropped} model(s) the family lacks left out)" if dropped else "")
+        out.append(Case(c["name"], _with_paths(recipe, family) | {"dtype": "bfloat16"}, params))
+    return out
 
 
 # ------------------------------------------------------------------ running
@@ -116,7 +137,7 @@ def jobs(case: Case, args: argparse.Namespace, paths: Paths, env: dict[str, str]
 def exact_tensors(args: argparse.Namespace) -> list[str]:
     """Tensors checked against the float64 reference: attention and MLP matrices at different depths (different
     gradient values), a norm vector, the largest matrix."""
-    n = make_family.PRESETS[f"parity-{args.preset}"].sizes.layers
+    n = make_family.PRESETS[_family_dir(args.preset)].sizes.layers
     return [
         "model.layers.1.self_attn.q_proj.weight",
         f"model.layers.{n - 2}.mlp.down_proj.weight",
@@ -190,11 +211,15 @@ def _pct(x: float) -> str:
 
 
 def timing_table(selected: list[Case], outcomes: dict[str, Outcome]) -> list[str]:
+    """Medians per tool; *ours / TA*: our wall time over our task_arithmetic case's, same invocation (the goal of
+    issue 13: every method within 1.5× of task arithmetic)."""
     lines = [
-        "| method | recipe | ours wall (s) | mergekit wall (s) | mergekit / ours | ours CPU (s) | mergekit CPU (s) "
-        "| ours peak RSS (GB) | mergekit peak RSS (GB) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | recipe | ours wall (s) | mergekit wall (s) | mergekit / ours | ours / TA | ours CPU user+sys (s) "
+        "| mergekit CPU (s) | ours peak RSS (GB) | mergekit peak RSS (GB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    ta = outcomes["task_arithmetic"].runs["ours"] if "task_arithmetic" in outcomes else []
+    ta_wall = summarize(ta)["wall_median"] if ta else float("nan")
     for c in selected:
         runs = [outcomes[c.name].runs[tool] for tool in TOOLS]
         a, b = (summarize(r) for r in runs)  # NaN where a tool was skipped
@@ -202,8 +227,10 @@ def timing_table(selected: list[Case], outcomes: dict[str, Outcome]) -> list[str
         rss = [s["peak_rss_max"] / 1e9 if r else 0.0 for s, r in zip((a, b), runs, strict=True)]
         ratio = f"**{wall[1] / wall[0]:.2f}×**" if all(runs) else "—"
         cells = [f"{x:.1f}" if x == x else "skipped" for x in wall]
+        split = f"{a['user_median']:.1f}+{a['sys_median']:.1f}" if runs[0] else "—"
         lines.append(
-            f"| {c.name} | {c.params} | {cells[0]} | {cells[1]} | {ratio} | {cpu[0]:.1f} | {cpu[1]:.1f} | "
+            f"| {c.name} | {c.params} | {cells[0]} | {cells[1]} | {ratio} | {wall[0] / ta_wall:.2f}× | {split} | "
+            f"{cpu[1]:.1f} | "
             f"{rss[0]:.2f} | {rss[1]:.2f} |".replace("nan", "—")
         )
     return lines
@@ -385,7 +412,9 @@ def markdown(
 # ------------------------------------------------------------------ main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=["small", "medium"], default="small", help="make_family's parity-PRESET")
+    ap.add_argument(
+        "--preset", choices=["small", "medium", "1.3b"], default="small", help="make_family's parity-PRESET, or 1.3b"
+    )
     harness.add_flags(ap, repeats=2)
     ap.add_argument("--only", default="", help="comma-separated case names (default: all)")
     ap.add_argument(
@@ -399,8 +428,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     session = harness.Session(f"parity-{args.preset}")
-    family_root, family = make_family.ensure_in_child(f"parity-{args.preset}", args.seed)
-    all_cases = cases(family_root, family.sizes.layers)
+    family_root, family = make_family.ensure_in_child(_family_dir(args.preset), args.seed)
+    all_cases = cases(family_root, family.sizes.layers, family.models)
     wanted = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in {c.name for c in all_cases}]
     if unknown:

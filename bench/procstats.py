@@ -262,7 +262,8 @@ def interleave(
 def summarize(runs: Sequence[RunStats]) -> dict[str, float]:
     """Medians and extremes over the rounds (NaN for a job without a successful run)."""
     if not runs:
-        return dict.fromkeys(("n", "wall_median", "cpu_median", "peak_rss_max", "peak_rss_median"), float("nan"))
+        keys = ("n", "wall_median", "cpu_median", "user_median", "sys_median", "peak_rss_max", "peak_rss_median")
+        return dict.fromkeys(keys, float("nan"))
     walls = [s.wall_s for s in runs]
     return {
         "n": len(runs),
@@ -270,6 +271,8 @@ def summarize(runs: Sequence[RunStats]) -> dict[str, float]:
         "wall_min": min(walls),
         "wall_max": max(walls),
         "cpu_median": statistics.median(s.cpu_s for s in runs),
+        "user_median": statistics.median(s.user_s for s in runs),
+        "sys_median": statistics.median(s.sys_s for s in runs),
         "peak_rss_max": max(s.peak_rss for s in runs),
         "peak_rss_median": statistics.median(s.peak_rss for s in runs),
         "minor_faults_median": statistics.median(s.minor_faults for s in runs),

@@ -12,12 +12,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from mergekitlite.artifacts import InputHasher, default_cache_dir, hash_file, write_card, write_side_files
 from mergekitlite.budget import Budget
 from mergekitlite.errors import NonFiniteError, RecipeError
-from mergekitlite.execute import ExecContext, NullProgress, Progress, resolve_device, run_tasks
+from mergekitlite.execute import ExecContext, NullProgress, Progress, merge_device, resolve_device, run_tasks
 from mergekitlite.nonfinite import NonFinite, report_lines, strict_problem
 from mergekitlite.options import MergeOptions
 from mergekitlite.output import PartialOutput, input_files, lock_output, open_partial
@@ -25,9 +25,6 @@ from mergekitlite.plan import build_plan
 from mergekitlite.recipe import LoadedRecipe, load_recipes
 from mergekitlite.taskgraph import Plan
 from mergekitlite.tokens import read_json_object
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = [
     "MergeOptions",
@@ -228,7 +225,7 @@ def _run_step(
     whole_file: bool = False,
 ) -> MergeResult:
     started = time.perf_counter()
-    device = resolve_device(opts.device)
+    device = merge_device(opts.device)
     plan = plan or plan_merge(loaded, opts, aliases=aliases)
     # One merge at a time into ``target``, from before its checks until after the rename.
     with lock_output(target) as lock:
@@ -248,7 +245,7 @@ def _merge_into(
     loaded: LoadedRecipe,
     plan: Plan,
     opts: MergeOptions,
-    device: torch.device,
+    device: Any,
     progress: Progress | None,
     whole_file: bool,
     started: float,

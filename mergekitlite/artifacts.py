@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -317,12 +318,19 @@ def _set_chat_template(out: Path, template: str) -> None:
 
 
 # ---------------------------------------------------------------- card and provenance
-def provenance(plan: Plan, hashes: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
-    import torch
+def _torch_version() -> str:
+    """The installed torch's version, from its metadata: a merge that never computes with torch does not
+    import it just to name it."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
+
+def provenance(plan: Plan, hashes: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
     return {
         "mergekitlite": __version__,
-        "torch": torch.__version__,
+        "torch": _torch_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "merge_method": plan.recipe.merge_method,
         "compute_dtype": plan.compute_dtype,

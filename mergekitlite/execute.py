@@ -8,10 +8,14 @@ so reading, arithmetic and writing of different chunks overlap, and only ``worke
 are alive at any time. Methods with whole-tensor statistics get their statistic passes first.
 The executor knows the methods' declared properties, never their maths.
 
+torch is imported only when a chunk needs it: a merge whose tensors are all copies, raw takes or linear
+forms for the native kernel reads into numpy byte buffers and never imports it (about a second of start-up).
+
 Every chunk also says how many NaN/±inf values it read and wrote (``nonfinite.NonFinite``): the
 native kernels count while they load and store, the torch path checks the tensors it already holds
-(a reduction that is finite proves a whole tensor finite; only a tensor that fails is counted). The
-executor sums them per tensor and hands each finished tensor's sum to ``ExecContext.on_nonfinite``.
+(a reduction that is finite proves a whole tensor finite; only a tensor that fails is counted), and
+bytes passed through as they are (copies, raw takes) are checked with numpy. The executor sums them
+per tensor and hands each finished tensor's sum to ``ExecContext.on_nonfinite``.
 """
 
 from __future__ import annotations
@@ -26,21 +30,22 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+import numpy as np
 
 from mergekitlite.errors import MergekitliteError, MethodInputError, OutputError
-from mergekitlite.gather import gather_rows
+from mergekitlite.heap import retained_heap
 from mergekitlite.io.files import InputFiles, ShardFile
 from mergekitlite.io.safetensors_header import CODE_BY_NAME, itemsize, torch_dtype
-from mergekitlite.lora.rows import read_rows
+from mergekitlite.lora.tensor import AdaptedTensor
 from mergekitlite.methods import ChunkInfo, get_method, native
-from mergekitlite.methods.apply import compute_stats
 from mergekitlite.methods.linear_form import LinearForm
 from mergekitlite.nonfinite import NonFinite
-from mergekitlite.rounding import narrow_once
 from mergekitlite.taskgraph import InputRef, Plan, RowRule, TensorTask
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Progress(Protocol):
@@ -66,7 +71,7 @@ class NullProgress:
 class ExecContext:
     """How to run: where to compute and how much to overlap. Passed down, never global."""
 
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: Any = "cpu"  # a torch.device, or a name ("cpu" needs no torch: see merge_device)
     progress: Progress = field(default_factory=NullProgress)
     # Called with tensors whose bytes are written, and whether they (and all before) are fsynced;
     # the resume journal records them (see output.py).
@@ -83,8 +88,21 @@ class ExecContext:
 Merged = tuple[memoryview, NonFinite]
 
 
+def merge_device(name: str) -> Any:
+    """The device for ``merge --device NAME``: ``"cpu"`` as a name (so a merge that runs no torch op never
+    imports torch), any other as ``resolve_device`` gives it."""
+    return "cpu" if name == "cpu" else resolve_device(name)
+
+
+def device_type(device: Any) -> str:
+    """ "cpu", "cuda", "mps"... of a torch.device or a device name."""
+    return str(getattr(device, "type", None) or str(device).split(":")[0])
+
+
 def resolve_device(name: str) -> torch.device:
     """A torch device from --device; ``auto`` is the first GPU when one is visible, else the CPU."""
+    import torch
+
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -136,15 +154,27 @@ def _row_bytes(code: str, shape: tuple[int, ...]) -> int:
 
 
 class ChunkBuffers:
-    """One worker's reusable buffers: the raw input bytes, their compute-dtype copies and the
-    output bytes of the chunk it is working on. Reusing them instead of allocating per chunk
-    saves the page faults and zero-filling of fresh memory (measured ~30% of the CPU time of
+    """One worker's reusable buffers: the raw input bytes (numpy, no torch needed), their compute-dtype
+    copies and the output bytes of the chunk it is working on. Reusing them instead of allocating per
+    chunk saves the page faults and zero-filling of fresh memory (measured ~30% of the CPU time of
     task_arithmetic on bf16 inputs). Only the chunk being merged uses them, so nothing outlives it."""
 
     def __init__(self) -> None:
-        self._store: dict[tuple[str, int, torch.dtype, torch.device], torch.Tensor] = {}
+        self._bytes: dict[tuple[str, int], np.ndarray] = {}
+        self._store: dict[tuple[str, int, Any, Any], torch.Tensor] = {}
+
+    def raw(self, slot: str, index: int, nbytes: int) -> np.ndarray:
+        """A uint8 array of ``nbytes`` for slot ``(slot, index)``."""
+        buf = self._bytes.get((slot, index))
+        if buf is None or buf.size < nbytes:
+            buf = np.empty(nbytes, dtype=np.uint8)
+            self._bytes[(slot, index)] = buf
+        return buf[:nbytes]
 
     def get(self, slot: str, index: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A torch tensor of ``numel`` elements for slot ``(slot, index, dtype, device)``."""
+        import torch
+
         key = (slot, index, dtype, device)
         buf = self._store.get(key)
         if buf is None or buf.numel() < numel:
@@ -153,37 +183,57 @@ class ChunkBuffers:
         return buf[:numel]
 
 
-def _bytes_view(t: torch.Tensor) -> memoryview:
+def _bytes_view(t: Any) -> memoryview:
+    """The bytes of a numpy array or a CPU torch tensor."""
+    if isinstance(t, np.ndarray):
+        return memoryview(t).cast("B")
+    import torch
+
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def _tensor(raw: Any) -> torch.Tensor:
+    """A raw byte buffer as a uint8 torch tensor (no copy)."""
+    import torch
+
+    return torch.from_numpy(raw) if isinstance(raw, np.ndarray) else raw
+
+
+def _computed_on_read(ref: InputRef) -> bool:
+    """Whether reading the input's rows computes (vocabulary rows gathered, LoRA factors applied): torch."""
+    return ref.rows is not None or (isinstance(ref.tensor, AdaptedTensor) and ref.tensor.computed)
 
 
 def _read_rows(
     files: InputFiles, refs: tuple[InputRef, ...], first_row: int, rows: int, bufs: ChunkBuffers | None
-) -> list[torch.Tensor]:
-    """The rows of each input as uint8 tensors (in ``bufs`` when given)."""
+) -> list[np.ndarray]:
+    """The rows of each input as uint8 arrays (in ``bufs`` when given)."""
     out = []
     for i, ref in enumerate(refs):
         rb = ref.tensor.row_bytes
         n = rows * rb
-        if bufs is None:
-            raw = torch.empty(n, dtype=torch.uint8)
-        else:
-            raw = bufs.get("raw", i, n, torch.uint8, torch.device("cpu"))
+        raw = np.empty(n, dtype=np.uint8) if bufs is None else bufs.raw("raw", i, n)
         if n and ref.rows is not None:
+            from mergekitlite.gather import gather_rows
+
             gather_rows(files, ref.rows, first_row, rows, _bytes_view(raw))
-        elif n:  # as stored, or computed on read for a model+adapter input
+        elif n and _computed_on_read(ref):  # a model+adapter input
+            from mergekitlite.lora.rows import read_rows
+
             read_rows(files, ref.tensor, first_row, rows, _bytes_view(raw), bufs)
+        elif n:
+            files.read_into(ref.tensor, first_row * rb, _bytes_view(raw))
         out.append(raw)
     return out
 
 
 def read_chunk(
     files: InputFiles, task: TensorTask, info: ChunkInfo, bufs: ChunkBuffers | None = None
-) -> list[torch.Tensor]:
+) -> list[np.ndarray]:
     return _read_rows(files, task.inputs, info.row_start, info.row_end - info.row_start, bufs)
 
 
-def _read_part(files: InputFiles, chunk: _Chunk, bufs: ChunkBuffers | None) -> list[torch.Tensor]:
+def _read_part(files: InputFiles, chunk: _Chunk, bufs: ChunkBuffers | None) -> list[np.ndarray]:
     rule = chunk.rule
     if rule is None:
         return read_chunk(files, chunk.task, chunk.info, bufs)
@@ -192,8 +242,8 @@ def _read_part(files: InputFiles, chunk: _Chunk, bufs: ChunkBuffers | None) -> l
     return _read_rows(files, rule.sources, chunk.info.row_start + offset, rows, bufs)
 
 
-def _typed(raw: torch.Tensor, code: str, shape: tuple[int, ...]) -> torch.Tensor:
-    return raw.view(torch_dtype(code)).view(shape)
+def _typed(raw: Any, code: str, shape: tuple[int, ...]) -> torch.Tensor:
+    return _tensor(raw).view(torch_dtype(code)).view(shape)
 
 
 def count_nonfinite(t: torch.Tensor) -> int:
@@ -202,6 +252,8 @@ def count_nonfinite(t: torch.Tensor) -> int:
     float16 sums overflow too often to be a test; its minimum and maximum are (min/max propagate
     NaN). The values are counted only when the test fails. (A float32 sum of a 16-bit tensor
     converts it first: that cost 4× the torch path's time per chunk.)"""
+    import torch
+
     if not t.is_floating_point() or t.numel() == 0:
         return 0
     if t.dtype == torch.float16:
@@ -218,6 +270,8 @@ def _count_inputs(tensors: list[torch.Tensor], refs: tuple[InputRef, ...]) -> No
 
 def _output_counts(result: torch.Tensor, out: torch.Tensor) -> NonFinite:
     """NaN/±inf in ``out`` (the cast of ``result``), and how many of them ``result`` held finite."""
+    import torch
+
     bad = count_nonfinite(out)
     if not bad:
         return NonFinite()
@@ -227,6 +281,10 @@ def _output_counts(result: torch.Tensor, out: torch.Tensor) -> NonFinite:
 
 def _to_output(result: torch.Tensor, code: str, bufs: ChunkBuffers | None) -> Merged:
     """Cast once to the output dtype, on the host, as bytes; with the NaN/±inf the cast left."""
+    import torch
+
+    from mergekitlite.rounding import narrow_once
+
     dtype = torch_dtype(code)
     narrowed = narrow_once(result, dtype) if result.dtype == torch.float64 else result
     if bufs is None:
@@ -237,26 +295,56 @@ def _to_output(result: torch.Tensor, code: str, bufs: ChunkBuffers | None) -> Me
     return _bytes_view(out), _output_counts(result, out)
 
 
-def _passed_through(raw: torch.Tensor, ref: InputRef, shape: tuple[int, ...]) -> Merged:
+# Per float dtype: the unsigned integer view, the magnitude bits and the all-ones exponent.
+_EXPONENT = {
+    "BF16": (np.uint16, 0x7FFF, 0x7F80),
+    "F16": (np.uint16, 0x7FFF, 0x7C00),
+    "F32": (np.uint32, 0x7FFFFFFF, 0x7F800000),
+    "F64": (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
+}
+
+
+def count_raw(raw: Any, code: str) -> int:
+    """NaN/±inf among raw values of a float dtype, without torch: a value is non-finite exactly when its
+    magnitude bits are at least the all-ones exponent, so the largest magnitude decides, and only a
+    buffer that fails is counted. Other dtypes (integers, 8-bit floats) count 0."""
+    spec = _EXPONENT.get(code)
+    if spec is None or len(raw) == 0:
+        return 0
+    utype, magnitude, exponent = spec
+    bits = np.frombuffer(_bytes_view(raw), dtype=utype) & utype(magnitude)
+    if bits.max() < exponent:
+        return 0
+    return int(np.count_nonzero(bits >= exponent))
+
+
+def _passed_through(raw: Any, ref: InputRef) -> Merged:
     """An input's bytes as the output's: what it holds, it writes."""
-    found = count_nonfinite(_typed(raw, ref.tensor.dtype, shape))
+    found = count_raw(raw, ref.tensor.dtype)
     return _bytes_view(raw), NonFinite(found, found, 0, {ref.model: found} if found else {})
+
+
+def _rule_needs_torch(rule: RowRule, out_dtype: str) -> bool:
+    return not (rule.kind == "take" and rule.sources[0].tensor.dtype == out_dtype)
 
 
 def apply_rule(
     task: TensorTask,
     rule: RowRule,
-    raw: list[torch.Tensor],
+    raw: list[Any],
     rows: int,
-    compute: torch.dtype,
+    compute: Any,
     bufs: ChunkBuffers | None = None,
 ) -> Merged:
     """Rows set by a row rule: a zero row, a row taken from a model, or the mean of models' rows."""
+    if not _rule_needs_torch(rule, task.out_dtype):
+        return _passed_through(raw[0], rule.sources[0])
+    import torch
+
+    compute = compute_dtype(compute)
     shape = (rows, *task.shape[1:])
     if rule.kind == "zero":
         return _bytes_view(torch.zeros(shape, dtype=torch_dtype(task.out_dtype)).reshape(-1)), NonFinite()
-    if rule.kind == "take" and rule.sources[0].tensor.dtype == task.out_dtype:
-        return _passed_through(raw[0], rule.sources[0], shape)
     tensors = [_typed(buf, ref.tensor.dtype, shape) for buf, ref in zip(raw, rule.sources)]
     read = _count_inputs(tensors, rule.sources)
     if rule.kind == "take":
@@ -272,17 +360,25 @@ def apply_rule(
     return data, read + written
 
 
+def compute_dtype(compute: Any) -> torch.dtype:
+    """A torch dtype from a torch dtype or a name ("float32": the plan's ``compute_dtype``)."""
+    return torch_dtype(CODE_BY_NAME[compute]) if isinstance(compute, str) else compute
+
+
 def to_compute(
     task: TensorTask,
-    raw: list[torch.Tensor],
+    raw: list[Any],
     info: ChunkInfo,
-    compute: torch.dtype,
-    device: torch.device,
+    compute: Any,
+    device: Any,
     bufs: ChunkBuffers | None = None,
     found: list[int] | None = None,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """Input bytes → (base, models) tensors in the compute dtype on the compute device. ``found``:
     append each input's NaN/±inf count, taken while the copy is still in the cache."""
+    import torch
+
+    compute, device = compute_dtype(compute), torch.device(device)
     rows = info.row_end - info.row_start
     shape = (rows, *task.shape[1:]) if task.shape else ()
     tensors = []
@@ -302,21 +398,26 @@ def to_compute(
     return None, tensors
 
 
-def native_form(task: TensorTask, compute: torch.dtype, device: torch.device) -> LinearForm | None:
-    """The form to hand to the native kernel for ``task``, or None when the torch path must run it."""
-    if task.copy_of is not None or device.type != "cpu" or compute != torch.float32:
+def native_form(task: TensorTask, compute: Any, device: Any, stats: Any = None) -> LinearForm | None:
+    """The form to hand to the native kernel for ``task`` (given its statistic, for methods whose form comes
+    from it), or None when the torch path must run it. ``compute``: a torch dtype or its name."""
+    float32 = str(compute).removeprefix("torch.") == "float32"
+    if task.copy_of is not None or device_type(device) != "cpu" or not float32:
+        return None
+    if any(_computed_on_read(ref) for ref in task.inputs):
         return None
     if not native.supports([ref.tensor.dtype for ref in task.inputs], task.out_dtype):
         return None
-    return get_method(task.method).form(task.base is not None, len(task.models), task.param_dict)
+    with _naming_the_tensor(task):
+        return get_method(task.method).form(task.base is not None, len(task.models), task.param_dict, stats)
 
 
 def merge_chunk(
     task: TensorTask,
-    raw: list[torch.Tensor],
+    raw: list[Any],
     info: ChunkInfo,
-    compute: torch.dtype,
-    device: torch.device,
+    compute: Any,
+    device: Any,
     stats: Any = None,
     bufs: ChunkBuffers | None = None,
     form: LinearForm | None = None,
@@ -327,15 +428,16 @@ def merge_chunk(
     rows = info.row_end - info.row_start
     shape = (rows, *task.shape[1:]) if task.shape else ()
     if task.copy_of is not None:
-        return _passed_through(raw[0], task.copy_of, shape)
+        return _passed_through(raw[0], task.copy_of)
     if rows == 0 or math.prod(task.shape) == 0:
         return memoryview(b""), NonFinite()
     if form is not None:
         nbytes = rows * _row_bytes(task.out_dtype, task.shape)
-        cpu = torch.device("cpu")
-        out = torch.empty(nbytes, dtype=torch.uint8) if bufs is None else bufs.get("out", 0, nbytes, torch.uint8, cpu)
+        out = np.empty(nbytes, dtype=np.uint8) if bufs is None else bufs.raw("out", 0, nbytes)
         found = native.run_linear(form, raw, [ref.tensor.dtype for ref in task.inputs], out, task.out_dtype)
         return _bytes_view(out), NonFinite.from_kernel(found, [ref.model for ref in task.inputs])
+    import torch
+
     counts: list[int] = []
     base, models = to_compute(task, raw, info, compute, device, bufs, counts)
     read = NonFinite.from_kernel((counts, 0, 0), [ref.model for ref in task.inputs])
@@ -350,14 +452,17 @@ def merge_chunk(
 def task_stats(
     files: InputFiles,
     task: TensorTask,
-    compute: torch.dtype,
-    device: torch.device,
+    compute: Any,
+    device: Any,
     pool: ThreadPoolExecutor | None = None,
     lookahead: int = 2,
+    native: bool = True,
 ) -> Any:
     """Run the statistic passes of ``task``'s method. Chunks are re-read for every pass (from the
     page cache, cheaper than holding the tensor); with a ``pool``, the next chunks are read and
     converted by the workers while this thread updates the statistic."""
+    from mergekitlite.methods.apply import compute_stats
+
     spec = get_method(task.method)
     if spec.statistic is None or math.prod(task.shape) == 0:
         return None
@@ -381,7 +486,15 @@ def task_stats(
     shape = (task.merged_rows, *task.shape[1:]) if task.shape else ()
     with _naming_the_tensor(task):
         return compute_stats(
-            spec, shape, task.param_dict, len(task.models), infos, load, pool if concurrent else None, lookahead + 1
+            spec,
+            shape,
+            task.param_dict,
+            len(task.models),
+            infos,
+            load,
+            pool if concurrent else None,
+            lookahead + 1,
+            native=native,
         )
 
 
@@ -394,6 +507,38 @@ def _naming_the_tensor(task: TensorTask) -> Iterator[None]:
         raise MethodInputError(f"tensor {task.name}: {exc}") from None
 
 
+class _Torch:
+    """torch for the chunks that compute with it, imported by the first of them (a merge of copies and
+    native linear forms never imports it). Workers each run single-threaded torch ops on their own chunk
+    (see budget.default_workers); the caller's thread count comes back at the end."""
+
+    def __init__(self) -> None:
+        self._saved: int | None = None
+
+    def need(self) -> None:
+        if self._saved is None:
+            import torch
+
+            self._saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            import torch
+
+            torch.set_num_threads(self._saved)
+
+
+def _needs_torch(chunk: _Chunk, form: LinearForm | None) -> bool:
+    """Whether a worker computes this chunk with torch (rather than copying bytes or the native kernel)."""
+    refs = chunk.task.inputs if chunk.rule is None else chunk.rule.sources
+    if any(_computed_on_read(ref) for ref in refs):
+        return True
+    if chunk.rule is not None:
+        return _rule_needs_torch(chunk.rule, chunk.task.out_dtype)
+    return chunk.task.copy_of is None and form is None
+
+
 def run_tasks(plan: Plan, out_dir: Path, ctx: ExecContext, done: set[str] | None = None) -> int:
     """Write every task not in ``done`` into the shard files in ``out_dir``. Returns tensors merged."""
     done = set(done or ())
@@ -401,13 +546,12 @@ def run_tasks(plan: Plan, out_dir: Path, ctx: ExecContext, done: set[str] | None
     total = sum(t.nbytes + sum((r.end - r.start) * _row_bytes(t.out_dtype, t.shape) for r in t.row_rules) for t in todo)
     ctx.progress.start(total, len(todo))
     shards: dict[str, ShardFile] = {}
-    threads = torch.get_num_threads()
-    # Workers each run single-threaded torch ops on their own chunk (see budget.default_workers).
-    torch.set_num_threads(1)
+    torch_scope = _Torch()
     try:
         for layout in plan.shards:
             shards[layout.filename] = ShardFile(out_dir / layout.filename, layout, reuse=bool(done))
-        return _pipeline(plan, todo, shards, ctx)
+        with retained_heap():  # chunk temporaries are reused, not page-faulted again (see heap.py)
+            return _pipeline(plan, todo, shards, ctx, torch_scope)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputError(
@@ -416,7 +560,7 @@ def run_tasks(plan: Plan, out_dir: Path, ctx: ExecContext, done: set[str] | None
             ) from None
         raise
     finally:
-        torch.set_num_threads(threads)
+        torch_scope.restore()
         for s in shards.values():
             s.close()
 
@@ -425,8 +569,8 @@ def _process(
     files: InputFiles,
     shards: dict[str, ShardFile],
     chunk: _Chunk,
-    compute: torch.dtype,
-    device: torch.device,
+    compute: Any,
+    device: Any,
     stats: Any,
     local: threading.local,
     form: LinearForm | None,
@@ -445,8 +589,10 @@ def _process(
     return len(data), found
 
 
-def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], ctx: ExecContext) -> int:
-    compute = torch_dtype(CODE_BY_NAME[plan.compute_dtype])
+def _pipeline(
+    plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], ctx: ExecContext, torch_scope: _Torch
+) -> int:
+    compute = plan.compute_dtype  # a name: torch is imported only when a chunk computes with it
     merged = 0
     finished: list[str] = []
     unsynced = 0
@@ -504,8 +650,11 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
                     # first, so that two tasks' working sets never overlap (the budget counts one).
                     while inflight:
                         complete_oldest()
-                    stats = task_stats(files, task, compute, ctx.device, pool, lookahead=plan.budget.workers)
-                form = native_form(task, compute, ctx.device) if ctx.native else None
+                    torch_scope.need()
+                    stats = task_stats(
+                        files, task, compute, ctx.device, pool, lookahead=plan.budget.workers, native=ctx.native
+                    )
+                form = native_form(task, compute, ctx.device, stats) if ctx.native else None
                 rule = None
                 for chunk in parts:
                     if chunk.rule is not rule:
@@ -516,6 +665,8 @@ def _pipeline(plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], 
                         rule = chunk.rule
                     while len(inflight) >= limit:
                         complete_oldest()
+                    if _needs_torch(chunk, form):
+                        torch_scope.need()
                     job = pool.submit(_process, files, shards, chunk, compute, ctx.device, stats, local, form)
                     inflight.append((chunk, job))
                 if not parts:  # an empty tensor: its header entry is all there is

@@ -172,7 +172,7 @@ class MergeOptions:
     native: bool = option(
         True,
         "--no-native",
-        help="compute linear methods with torch ops instead of the fused native kernel (same bits, slower)",
+        help="torch ops instead of the native C kernels (same bits, slower)",
     )
     copy_tokenizer: bool = option(True, "--no-copy-tokenizer", help="write no tokenizer files", group=MERGEKIT_GROUP)
     strict: bool = option(

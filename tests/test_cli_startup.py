@@ -84,3 +84,31 @@ def test_validate_imports_no_torch():
     report = probe("validate", "recipes/demo.yaml")
     assert report["code"] == 0
     assert report["torch"] is False, f"torch imported by {report['importer']}"
+
+
+def test_a_native_linear_merge_imports_no_torch(tmp_path):
+    """The shipped task-arithmetic recipe merges through the native kernel: no torch, and the same bytes
+    as the torch path (``--no-native``) gives."""
+    from mergekitlite.methods import native
+
+    if not native.available():
+        pytest.skip("the native kernel is not built here")
+    fast = probe("merge", "recipes/demo.yaml", str(tmp_path / "native"), "--no-hash", "-q")
+    assert fast["code"] == 0
+    assert fast["torch"] is False, f"torch imported by {fast['importer']}"
+    slow = probe("merge", "recipes/demo.yaml", str(tmp_path / "torch"), "--no-hash", "-q", "--no-native")
+    assert slow["code"] == 0 and slow["torch"] is True
+    for f in sorted((tmp_path / "native").glob("*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "torch" / f.name).read_bytes(), f.name
+
+
+def test_a_merge_that_computes_with_torch_imports_it(tmp_path):
+    """The other side of the line: a statistic method computes with torch (so the probe above can tell)."""
+    recipe = tmp_path / "ties.yaml"
+    demo = ROOT / "demo" / "models"
+    recipe.write_text(
+        f"merge_method: ties\nbase_model: {demo / 'base'}\nmodels:\n"
+        f"  - model: {demo / 'chat'}\n    parameters: {{weight: 1.0, density: 0.5}}\ndtype: bfloat16\n"
+    )
+    report = probe("merge", str(recipe), str(tmp_path / "out"), "--no-hash", "-q")
+    assert report["code"] == 0 and report["torch"] is True

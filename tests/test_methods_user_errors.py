@@ -199,13 +199,26 @@ def test_multislerp_with_balancing_antipodal_inputs(tmp_path, llama_family, writ
     assert_names_the_tensor(code, err, "multislerp", "antipodal", "use different weights")
 
 
-def test_karcher_with_infinite_values(tmp_path, llama_family, write_recipe, capsys) -> None:
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize(("method", "bad"), [("karcher", torch.inf), ("slerp", torch.nan)])
+def test_spherical_methods_with_non_finite_values(
+    tmp_path, llama_family, write_recipe, capsys, method: str, bad: float, native: bool
+) -> None:
+    """A NaN or ±inf makes the angle, and so every element, NaN: an error naming the tensor, not a NaN tensor."""
     broken = offsets()
-    broken[3, 4] = torch.inf
+    broken[3, 4] = bad
     fam = family(tmp_path, llama_family, {"a": broken})
-    text = "merge_method: karcher\nmodels:\n" + models_list(fam, ["a", "b"])
-    code, err = merge(capsys, write_recipe, tmp_path / "out", text)
-    assert_names_the_tensor(code, err, "karcher", "NaN or infinite values")
+    if method == "slerp":
+        text = f"merge_method: slerp\nbase_model: {fam['b']}\nparameters: {{t: 0.5}}\nmodels:\n" + models_list(
+            fam, ["b", "a"]
+        )
+    else:
+        text = f"merge_method: {method}\nmodels:\n" + models_list(fam, ["a", "b"])
+    code = merge_main(
+        [str(write_recipe(text)), str(tmp_path / "out"), "--no-hash", *([] if native else ["--no-native"])]
+    )
+    captured = capsys.readouterr()
+    assert_names_the_tensor(code, captured.err + captured.out, method, "NaN or infinite values")
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,8 @@ from builders import load_tensors
 
 from mergekitlite.api import MergeOptions, run_merge
 from mergekitlite.methods import get_method, native
+from mergekitlite.methods.linear_form import LinearForm
+from mergekitlite.methods.spherical import slerp_coefficients
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
@@ -223,7 +225,17 @@ def test_kernel_refuses_inconsistent_buffers() -> None:
 
 def test_non_linear_methods_have_no_form() -> None:
     assert get_method("ties").form(True, 2, {}) is None
-    assert get_method("slerp").form(True, 1, {}) is None
+    assert get_method("nuslerp").form(True, 2, {}) is None
+
+
+def test_spherical_forms_come_from_the_statistic() -> None:
+    """slerp's form is c₀·base + c₁·model with the coefficients of its Gram matrix; without one it refuses."""
+    gram = [[4.0, 1.0], [1.0, 9.0]]
+    form = get_method("slerp").form(True, 1, {"t": 0.3}, stats=gram)
+    c0, c1 = slerp_coefficients(0.3, 4.0, 9.0, 1.0)
+    assert form == LinearForm((0, 1), (c0, c1))
+    with pytest.raises(TypeError, match="needs its statistic"):
+        get_method("slerp").form(True, 1, {"t": 0.3})
 
 
 # ---------------------------------------------------------------- whole merges
@@ -239,6 +251,33 @@ RECIPES = {
           - model: {b}
             parameters: {{weight: 0.7}}
         parameters: {{normalize: true, lambda: 0.9}}
+        dtype: {dtype}
+    """,
+    "slerp": """
+        merge_method: slerp
+        base_model: {base}
+        models:
+          - model: {base}
+          - model: {a}
+        parameters: {{t: [0.0, 0.3, 0.8, 1.0]}}
+        dtype: {dtype}
+    """,
+    "multislerp": """
+        merge_method: multislerp
+        base_model: {base}
+        models:
+          - model: {a}
+            parameters: {{weight: 0.6}}
+          - model: {b}
+            parameters: {{weight: 0.4}}
+        dtype: {dtype}
+    """,
+    "karcher": """
+        merge_method: karcher
+        models:
+          - model: {base}
+          - model: {a}
+          - model: {b}
         dtype: {dtype}
     """,
     "linear": """

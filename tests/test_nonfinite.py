@@ -295,3 +295,43 @@ def test_torch_path_count_per_dtype(dtype) -> None:
     x[[1, 2, 4999]] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
     assert count_nonfinite(x) == 3 == _nonfinite(x)
     assert count_nonfinite(torch.arange(10)) == 0
+
+
+def test_copies_count_what_they_pass_through(planted, tmp_path, write_recipe, capsys) -> None:
+    """A tensor copied as it is (passthrough of one model, same dtype) holds what its input holds:
+    counted without torch, from the raw bytes, as read and as written; --strict refuses it."""
+    recipe = write_recipe(
+        f"""
+        merge_method: passthrough
+        slices:
+          - sources:
+              - model: {planted["a"]}
+                layer_range: [0, 2]
+        dtype: float32
+        """
+    )
+    out = tmp_path / "out"
+    assert merge_main([str(recipe), str(out), "--no-hash"]) == 0
+    assert _recorded(out) == {
+        NAN_IN: {
+            "nonfinite_inputs": 4,
+            "nonfinite_outputs": 4,
+            "overflow_on_cast": 0,
+            "by_model": {str(planted["a"]): 4},
+        }
+    }
+    assert merge_main([str(recipe), str(tmp_path / "strict"), "--no-hash", "--strict"]) == 2
+    assert f"--strict: tensor {NAN_IN}: 4 NaN/inf output value(s)" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("code", ["BF16", "F16", "F32", "F64"])
+def test_raw_count_without_torch(code) -> None:
+    from mergekitlite.execute import count_raw
+
+    dtype = {"F64": torch.float64, **DTYPES}[code]
+    x = torch.randn(3000, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x[-1] = torch.finfo(dtype).max  # the largest finite value is not counted
+    assert count_raw(x.view(torch.uint8).numpy(), code) == 0
+    x[[0, 10, 2999]] = torch.tensor([float("nan"), -float("inf"), float("inf")], dtype=dtype)
+    assert count_raw(x.view(torch.uint8).numpy(), code) == 3 == _nonfinite(x)
+    assert count_raw(x.view(torch.uint8).numpy(), "I32") == 0

@@ -15,32 +15,33 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mergekitlite.errors import CheckpointError, one_line
 from mergekitlite.io.inputs import input_file_size, open_input
 
-# safetensors dtype code → (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype code → (torch dtype name, bytes per element). Names, not torch dtypes: reading headers and
+# planning import no torch (see ``torch_dtype``).
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 CODE_BY_NAME = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 NAME_BY_CODE = {v: k for k, v in CODE_BY_NAME.items()}
-CODE_BY_TORCH = {t: code for code, (t, _) in DTYPES.items()}
 
 MAX_HEADER = 100_000_000  # the reference implementation's limit (MAX_HEADER_SIZE in safetensors/src/tensor.rs)
 # Every dtype code the reference implementation knows; a file with another one is corrupt, a file
@@ -59,7 +60,18 @@ def itemsize(code: str) -> int:
 
 
 def torch_dtype(code: str) -> torch.dtype:
-    return DTYPES[code][0]
+    import torch  # only the code that computes with torch asks for its dtypes
+
+    return getattr(torch, DTYPES[code][0])  # type: ignore[no-any-return]
+
+
+def code_of(dtype: torch.dtype) -> str:
+    """The safetensors dtype code of a torch dtype."""
+    name = str(dtype).removeprefix("torch.")
+    for code, (torch_name, _) in DTYPES.items():
+        if torch_name == name:
+            return code
+    raise KeyError(f"no safetensors dtype code for {dtype}")
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,9 @@ from mergekitlite.budget import BASELINE_RSS, Budget, human
 from mergekitlite.errors import OutputError, PlanError
 from mergekitlite.io.files import InputFiles
 from mergekitlite.io.safetensors_header import (
-    CODE_BY_TORCH,
     FLOAT_CODES,
     TensorInfo,
+    code_of,
     layout_shard,
     torch_dtype,
 )
@@ -314,7 +314,7 @@ class AdapterWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         t = tensor.contiguous()
         self.data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        self.entries.append((name, CODE_BY_TORCH[t.dtype], tuple(t.shape)))
+        self.entries.append((name, code_of(t.dtype), tuple(t.shape)))
 
     def add_rows(self, name: str, code: str, shape: tuple[int, ...], blocks: Iterable[torch.Tensor]) -> None:
         """A tensor written block by block: ``blocks`` are its row blocks in ``code``'s dtype."""
@@ -473,7 +473,7 @@ def _save_whole(files: InputFiles, item: Item, opts: ExtractOptions, w: AdapterW
         entry.kind = UNCHANGED
         return entry
     dtype = _out_dtype(item, opts)
-    w.add_rows(PREFIX + item.name, CODE_BY_TORCH[dtype], item.ft.shape, (b.to(dtype) for b in _blocks(files, item.ft)))
+    w.add_rows(PREFIX + item.name, code_of(dtype), item.ft.shape, (b.to(dtype) for b in _blocks(files, item.ft)))
     if dtype != torch_dtype(item.ft.dtype):  # the copy itself is rounded: report that error
         rounded = ((b - b.to(dtype).to(torch.float32)).to(torch.float64) for b in _blocks(files, item.ft))
         err = sum(float((r * r).sum()) for r in rounded)

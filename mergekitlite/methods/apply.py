@@ -7,7 +7,6 @@ any chunking gives the result of a single chunk, bit for bit.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,12 +17,6 @@ import torch
 from torch import Tensor
 
 from mergekitlite.methods.registry import ChunkInfo, MethodSpec, tensor_rows
-
-
-def tensor_seed(random_seed: int, tensor_name: str) -> int:
-    """A per-tensor seed (63 bits) from the recipe seed and the output tensor name."""
-    digest = hashlib.sha256(f"{random_seed}:{tensor_name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def row_chunks(shape: Sequence[int], rows_per_chunk: int, seed: int) -> Iterator[ChunkInfo]:
@@ -43,16 +36,20 @@ def compute_stats(
     pool: Executor | None = None,
     window: int = 4,
     shuffle_seed: int | None = None,
+    native: bool = True,
 ) -> Any:
     """Run the method's statistic passes; ``load(chunk)`` returns (base, models) for the chunk.
 
     With a ``pool`` and a statistic that declares ``concurrent = True``, each pass's chunks are
     loaded and folded in by the pool's workers, at most ``window`` at a time, in any order.
     ``stat.passes`` is read again after every pass: ``finish_pass`` may drop passes it finds unneeded.
-    ``shuffle_seed`` visits each pass's chunks in a shuffled order (for tests: order must not matter)."""
+    ``shuffle_seed`` visits each pass's chunks in a shuffled order (for tests: order must not matter).
+    ``native`` False keeps a statistic that has native kernels (a ``native`` attribute) on torch alone."""
     if spec.statistic is None:
         return None
     stat = spec.statistic()
+    if hasattr(stat, "native"):
+        stat.native = native
     state = stat.begin(tuple(shape), n_models, params)
 
     def fold(p: int, c: ChunkInfo) -> None:

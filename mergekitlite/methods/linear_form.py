@@ -12,12 +12,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
-
-from mergekitlite.methods.primitives import divide_
 from mergekitlite.methods.registry import Implementation, input_positions
+
+if TYPE_CHECKING:  # forms are built without torch (the native kernel evaluates them); only ``evaluate`` needs it
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ def skip_ones(weights: Sequence[float]) -> tuple[float | None, ...]:
 
 def evaluate(form: LinearForm, x: Sequence[Tensor]) -> Tensor:
     """The form on torch tensors (any float dtype and device); never modifies ``x``."""
+    from mergekitlite.methods.primitives import divide_
+
     acc: Tensor | None = None
     for k, w in zip(form.terms, form.weights):
         v = x[k]
@@ -84,3 +86,16 @@ def linear_implementation(build: FormBuilder) -> Implementation:
         return evaluate(build(*input_positions(base is not None, len(models)), **params), x)  # type: ignore[arg-type]
 
     return Implementation(tensor_fn, linear_form=build)
+
+
+def stats_linear_implementation(build: FormBuilder, statistic: Callable[[], Any]) -> Implementation:
+    """A method whose result is a linear form of its inputs with coefficients computed from its whole-tensor
+    statistic (slerp, multislerp, karcher): ``build(base, models, *, stats, **params)``. The tensor function
+    evaluates the form on torch; the executor hands it to the native kernel once the statistic is known."""
+
+    @functools.wraps(build)
+    def tensor_fn(base: Tensor | None, models: Sequence[Tensor], **params: Any) -> Tensor:
+        x = [base, *models] if base is not None else list(models)
+        return evaluate(build(*input_positions(base is not None, len(models)), **params), x)  # type: ignore[arg-type]
+
+    return Implementation(tensor_fn, statistic=statistic, stats_form=build)

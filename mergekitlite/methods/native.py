@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Any
 
-import torch
+import numpy as np
 
 from mergekitlite.io.safetensors_header import itemsize
 from mergekitlite.methods.linear_form import LinearForm
@@ -43,27 +44,40 @@ def supports(in_codes: Sequence[str], out_code: str) -> bool:
     return available() and len(in_codes) <= MAX_INPUTS and out_code in CODES and all(c in CODES for c in in_codes)
 
 
+def raw_buffer(buf: Any) -> tuple[int, int]:
+    """(address, bytes) of a contiguous uint8 CPU buffer: a numpy array (what the executor reads into) or a
+    torch tensor. Anything else is refused: the kernel reads and writes raw memory."""
+    if isinstance(buf, np.ndarray):
+        if buf.dtype != np.uint8 or not buf.flags.c_contiguous:
+            raise ValueError(f"native buffers must be contiguous uint8 arrays, not {buf.dtype}")
+        return buf.ctypes.data, buf.nbytes
+    dtype, device = str(getattr(buf, "dtype", "")), str(getattr(buf, "device", ""))
+    if dtype != "torch.uint8" or device != "cpu" or not buf.is_contiguous():
+        raise ValueError(f"native buffers must be contiguous uint8 CPU tensors, not {dtype} on {device}")
+    return buf.data_ptr(), buf.numel()
+
+
 def run_linear(
-    form: LinearForm, inputs: Sequence[torch.Tensor], in_codes: Sequence[str], out: torch.Tensor, out_code: str
+    form: LinearForm, inputs: Sequence[Any], in_codes: Sequence[str], out: Any, out_code: str
 ) -> tuple[tuple[int, ...], int, int]:
-    """``out`` ← the form over ``inputs``, all contiguous uint8 CPU tensors holding raw values of the
-    given codes (the same number of elements each). Releases the GIL while it runs. Returns the
-    NaN/±inf counts: (per input, in the output, in the output but finite before the cast)."""
+    """``out`` ← the form over ``inputs``, all contiguous uint8 CPU buffers (numpy arrays or torch tensors)
+    holding raw values of the given codes (the same number of elements each). Releases the GIL while it runs.
+    Returns the NaN/±inf counts: (per input, in the output, in the output but finite before the cast)."""
     if _KERNEL is None:
         raise RuntimeError("the native kernel is not built (reinstall mergekitlite with a C compiler)")
-    if not out.is_contiguous() or out.dtype != torch.uint8 or out.device.type != "cpu":
-        raise ValueError("the native output must be a contiguous uint8 CPU tensor")
-    n = out.numel() // itemsize(out_code)
-    for t, code in zip(inputs, in_codes):
-        if t.numel() != n * itemsize(code) or t.dtype != torch.uint8 or t.device.type != "cpu":
-            raise ValueError(f"native input of {t.numel()} {t.dtype} bytes on {t.device} for {n} {code} values")
-        if not t.is_contiguous():
-            raise ValueError("native inputs must be contiguous")
+    out_addr, out_bytes = raw_buffer(out)
+    n = out_bytes // itemsize(out_code)
+    addresses = []
+    for buf, code in zip(inputs, in_codes):
+        addr, nbytes = raw_buffer(buf)
+        if nbytes != n * itemsize(code):
+            raise ValueError(f"native input of {nbytes} bytes for {n} {code} values")
+        addresses.append(addr)
     found: tuple[tuple[int, ...], int, int] = _KERNEL.linear(
-        out.data_ptr(),
+        out_addr,
         CODES[out_code],
         n,
-        [t.data_ptr() for t in inputs],
+        addresses,
         [CODES[c] for c in in_codes],
         form.terms,
         form.weights,

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mergekitlite.methods import native_gram
 from mergekitlite.methods.registry import ChunkInfo, tensor_rows
 
 # ---------------------------------------------------------------------------------------------
@@ -531,12 +532,15 @@ class GramState:
 class GramStatistic:
     """Gᵢⱼ = ⟨vᵢ, vⱼ⟩ over the whole tensor, for vectors ``vectors(base, models, params)`` built from
     each chunk (e.g. task vectors). Per-row float64 dot products, combined once by a pairwise tree.
+    On the CPU, float32 vectors go through the native kernel (``native_gram``: the same sums, one pass)
+    unless ``native`` is False (the executor sets it from ``--no-native``).
 
     ``wanted(shape, params)`` says whether this tensor needs the Gram matrix at all (e.g. not when the
     method works row by row); when it does not, no pass is made and the result is ``None``."""
 
     passes = 1
     concurrent = True
+    native = True
 
     def __init__(self, vectors: VectorFn, wanted: Callable[[tuple[int, ...], Mapping[str, Any]], bool] | None = None):
         self.vectors = vectors
@@ -560,9 +564,15 @@ class GramStatistic:
     ) -> None:
         if pass_index >= self.passes:
             return
-        wide = [v.to(torch.float64) for v in self.vectors(base, models, params)]  # widened once, not per pair
-        state.count = len(wide)
+        vectors = [v.contiguous() for v in self.vectors(base, models, params)]
+        state.count = len(vectors)
         rows = chunk_rows(chunk)
+        if self.native and native_gram.supports(vectors):
+            sums = native_gram.gram_rows(vectors, rows)
+            for idx in range(sums.shape[0]):
+                state.partials.put(idx, chunk.row_start, sums[idx])
+            return
+        wide = [v.to(torch.float64) for v in vectors]  # widened once, not per pair
         for idx, (i, j) in enumerate(_pairs(len(wide))):
             state.partials.put(idx, chunk.row_start, row_sums(wide[i] * wide[j], rows))
 
@@ -599,11 +609,3 @@ def quad(c: Sequence[float], gram: Sequence[Sequence[float]]) -> float:
 def matvec(gram: Sequence[Sequence[float]], c: Sequence[float]) -> list[float]:
     """Gc: the dot products ⟨vᵢ, Σ cⱼvⱼ⟩."""
     return [math.fsum(row[j] * c[j] for j in range(len(c))) for row in gram]
-
-
-def combine(vectors: Sequence[Tensor], coefficients: Sequence[float]) -> Tensor:
-    """Σ cᵢ·vᵢ in the vectors' dtype, accumulated left to right."""
-    total = vectors[0] * coefficients[0]
-    for v, c in zip(vectors[1:], coefficients[1:], strict=True):
-        total.add_(v * c)
-    return total

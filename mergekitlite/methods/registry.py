@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import importlib
 import inspect
 import math
@@ -41,6 +42,12 @@ EXECUTOR_ARGS = frozenset({"chunk", "stats"})
 def tensor_rows(shape: Sequence[int]) -> int:
     """Rows of a tensor of this shape, as chunks cut it: dim 0, and one for a scalar."""
     return shape[0] if len(shape) else 1
+
+
+def tensor_seed(random_seed: int, tensor_name: str) -> int:
+    """A per-tensor seed (63 bits) from the recipe seed and the output tensor name."""
+    digest = hashlib.sha256(f"{random_seed}:{tensor_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 @dataclass(frozen=True)
@@ -229,11 +236,14 @@ def model_label(models: Sequence[str], i: int) -> str:
 class Implementation:
     """A method's tensor code: ``fn(base, models, **params)``, its statistic factory (one fresh object
     per tensor) and, for linear methods, the builder of its ``LinearForm`` from (base position, model
-    positions, **params), which the native kernel evaluates instead of ``fn``."""
+    positions, **params), which the native kernel evaluates instead of ``fn``. ``stats_form`` is that
+    builder for methods whose result is a linear form with coefficients from their statistic (slerp:
+    c₀·base + c₁·model from the angle), called with ``stats=`` once the statistic is known."""
 
     fn: Callable[..., Any]
     statistic: Callable[[], Statistic] | None = None
     linear_form: Callable[..., Any] | None = None
+    stats_form: Callable[..., Any] | None = None
 
     @property
     def declares_params(self) -> Callable[..., Any]:
@@ -264,6 +274,8 @@ def verify(spec: MethodSpec, impl: Implementation) -> None:
         problems.append("has a statistic but no keyword-only 'stats' argument")
     if (impl.linear_form is not None) != spec.linear:
         problems.append(f"has {'a' if impl.linear_form else 'no'} linear form, against its declaration")
+    if impl.stats_form is not None and impl.statistic is None:
+        problems.append("has a form built from its statistic, but no statistic")
     if spec.random and "chunk" not in inspect.signature(impl.fn).parameters:
         problems.append("is declared random but takes no 'chunk' (its seed)")
     if problems:
@@ -392,11 +404,15 @@ class MethodSpec:
             kwargs["stats"] = stats
         return self.fn(base, models, **kwargs)
 
-    def form(self, has_base: bool, n_models: int, params: Mapping[str, Any]) -> Any:
-        """The ``LinearForm`` of a linear method for these inputs and parameters; None for other methods."""
-        if self.linear_form is None:
-            return None
-        return self.linear_form(*input_positions(has_base, n_models), **{_py_name(k): v for k, v in params.items()})
+    def form(self, has_base: bool, n_models: int, params: Mapping[str, Any], stats: Any = None) -> Any:
+        """The ``LinearForm`` of the method for these inputs, parameters and (for a method whose form comes
+        from its statistic) the tensor's statistic; None for methods that are not linear forms."""
+        kwargs = {_py_name(k): v for k, v in params.items()}
+        if self.linear_form is not None:
+            return self.linear_form(*input_positions(has_base, n_models), **kwargs)
+        if self.has_statistic and self._impl.stats_form is not None:
+            return self._impl.stats_form(*input_positions(has_base, n_models), stats=stats, **kwargs)
+        return None
 
 
 def input_positions(has_base: bool, n_models: int) -> tuple[int | None, tuple[int, ...]]:

@@ -14,17 +14,18 @@ import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from mergekitlite.errors import MethodInputError
+from mergekitlite.methods.linear_form import LinearForm, stats_linear_implementation
 from mergekitlite.methods.primitives import (
     GramStatistic,
     RowPartials,
     StatisticFactory,
     chunk_rows,
-    combine,
     fiber_dot,
     matvec,
     quad,
@@ -33,6 +34,7 @@ from mergekitlite.methods.primitives import (
 from mergekitlite.methods.registry import ChunkInfo, Implementation, tensor_rows
 
 Gram = Sequence[Sequence[float]]
+_T = TypeVar("_T")  # a tensor, or an input's position in a linear form
 
 
 def _need_stats(name: str, stats: object) -> None:
@@ -69,15 +71,16 @@ def slerp_coefficients(
     return math.sin(theta - theta * t) / sin_theta, math.sin(theta * t) / sin_theta
 
 
-def slerp(base: Tensor, models: Sequence[Tensor], *, t: float, stats: Gram | None = None) -> Tensor:
+def slerp(base: int | None, models: Sequence[int], *, t: float, stats: Gram | None = None) -> LinearForm:
     """slerp = sin((1−t)θ)/sin θ·base + sin(tθ)/sin θ·model, θ the angle between the two flattened tensors;
     (1−t)·base + t·model when they are nearly colinear (|cos θ| > 0.9995). ``t`` may vary per tensor
-    (gradients, filters).
+    (gradients, filters). Given as the linear form c₀·base + c₁·model over the input positions.
     """
     _need_stats("slerp", stats)
-    assert stats is not None
-    c0, c1 = slerp_coefficients(t, stats[0][0], stats[1][1], stats[0][1])
-    return combine([base, models[0]], [c0, c1])
+    assert stats is not None and base is not None
+    gram = _finite_gram("slerp", stats)  # a NaN angle would make every element NaN
+    c0, c1 = slerp_coefficients(t, gram[0][0], gram[1][1], gram[0][1])
+    return LinearForm((base, models[0]), (c0, c1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,25 +264,25 @@ def multislerp_coefficients(gram: Gram, weight: Sequence[float], eps: float) -> 
 
 
 def multislerp(
-    base: Tensor | None,
-    models: Sequence[Tensor],
+    base: int | None,
+    models: Sequence[int],
     *,
     weight: Sequence[float],
     normalize_weights: bool,
     eps: float,
     stats: Gram | None = None,
-) -> Tensor:
+) -> LinearForm:
     """Barycentric SLERP of the models, or of their task vectors with a base (the result then added to it).
 
     Project the unit vectors onto the tangent space at their weighted mean direction, average there
     with weights wᵢ (÷ Σ wᵢ when ``normalize_weights``), map back with the exponential map, and scale
-    by Σ wᵢ‖vᵢ‖. Two exactly opposed inputs fall back to Σ wᵢvᵢ; more than two raise.
+    by Σ wᵢ‖vᵢ‖. Two exactly opposed inputs fall back to Σ wᵢvᵢ; more than two raise. Given as the
+    linear form Σ cᵢ·vᵢ (+ base) over the input positions.
     """
     if len(models) == 1:
-        return models[0].clone()
+        return LinearForm((models[0],), (None,))
     _need_stats("multislerp", stats)
     assert stats is not None
-    vectors = _nuslerp_vectors(base, models)
     w = list(weight)
     if normalize_weights:
         total = math.fsum(w)
@@ -297,8 +300,8 @@ def multislerp(
                 "weights), so it has no direction; use different weights"
             )
         coefficients = w
-    res = combine(vectors, coefficients)
-    return res if base is None else res.add_(base)
+    # With a base the vectors are the task vectors mᵢ − base, and the base is added back at the end.
+    return LinearForm(tuple(models), tuple(coefficients), subtract=base, anchor=base)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,31 +346,32 @@ def karcher_coefficients(gram: Gram, max_iter: int, tol: float) -> list[float]:
     return [scale * x for x in u]
 
 
-def _karcher_points(base: Tensor | None, models: Sequence[Tensor]) -> list[Tensor]:
+def _karcher_points(base: _T | None, models: Sequence[_T]) -> list[_T]:
     # mergekit averages every input tensor, the base model's included when one is set.
     return [*models, base] if base is not None else list(models)
 
 
 def karcher(
-    base: Tensor | None,
-    models: Sequence[Tensor],
+    base: int | None,
+    models: Sequence[int],
     *,
     max_iter: int,
     tol: float,
     stats: Gram | None = None,
-) -> Tensor:
+) -> LinearForm:
     """Karcher mean of the inputs' directions (``karcher_coefficients``), times their mean norm.
 
     All inputs weigh the same, the base model included when one is set (as in mergekit). Iterates
-    at most ``max_iter`` times, until the tangent step is shorter than ``tol``.
+    at most ``max_iter`` times, until the tangent step is shorter than ``tol``. Given as the linear
+    form Σ cᵢ·pᵢ over the input positions.
     """
     points = _karcher_points(base, models)
     if len(points) == 1:
-        return points[0].clone()
+        return LinearForm((points[0],), (None,))
     _need_stats("karcher", stats)
     assert stats is not None
     # max_iter is a whole number, but may be written 10.0.
-    return combine(points, karcher_coefficients(_finite_gram("karcher", stats), int(max_iter), tol))
+    return LinearForm(tuple(points), tuple(karcher_coefficients(_finite_gram("karcher", stats), int(max_iter), tol)))
 
 
 def _gram_of(vectors: Callable[[Tensor | None, Sequence[Tensor]], list[Tensor]]) -> StatisticFactory:
@@ -375,8 +379,8 @@ def _gram_of(vectors: Callable[[Tensor | None, Sequence[Tensor]], list[Tensor]])
 
 
 IMPLEMENTATIONS = {
-    "slerp": Implementation(slerp, statistic=_gram_of(lambda base, models: [base, models[0]])),
+    "slerp": stats_linear_implementation(slerp, _gram_of(lambda base, models: [base, models[0]])),
     "nuslerp": Implementation(nuslerp, statistic=NuSlerpStatistic),
-    "multislerp": Implementation(multislerp, statistic=_gram_of(_nuslerp_vectors)),
-    "karcher": Implementation(karcher, statistic=_gram_of(_karcher_points)),
+    "multislerp": stats_linear_implementation(multislerp, _gram_of(_nuslerp_vectors)),
+    "karcher": stats_linear_implementation(karcher, _gram_of(_karcher_points)),
 }

@@ -14,7 +14,7 @@ from typing import Any
 from mergekitlite.budget import Budget, rows_per_chunk
 from mergekitlite.io.safetensors_header import NAME_BY_CODE, ShardLayout, layout_shard
 from mergekitlite.methods import get_method
-from mergekitlite.methods.apply import tensor_seed
+from mergekitlite.methods.registry import tensor_seed
 from mergekitlite.plan.inputs import tokenizer_choice
 from mergekitlite.plan.layout import Slice
 from mergekitlite.recipe import LoadedRecipe, Recipe

@@ -1,0 +1,92 @@
+"""The native Gram kernel (kernels/gram.c) against the torch path it replaces: per-row float64 dot products
+summed by ``pairwise_sum``'s tree, bit for bit, for every row length (odd, powers of two, 1) and for float32
+values of every kind (subnormals, ±0, ±inf; NaN sums are NaN); and the statistic it serves gives the same Gram
+matrix and the same merged tensors with and without it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mergekitlite.methods import get_method, native_gram
+from mergekitlite.methods.apply import compute_stats, merge_in_chunks, row_chunks
+from mergekitlite.methods.primitives import row_sums
+
+needs_kernel = pytest.mark.skipif(not native_gram.available(), reason="the native Gram kernel is not built here")
+
+
+def test_kernel_is_built_where_required() -> None:
+    if os.environ.get("MERGEKITLITE_REQUIRE_NATIVE") != "1":
+        pytest.skip("MERGEKITLITE_REQUIRE_NATIVE is not set")
+    assert native_gram.available(), "mergekitlite._gram did not build or is stale (pip install -e . rebuilds it)"
+
+
+def _values(rows: int, cols: int, gen: torch.Generator, special: bool) -> torch.Tensor:
+    """Weights of mixed magnitudes (products that round differently in other summation orders); with
+    ``special``, random bit patterns too (NaN, ±inf, subnormals, ±0)."""
+    x = torch.randn(rows, cols, generator=gen) * torch.exp2(torch.randint(-20, 20, (rows, cols), generator=gen))
+    if special:
+        bits = torch.randint(-(2**31), 2**31, (rows, cols), generator=gen, dtype=torch.int64).to(torch.int32)
+        pick = torch.rand(rows, cols, generator=gen) < 0.05
+        x = torch.where(pick, bits.view(torch.float32), x)
+        x.view(-1)[:4] = torch.tensor([0.0, -0.0, 1e-45, -1e-45])
+    return x.contiguous()
+
+
+@needs_kernel
+@pytest.mark.parametrize("cols", [1, 2, 3, 5, 8, 127, 1000, 4096])
+@pytest.mark.parametrize("special", [False, True])
+def test_rows_equal_the_torch_tree(cols: int, special: bool) -> None:
+    gen = torch.Generator().manual_seed(cols * 2 + special)
+    rows = 7
+    vectors = [_values(rows, cols, gen, special) for _ in range(3)]
+    got = native_gram.gram_rows(vectors, rows)
+    pairs = [(i, j) for i in range(3) for j in range(i, 3)]
+    for idx, (i, j) in enumerate(pairs):
+        want = row_sums(vectors[i].double() * vectors[j].double(), rows)
+        # NaN payloads depend on the order the hardware meets NaN operands in; a NaN sum is refused by every
+        # method that uses it (``spherical._finite_gram``), so only its being NaN matters.
+        nan = want.isnan()
+        assert torch.equal(got[idx].isnan(), nan), (cols, special, (i, j))
+        assert torch.equal(got[idx][~nan].view(torch.int64), want[~nan].view(torch.int64)), (cols, special, (i, j))
+
+
+@needs_kernel
+def test_refuses_what_it_cannot_take() -> None:
+    a = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="float32"):
+        native_gram.gram_rows([a.double()], 4)
+    with pytest.raises(ValueError, match="equal rows"):
+        native_gram.gram_rows([a, torch.zeros(5, 3)], 4)
+    assert not native_gram.supports([a.t()])  # not contiguous
+
+
+@needs_kernel
+@pytest.mark.parametrize("method", ["slerp", "multislerp", "karcher"])
+@pytest.mark.parametrize("shape", [(37, 19), (64,), ()])
+def test_statistic_and_merge_are_the_same_with_and_without_it(method: str, shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(len(shape))
+    base, a, b = (torch.randn(shape, generator=gen) for _ in range(3))
+    models = [a] if method == "slerp" else [a, b]
+    spec = get_method(method)
+    params = spec.resolve_params({}, len(models)) if hasattr(spec, "resolve_params") else None
+    params = {
+        "slerp": {"t": 0.3},
+        "multislerp": {"weight": [0.6, 0.4], "normalize_weights": True, "eps": 1e-8},
+        "karcher": {"max_iter": 10, "tol": 1e-5},
+    }[method]
+    chunks = list(row_chunks(shape, 5, 0))
+
+    def load(c):
+        if not shape:
+            return base, models
+        return base[c.row_start : c.row_end], [m[c.row_start : c.row_end] for m in models]
+
+    fast = compute_stats(spec, shape, params, len(models), chunks, load, native=True)
+    slow = compute_stats(spec, shape, params, len(models), chunks, load, native=False)
+    assert fast == slow
+    merged = merge_in_chunks(spec, base, models, params, rows_per_chunk=5)
+    whole = merge_in_chunks(spec, base, models, params)
+    assert torch.equal(merged.view(torch.int32), whole.view(torch.int32))
