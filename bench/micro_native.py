@@ -67,7 +67,7 @@ def main() -> None:
         for label, f in (("torch", None), ("native", form)):
             t0 = time.perf_counter()
             for _ in range(args.repeat):
-                out = merge_chunk(task, raw, info, torch.float32, torch.device("cpu"), None, bufs, f)
+                out, _ = merge_chunk(task, raw, info, torch.float32, torch.device("cpu"), None, bufs, f)
             times[label].append((time.perf_counter() - t0) / args.repeat / (rows * cols) * 1e9)
             results[label] = bytes(out)
     med = {k: statistics.median(v) for k, v in times.items()}

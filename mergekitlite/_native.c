@@ -9,8 +9,15 @@
    a*b+c into a fused multiply-add would round once instead of twice: the build turns it off
    (-ffp-contract=off), and nothing here relies on -ffast-math.
 
+   Non-finite values are counted on the way (the merge report and --strict need them): NaN/±inf in
+   each input as it is loaded, and in the output as it is stored, with how many of those were finite
+   before the cast (an overflow, e.g. 70000 → fp16 inf). The counts are exponent-bit tests folded into
+   the load and store loops, which stay vectorised: they cost no measurable time
+   (bench/RESULTS.md).
+
    Python calls linear(out, out_code, n, inputs, codes, terms, weights, subtract, divisor, scale,
-   anchor); see mergekitlite/methods/native.py for the meaning. The GIL is released while it runs. */
+   anchor) -> (per-input non-finite counts, non-finite outputs, overflows); see
+   mergekitlite/methods/native.py for the meaning. The GIL is released while it runs. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -19,11 +26,96 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "kernels/dtypes.h"
+#include "kernels/dtypes.h" /* float formats: loads, roundings, CODE_*, MULTIVERSION (shared with kernels/gta.c) */
 
-#define ABI_VERSION 1
+#define ABI_VERSION 2
 #define BLOCK 1024
 #define MAX_INPUTS 256
+
+/* A value is NaN or ±inf exactly when its exponent bits are all ones. */
+#define F32_EXP 0x7f800000u
+#define BF16_EXP 0x7f80u
+#define F16_EXP 0x7c00u
+
+/* The stores return the largest magnitude they stored, as float32 bits (see count_block). */
+
+static inline uint32_t magnitude(float f) { return f32_to_bits(f) & 0x7fffffffu; }
+
+MULTIVERSION static uint32_t store_f32(float *restrict dst, const float *restrict src, Py_ssize_t len) {
+    uint32_t top = 0;
+    for (Py_ssize_t i = 0; i < len; i++) {
+        top = magnitude(src[i]) > top ? magnitude(src[i]) : top;
+        dst[i] = src[i];
+    }
+    return top;
+}
+
+MULTIVERSION static uint32_t store_bf16(uint16_t *restrict dst, const float *restrict src, Py_ssize_t len) {
+    uint32_t top = 0;
+    for (Py_ssize_t i = 0; i < len; i++) {
+        top = magnitude(src[i]) > top ? magnitude(src[i]) : top;
+        dst[i] = f32_to_bf16(src[i]);
+    }
+    return top;
+}
+
+/* This loop does not vectorise (f32_to_f16 branches): the maximum is a separate vectorised pass,
+   cheaper than a compare in the scalar loop (measured 5% there, ~1% here). */
+MULTIVERSION static void store_f16(uint16_t *restrict dst, const float *restrict src, Py_ssize_t len) {
+    for (Py_ssize_t i = 0; i < len; i++) dst[i] = f32_to_f16(src[i]);
+}
+
+MULTIVERSION static uint32_t max_magnitude(const float *restrict src, Py_ssize_t len) {
+    uint32_t top = 0;
+    for (Py_ssize_t i = 0; i < len; i++) top = magnitude(src[i]) > top ? magnitude(src[i]) : top;
+    return top;
+}
+
+/* Non-finite values. A value is NaN or ±inf exactly when its magnitude bits are at least the
+   all-ones exponent. Counting them in every input and output block (a compare and a widening add
+   per value) cost 45% of the kernel's time, so the kernel only looks at the float32 result block:
+   NaN and ±inf propagate through every step of the form (add, subtract, multiply by a number,
+   divide by one), so a result block whose values all cast to finite output values proves the
+   inputs it used finite and the output finite. The store loops find the block's largest magnitude
+   as they go (an AND and an unsigned max per value, vectorised with them); the values are counted
+   only in the rare block where it is too large. A separate pass for that maximum cost 10%. */
+
+/* NaN/±inf among len raw values of dtype code. */
+static uint32_t count_nonfinite(const char *src, int code, Py_ssize_t len) {
+    uint32_t bad = 0;
+    if (code == CODE_F32) {
+        for (Py_ssize_t i = 0; i < len; i++) {
+            uint32_t u;
+            memcpy(&u, src + 4 * i, 4);
+            bad += (u & F32_EXP) == F32_EXP;
+        }
+        return bad;
+    }
+    uint32_t exp = code == CODE_BF16 ? BF16_EXP : F16_EXP;
+    const uint16_t *h = (const uint16_t *)src;
+    for (Py_ssize_t i = 0; i < len; i++) bad += (h[i] & exp) == exp;
+    return bad;
+}
+
+/* After a store: the non-finite values written (*bad) and, of those, the ones that were finite in
+   float32 (*overflow: the cast rounded them to ±inf). */
+static void count_output(const char *out, int code, const float *src, Py_ssize_t len, uint32_t *bad,
+                         uint32_t *overflow) {
+    uint32_t exp = code == CODE_F32 ? F32_EXP : code == CODE_BF16 ? BF16_EXP : F16_EXP;
+    uint32_t nonfinite = 0, over = 0;
+    for (Py_ssize_t i = 0; i < len; i++) {
+        uint32_t o;
+        if (code == CODE_F32)
+            memcpy(&o, out + 4 * i, 4);
+        else
+            o = ((const uint16_t *)out)[i];
+        uint32_t out_bad = (o & exp) == exp;
+        nonfinite += out_bad;
+        over += out_bad & ((f32_to_bits(src[i]) & F32_EXP) != F32_EXP);
+    }
+    *bad = nonfinite;
+    *overflow = over;
+}
 
 /* The arithmetic, one pass over a block each. */
 
@@ -50,10 +142,10 @@ MULTIVERSION static void acc_block(float *restrict dst, const float *restrict a,
 typedef struct {
     const char *in[MAX_INPUTS];
     int code[MAX_INPUTS];
-    int used[MAX_INPUTS];
     Py_ssize_t n_inputs;
     Py_ssize_t terms[MAX_INPUTS];
     float weight[MAX_INPUTS];
+    int used[MAX_INPUTS];
     int has_weight[MAX_INPUTS];
     Py_ssize_t n_terms;
     Py_ssize_t subtract, anchor; /* -1: none */
@@ -64,8 +156,48 @@ typedef struct {
     Py_ssize_t n;
 } Job;
 
-/* Σⱼ wⱼ·(x[termⱼ] − x[subtract]) / divisor · scale + x[anchor], left to right, each step rounded. */
-static void run(const Job *job, float *x, float *acc, float *tmp) {
+typedef struct {
+    uint64_t in[MAX_INPUTS]; /* NaN/±inf values read from each input */
+    uint64_t out;            /* NaN/±inf values written */
+    uint64_t overflow;       /* of those, finite before the cast */
+} Counts;
+
+static size_t itemsize(int code) { return code == CODE_F32 ? 4 : 2; }
+
+/* Returns the largest magnitude stored (float32 bits). */
+static uint32_t store(const Job *job, const float *acc, Py_ssize_t start, Py_ssize_t len) {
+    if (job->out_code == CODE_F32) return store_f32((float *)job->out + start, acc, len);
+    if (job->out_code == CODE_BF16) return store_bf16((uint16_t *)job->out + start, acc, len);
+    store_f16((uint16_t *)job->out + start, acc, len);
+    return max_magnitude(acc, len);
+}
+
+/* The smallest float32 magnitude (as bits) that casts to a non-finite value of the output dtype. */
+static uint32_t nonfinite_from(int out_code) {
+    if (out_code == CODE_BF16) return 0x7f7f8000u; /* rounds up to bf16 infinity */
+    if (out_code == CODE_F16) return 0x477ff000u;  /* 65520: rounds up to fp16 infinity */
+    return F32_EXP;
+}
+
+/* Count a block's NaN/±inf: in the inputs the form does not use (nothing vouches for them), and,
+   when the result block casts to some non-finite value, in the used inputs and the output too. */
+static void count_block(const Job *job, const float *acc, uint32_t top, Py_ssize_t start, Py_ssize_t len,
+                        Counts *counts) {
+    int suspect = top >= nonfinite_from(job->out_code);
+    for (Py_ssize_t k = 0; k < job->n_inputs; k++)
+        if (suspect || !job->used[k])
+            counts->in[k] += count_nonfinite(job->in[k] + (size_t)start * itemsize(job->code[k]), job->code[k], len);
+    if (suspect) {
+        uint32_t bad, overflow;
+        count_output(job->out + (size_t)start * itemsize(job->out_code), job->out_code, acc, len, &bad, &overflow);
+        counts->out += bad;
+        counts->overflow += overflow;
+    }
+}
+
+/* Σⱼ wⱼ·(x[termⱼ] − x[subtract]) / divisor · scale + x[anchor], left to right, each step rounded.
+   Every input of the task is counted, used or not, as on the torch path. */
+static void run(const Job *job, float *x, float *acc, float *tmp, Counts *counts) {
     for (Py_ssize_t start = 0; start < job->n; start += BLOCK) {
         Py_ssize_t len = job->n - start < BLOCK ? job->n - start : BLOCK;
         for (Py_ssize_t k = 0; k < job->n_inputs; k++)
@@ -89,12 +221,7 @@ static void run(const Job *job, float *x, float *acc, float *tmp) {
         if (job->has_divisor) div_block(acc, job->divisor, len);
         if (job->has_scale) scale_block(acc, job->scale, len);
         if (job->anchor >= 0) acc_block(acc, x + job->anchor * BLOCK, len);
-        if (job->out_code == CODE_F32)
-            memcpy(job->out + start * 4, acc, (size_t)len * 4);
-        else if (job->out_code == CODE_BF16)
-            store_bf16((uint16_t *)job->out + start, acc, len);
-        else
-            store_f16((uint16_t *)job->out + start, acc, len);
+        count_block(job, acc, store(job, acc, start, len), start, len, counts);
     }
 }
 
@@ -104,6 +231,21 @@ static int read_index(PyObject *seq, Py_ssize_t i, Py_ssize_t *out) {
     *out = PyLong_AsSsize_t(item);
     Py_DECREF(item);
     return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* ((non-finite values read, per input), non-finite values written, overflows on the cast) */
+static PyObject *counts_tuple(const Counts *counts, Py_ssize_t n_inputs) {
+    PyObject *per_input = PyTuple_New(n_inputs);
+    if (!per_input) return NULL;
+    for (Py_ssize_t k = 0; k < n_inputs; k++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(counts->in[k]);
+        if (!v) {
+            Py_DECREF(per_input);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(per_input, k, v);
+    }
+    return Py_BuildValue("(NKK)", per_input, (unsigned long long)counts->out, (unsigned long long)counts->overflow);
 }
 
 static PyObject *py_linear(PyObject *self, PyObject *args) {
@@ -161,8 +303,6 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_IndexError, "linear: subtract/anchor index out of range");
         return NULL;
     }
-    if (subtract >= 0) job.used[subtract] = 1;
-    if (anchor >= 0) job.used[anchor] = 1;
     if (divisor != Py_None) {
         job.has_divisor = 1;
         job.divisor = (float)PyFloat_AsDouble(divisor);
@@ -171,15 +311,24 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
         job.has_scale = 1;
         job.scale = (float)PyFloat_AsDouble(scale);
     }
+    if (subtract >= 0) job.used[subtract] = 1;
+    if (anchor >= 0) job.used[anchor] = 1;
     if (PyErr_Occurred()) return NULL;
 
     float *work = malloc(sizeof(float) * BLOCK * (size_t)(job.n_inputs + 2));
-    if (!work) return PyErr_NoMemory();
+    Counts *counts = calloc(1, sizeof(Counts));
+    if (!work || !counts) {
+        free(work);
+        free(counts);
+        return PyErr_NoMemory();
+    }
     Py_BEGIN_ALLOW_THREADS;
-    run(&job, work, work + job.n_inputs * BLOCK, work + (job.n_inputs + 1) * BLOCK);
+    run(&job, work, work + job.n_inputs * BLOCK, work + (job.n_inputs + 1) * BLOCK, counts);
     Py_END_ALLOW_THREADS;
     free(work);
-    Py_RETURN_NONE;
+    PyObject *result = counts_tuple(counts, job.n_inputs);
+    free(counts);
+    return result;
 }
 
 static PyMethodDef methods[] = {

@@ -16,8 +16,9 @@ from typing import Any
 
 from mergekitlite.artifacts import InputHasher, default_cache_dir, hash_file, write_card, write_side_files
 from mergekitlite.budget import Budget
-from mergekitlite.errors import RecipeError
+from mergekitlite.errors import NonFiniteError, RecipeError
 from mergekitlite.execute import ExecContext, NullProgress, Progress, merge_device, resolve_device, run_tasks
+from mergekitlite.nonfinite import NonFinite, report_lines, strict_problem
 from mergekitlite.options import MergeOptions
 from mergekitlite.output import PartialOutput, input_files, lock_output, open_partial
 from mergekitlite.plan import build_plan
@@ -48,6 +49,7 @@ class MergeResult:
     notes: tuple[str, ...] = field(default=())
     steps: tuple[MergeResult, ...] = ()  # earlier steps of a multi-step recipe (run or up to date)
     up_to_date: bool = False  # an intermediate step whose output already matched its plan
+    nonfinite: Mapping[str, NonFinite] = field(default_factory=dict)  # tensor → NaN/±inf read and written
 
 
 def _steps(recipe: str | Path | LoadedRecipe | list[LoadedRecipe], strict: bool = False) -> list[LoadedRecipe]:
@@ -209,6 +211,7 @@ def run_merge(
         peak_rss_bytes(),
         last.notes,
         steps=tuple(done[:-1]),
+        nonfinite=last.nonfinite,
     )
 
 
@@ -256,13 +259,21 @@ def _merge_into(
         hasher = InputHasher(plan.sources, cache, on_weights=partial.record_hashes).start()
     else:
         partial.record_hashes(_stable_hashes(changed))
-    ctx = ExecContext(device=device, progress=progress or NullProgress(), on_done=partial.record, native=opts.native)
+    ctx = ExecContext(
+        device=device,
+        progress=progress or NullProgress(),
+        on_done=partial.record,
+        native=opts.native,
+        on_nonfinite=partial.record_nonfinite,
+    )
     resumed = len(partial.done)
     merged = run_tasks(plan, partial.path, ctx, done=partial.done)
 
     side = write_side_files(plan, partial.path, copy_tokenizer=opts.copy_tokenizer)
     hashes = hasher.wait() if hasher else {}
     partial.verify_inputs(input_files(plan))
+    found = dict(partial.nonfinite)
+    _refuse_nonfinite(plan, partial, found, opts.strict)
     # The final step of a multi-step recipe records every step: it needs all of them to be reproduced.
     write_card(
         plan,
@@ -271,6 +282,7 @@ def _merge_into(
         name=partial.final.name,
         recipe_text=loaded.file_text if whole_file else None,
         side=side,
+        nonfinite=found,
     )
     final = partial.commit(overwrite=opts.overwrite)
     return MergeResult(
@@ -280,8 +292,28 @@ def _merge_into(
         tensors_resumed=resumed,
         seconds=time.perf_counter() - started,
         peak_rss_bytes=peak_rss_bytes(),
-        notes=tuple(side.notes) + tuple(hasher.notes if hasher else ()),
+        notes=tuple(side.notes) + tuple(hasher.notes if hasher else ()) + tuple(_nonfinite_lines(plan, found)),
+        nonfinite=found,
     )
+
+
+def _nonfinite_where(plan: Plan) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """The plan's tensor order, each input model's path and each tensor's output dtype."""
+    order = [t.name for t in plan.tasks]
+    paths = {ref: str(src.path) for ref, src in plan.sources.items()}
+    return order, paths, {t.name: t.out_dtype for t in plan.tasks}
+
+
+def _nonfinite_lines(plan: Plan, found: Mapping[str, NonFinite]) -> list[str]:
+    return report_lines(found, *_nonfinite_where(plan)) if found else []
+
+
+def _refuse_nonfinite(plan: Plan, partial: PartialOutput, found: Mapping[str, NonFinite], strict: bool) -> None:
+    """With ``--strict``, an output holding NaN/±inf is not finalised: it stays in ``OUT.partial``
+    (its journal complete), where ``--resume`` without ``--strict`` would accept it."""
+    problem = strict_problem(found, *_nonfinite_where(plan)) if strict and found else None
+    if problem:
+        raise NonFiniteError(f"{problem} (the merge is left in {partial.path})")
 
 
 def _stable_hashes(files: list[Path]) -> dict[str, tuple[str, str]]:

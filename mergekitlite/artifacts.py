@@ -31,6 +31,7 @@ from mergekitlite import __version__
 from mergekitlite.errors import CheckpointError, naming
 from mergekitlite.io.identity import file_identity, identity
 from mergekitlite.io.inputs import read_text_input
+from mergekitlite.nonfinite import NonFinite
 from mergekitlite.sources import ModelSource
 from mergekitlite.taskgraph import Plan
 from mergekitlite.tokens import builtin_chat_template, chat_template_of, read_token_info
@@ -398,13 +399,22 @@ def write_card(
     name: str,
     recipe_text: str | None = None,
     side: SideFiles | None = None,
+    nonfinite: Mapping[str, NonFinite] | None = None,
 ) -> None:
-    """Model card, provenance JSON and the recipe (``recipe_text``: all steps of a multi-step recipe)."""
+    """Model card, provenance JSON and the recipe (``recipe_text``: all steps of a multi-step recipe).
+    ``nonfinite``: the tensors that read or wrote NaN/±inf, recorded with their counts."""
     text = recipe_text or plan.loaded.text
     prov = provenance(plan, hashes)
     if side is not None:
         prov["files_from"] = side.origins
         prov["eos_token_id"] = side.eos_ids
+    # Always present, so that an empty object says the merge was checked and found nothing.
+    order = {t.name: i for i, t in enumerate(plan.tasks)}
+    prov["nonfinite"] = {
+        name: found.to_json()
+        for name, found in sorted((nonfinite or {}).items(), key=lambda item: order.get(item[0], len(order)))
+        if found
+    }
     _write_text(out / "mergekitlite.json", json.dumps(prov, indent=2, ensure_ascii=False) + "\n")
     _write_text(out / "mergekit_config.yml", text)
     _write_text(out / "README.md", _card(plan, prov, name, text, side))

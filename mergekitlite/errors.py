@@ -58,6 +58,11 @@ class MethodInputError(MergekitliteError, ValueError):
     tensor names; the executor adds the tensor's name."""
 
 
+class NonFiniteError(MergekitliteError, ValueError):
+    """``--strict``: a merged tensor holds NaN or ±inf (from its inputs, or an overflow on the cast to
+    the output dtype); the output is not finalised."""
+
+
 class OptionError(MergekitliteError, ValueError):
     """An option (a command-line flag, a MergeOptions field) has a value that cannot work."""
 

@@ -10,6 +10,12 @@ The executor knows the methods' declared properties, never their maths.
 
 torch is imported only when a chunk needs it: a merge whose tensors are all copies, raw takes or linear
 forms for the native kernel reads into numpy byte buffers and never imports it (about a second of start-up).
+
+Every chunk also says how many NaN/±inf values it read and wrote (``nonfinite.NonFinite``): the
+native kernels count while they load and store, the torch path checks the tensors it already holds
+(a reduction that is finite proves a whole tensor finite; only a tensor that fails is counted), and
+bytes passed through as they are (copies, raw takes) are checked with numpy. The executor sums them
+per tensor and hands each finished tensor's sum to ``ExecContext.on_nonfinite``.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from mergekitlite.lora.tensor import AdaptedTensor
 from mergekitlite.methods import ChunkInfo, get_method, native
 from mergekitlite.methods.linear_form import LinearForm
 from mergekitlite.methods.registry import NativeMerge
+from mergekitlite.nonfinite import NonFinite
 from mergekitlite.taskgraph import InputRef, Plan, RowRule, TensorTask
 
 if TYPE_CHECKING:
@@ -75,6 +82,12 @@ class ExecContext:
     # Methods with a native kernel (linear forms, TIES/DARE/Breadcrumbs; native statistics) run in it on the
     # CPU when it is built (same bits); False (--no-native): the torch path everywhere, statistics included.
     native: bool = True
+    # Called (before on_done names it) with each finished tensor that read or wrote NaN/±inf.
+    on_nonfinite: Callable[[str, NonFinite], None] | None = None
+
+
+# A chunk's output bytes and the NaN/±inf it read and wrote.
+Merged = tuple[memoryview, NonFinite]
 
 
 def merge_device(name: str) -> Any:
@@ -235,19 +248,82 @@ def _typed(raw: Any, code: str, shape: tuple[int, ...]) -> torch.Tensor:
     return _tensor(raw).view(torch_dtype(code)).view(shape)
 
 
-def _to_output(result: torch.Tensor, code: str, bufs: ChunkBuffers | None) -> memoryview:
-    """Cast once to the output dtype, on the host, as bytes."""
+def count_nonfinite(t: torch.Tensor) -> int:
+    """NaN and ±inf values in ``t``. A finite sum proves every value finite (NaN and inf propagate
+    through additions): one reduction in the tensor's own dtype, no temporary, in the common case.
+    float16 sums overflow too often to be a test; its minimum and maximum are (min/max propagate
+    NaN). The values are counted only when the test fails. (A float32 sum of a 16-bit tensor
+    converts it first: that cost 4× the torch path's time per chunk.)"""
+    import torch
+
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0
+    if t.dtype == torch.float16:
+        finite = bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
+    else:
+        finite = bool(torch.isfinite(t.sum()))
+    return 0 if finite else t.numel() - int(torch.isfinite(t).sum())
+
+
+def _count_inputs(tensors: list[torch.Tensor], refs: tuple[InputRef, ...]) -> NonFinite:
+    """NaN/±inf among the values read, per input model (counted in the inputs' own dtypes)."""
+    return NonFinite.from_kernel(([count_nonfinite(t) for t in tensors], 0, 0), [r.model for r in refs])
+
+
+def _output_counts(result: torch.Tensor, out: torch.Tensor) -> NonFinite:
+    """NaN/±inf in ``out`` (the cast of ``result``), and how many of them ``result`` held finite."""
+    import torch
+
+    bad = count_nonfinite(out)
+    if not bad:
+        return NonFinite()
+    overflow = ~torch.isfinite(out.view(result.shape)) & torch.isfinite(result).cpu()
+    return NonFinite(outputs=bad, overflow=int(overflow.sum()))
+
+
+def _to_output(result: torch.Tensor, code: str, bufs: ChunkBuffers | None) -> Merged:
+    """Cast once to the output dtype, on the host, as bytes; with the NaN/±inf the cast left."""
     import torch
 
     from mergekitlite.rounding import narrow_once
 
     dtype = torch_dtype(code)
-    result = narrow_once(result, dtype) if result.dtype == torch.float64 else result
+    narrowed = narrow_once(result, dtype) if result.dtype == torch.float64 else result
     if bufs is None:
-        return _bytes_view(result.to(dtype=dtype, device="cpu").contiguous().reshape(-1))
-    out = bufs.get("out", 0, result.numel(), dtype, torch.device("cpu"))
-    out.view(result.shape).copy_(result)
-    return _bytes_view(out)
+        out = narrowed.to(dtype=dtype, device="cpu").contiguous().reshape(-1)
+    else:
+        out = bufs.get("out", 0, result.numel(), dtype, torch.device("cpu"))
+        out.view(result.shape).copy_(narrowed)
+    return _bytes_view(out), _output_counts(result, out)
+
+
+# Per float dtype: the unsigned integer view, the magnitude bits and the all-ones exponent.
+_EXPONENT = {
+    "BF16": (np.uint16, 0x7FFF, 0x7F80),
+    "F16": (np.uint16, 0x7FFF, 0x7C00),
+    "F32": (np.uint32, 0x7FFFFFFF, 0x7F800000),
+    "F64": (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
+}
+
+
+def count_raw(raw: Any, code: str) -> int:
+    """NaN/±inf among raw values of a float dtype, without torch: a value is non-finite exactly when its
+    magnitude bits are at least the all-ones exponent, so the largest magnitude decides, and only a
+    buffer that fails is counted. Other dtypes (integers, 8-bit floats) count 0."""
+    spec = _EXPONENT.get(code)
+    if spec is None or len(raw) == 0:
+        return 0
+    utype, magnitude, exponent = spec
+    bits = np.frombuffer(_bytes_view(raw), dtype=utype) & utype(magnitude)
+    if bits.max() < exponent:
+        return 0
+    return int(np.count_nonzero(bits >= exponent))
+
+
+def _passed_through(raw: Any, ref: InputRef) -> Merged:
+    """An input's bytes as the output's: what it holds, it writes."""
+    found = count_raw(raw, ref.tensor.dtype)
+    return _bytes_view(raw), NonFinite(found, found, 0, {ref.model: found} if found else {})
 
 
 def _rule_needs_torch(rule: RowRule, out_dtype: str) -> bool:
@@ -261,17 +337,18 @@ def apply_rule(
     rows: int,
     compute: Any,
     bufs: ChunkBuffers | None = None,
-) -> memoryview:
+) -> Merged:
     """Rows set by a row rule: a zero row, a row taken from a model, or the mean of models' rows."""
     if not _rule_needs_torch(rule, task.out_dtype):
-        return _bytes_view(raw[0])
+        return _passed_through(raw[0], rule.sources[0])
     import torch
 
     compute = compute_dtype(compute)
     shape = (rows, *task.shape[1:])
     if rule.kind == "zero":
-        return _bytes_view(torch.zeros(shape, dtype=torch_dtype(task.out_dtype)).reshape(-1))
+        return _bytes_view(torch.zeros(shape, dtype=torch_dtype(task.out_dtype)).reshape(-1)), NonFinite()
     tensors = [_typed(buf, ref.tensor.dtype, shape) for buf, ref in zip(raw, rule.sources)]
+    read = _count_inputs(tensors, rule.sources)
     if rule.kind == "take":
         result = tensors[0].to(compute)
     elif rule.kind == "mean":
@@ -281,7 +358,8 @@ def apply_rule(
         result.div_(len(tensors))
     else:  # pragma: no cover - the planner only makes the kinds above
         raise ValueError(f"unknown row rule {rule.kind!r}")
-    return _to_output(result, task.out_dtype, bufs)
+    data, written = _to_output(result, task.out_dtype, bufs)
+    return data, read + written
 
 
 def compute_dtype(compute: Any) -> torch.dtype:
@@ -296,8 +374,10 @@ def to_compute(
     compute: Any,
     device: Any,
     bufs: ChunkBuffers | None = None,
+    found: list[int] | None = None,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    """Input bytes → (base, models) tensors in the compute dtype on the compute device."""
+    """Input bytes → (base, models) tensors in the compute dtype on the compute device. ``found``:
+    append each input's NaN/±inf count, taken while the copy is still in the cache."""
     import torch
 
     compute, device = compute_dtype(compute), torch.device(device)
@@ -307,10 +387,14 @@ def to_compute(
     for i, (buf, ref) in enumerate(zip(raw, task.inputs)):
         src = _typed(buf, ref.tensor.dtype, shape)
         if bufs is None:
-            tensors.append(src.to(device=device, dtype=compute))
+            dst = src.to(device=device, dtype=compute)
         else:
-            dst = bufs.get("compute", i, src.numel(), compute, device).view(shape)
-            tensors.append(dst.copy_(src))
+            dst = bufs.get("compute", i, src.numel(), compute, device).view(shape).copy_(src)
+        tensors.append(dst)
+        if found is not None:
+            # A widening copy holds the same NaN/±inf; a narrowing one may overflow: count the source.
+            exact = dst.dtype.itemsize >= src.dtype.itemsize and dst.dtype in (torch.float32, torch.float64)
+            found.append(count_nonfinite(dst if exact else src))
     if task.base is not None:
         return tensors[0], tensors[1:]
     return None, tensors
@@ -358,34 +442,39 @@ def merge_chunk(
     bufs: ChunkBuffers | None = None,
     form: LinearForm | None = None,
     kernel: NativeMerge | None = None,
-) -> memoryview:
-    """Merge one row chunk: raw input bytes in, raw output bytes out. With a ``form`` (see
-    ``native_form``) the linear kernel computes it; with a ``kernel`` (see ``native_kernel``) the
-    method's own native kernel, unless it declines the chunk; else the method's torch function."""
-    if task.copy_of is not None:
-        return _bytes_view(raw[0])
+) -> Merged:
+    """Merge one row chunk: raw input bytes in, raw output bytes out, and the NaN/±inf read and
+    written. With a ``form`` (see ``native_form``) the linear kernel computes it; with a ``kernel`` (see
+    ``native_kernel``) the method's own native kernel, unless it declines the chunk; else the method's
+    torch function."""
     rows = info.row_end - info.row_start
+    shape = (rows, *task.shape[1:]) if task.shape else ()
+    if task.copy_of is not None:
+        return _passed_through(raw[0], task.copy_of)
     if rows == 0 or math.prod(task.shape) == 0:
-        return memoryview(b"")
+        return memoryview(b""), NonFinite()
     if form is not None:
         nbytes = rows * _row_bytes(task.out_dtype, task.shape)
         out = np.empty(nbytes, dtype=np.uint8) if bufs is None else bufs.raw("out", 0, nbytes)
-        native.run_linear(form, raw, [ref.tensor.dtype for ref in task.inputs], out, task.out_dtype)
-        return _bytes_view(out)
+        found = native.run_linear(form, raw, [ref.tensor.dtype for ref in task.inputs], out, task.out_dtype)
+        return _bytes_view(out), NonFinite.from_kernel(found, [ref.model for ref in task.inputs])
     if kernel is not None:
         nbytes = rows * _row_bytes(task.out_dtype, task.shape)
         out = np.empty(nbytes, dtype=np.uint8) if bufs is None else bufs.raw("out", 0, nbytes)
-        if kernel(raw, out, info, stats):
-            return _bytes_view(out)
+        found = kernel(raw, out, info, stats)
+        if found is not None:
+            return _bytes_view(out), NonFinite.from_kernel(found, [ref.model for ref in task.inputs])
     import torch
 
-    base, models = to_compute(task, raw, info, compute, device, bufs)
+    counts: list[int] = []
+    base, models = to_compute(task, raw, info, compute, device, bufs, counts)
+    read = NonFinite.from_kernel((counts, 0, 0), [ref.model for ref in task.inputs])
     with _naming_the_tensor(task):
         result = get_method(task.method)(base, models, task.param_dict, chunk=info, stats=stats)
-    expected = torch.Size((rows, *task.shape[1:]) if task.shape else ())
-    if result.shape != expected:
-        raise RuntimeError(f"{task.method} returned shape {list(result.shape)} for a {list(expected)} chunk")
-    return _to_output(result, task.out_dtype, bufs)
+    if result.shape != torch.Size(shape):
+        raise RuntimeError(f"{task.method} returned shape {list(result.shape)} for a {list(shape)} chunk")
+    data, written = _to_output(result, task.out_dtype, bufs)
+    return data, read + written
 
 
 def task_stats(
@@ -536,18 +625,19 @@ def _process(
     local: threading.local,
     form: LinearForm | None,
     kernel: NativeMerge | None = None,
-) -> int:
-    """One worker's job: read a chunk's inputs, merge (or apply the row rule), write the result."""
+) -> tuple[int, NonFinite]:
+    """One worker's job: read a chunk's inputs, merge (or apply the row rule), write the result.
+    Returns the bytes written and the NaN/±inf met."""
     bufs = local.__dict__.setdefault("buffers", ChunkBuffers())
     raw = _read_part(files, chunk, bufs)
     rows = chunk.info.row_end - chunk.info.row_start
     task = chunk.task
     if chunk.rule is not None:
-        data = apply_rule(task, chunk.rule, raw, rows, compute, bufs)
+        data, found = apply_rule(task, chunk.rule, raw, rows, compute, bufs)
     else:
-        data = merge_chunk(task, raw, chunk.info, compute, device, stats, bufs, form, kernel)
+        data, found = merge_chunk(task, raw, chunk.info, compute, device, stats, bufs, form, kernel)
     shards[chunk.shard].write(task.name, chunk.info.row_start * _row_bytes(task.out_dtype, task.shape), data)
-    return len(data)
+    return len(data), found
 
 
 def _pipeline(
@@ -558,7 +648,8 @@ def _pipeline(
     finished: list[str] = []
     unsynced = 0
     remaining: dict[str, int] = {}
-    inflight: deque[tuple[_Chunk, Future[int]]] = deque()
+    inflight: deque[tuple[_Chunk, Future[tuple[int, NonFinite]]]] = deque()
+    tally: dict[str, NonFinite] = {}  # NaN/±inf of the tensors in flight, summed over their chunks
     limit = plan.budget.inflight
     last_journal = [time.monotonic()]
     local = threading.local()  # each worker's ChunkBuffers
@@ -568,11 +659,17 @@ def _pipeline(
         def complete_oldest() -> None:
             nonlocal merged, unsynced
             chunk, fut = inflight.popleft()
-            nbytes = fut.result()
+            nbytes, found = fut.result()
             ctx.progress.advance(nbytes)
             unsynced += nbytes
-            remaining[chunk.task.name] -= 1
-            if remaining[chunk.task.name] == 0:
+            name = chunk.task.name
+            if found:
+                tally[name] = tally[name] + found if name in tally else found
+            remaining[name] -= 1
+            if remaining[name] == 0:
+                total = tally.pop(name, None)
+                if total is not None and ctx.on_nonfinite is not None:
+                    ctx.on_nonfinite(name, total)
                 merged += 1
                 finished.append(chunk.task.name)
                 ctx.progress.tensor_done(chunk.task.name)
@@ -636,7 +733,7 @@ def _pipeline(
     return merged
 
 
-def _done(value: int) -> Future[int]:
-    fut: Future[int] = Future()
-    fut.set_result(value)
+def _done(value: int) -> Future[tuple[int, NonFinite]]:
+    fut: Future[tuple[int, NonFinite]] = Future()
+    fut.set_result((value, NonFinite()))
     return fut

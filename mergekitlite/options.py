@@ -178,7 +178,8 @@ class MergeOptions:
     strict: bool = option(
         False,
         "--strict",
-        help="recipe warnings (keys mergekit ignores, duplicate keys, unused parameters) are errors",
+        help="recipe warnings (keys mergekit ignores, duplicate keys, unused parameters) are errors, and so is "
+        "a merged tensor holding NaN/inf (the output then stays in OUT.partial)",
         planning=True,
     )
     cache_dir: Path | None = None  # input-hash cache; default ~/.cache/mergekitlite (API only)

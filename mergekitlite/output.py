@@ -3,7 +3,9 @@
 A merge writes into ``OUT.partial/`` and renames it to ``OUT`` only when everything (weights,
 config, tokenizer, card) is in place, so a folder named ``OUT`` is always complete. The journal
 in the partial folder lists tensors whose bytes are written; ``--resume`` skips them, after
-checking that the plan (recipe, inputs, layout) is the one the journal was written for.
+checking that the plan (recipe, inputs, layout) is the one the journal was written for. A tensor
+that read or wrote NaN/±inf carries its counts in its ``done`` entry, so that a resumed merge
+reports (and ``--strict`` refuses) them as an uninterrupted one would.
 
 Journal entries are appended often (about every second) without fsync: after a killed process
 the page cache still holds both the data and the journal, in order. Only every ``sync`` (shards
@@ -31,6 +33,7 @@ from mergekitlite.budget import human
 from mergekitlite.errors import InputChangedError, OutputError, explain_os_error, naming
 from mergekitlite.io.identity import file_identity, lost_for_good, unproven
 from mergekitlite.io.lock import PathLock
+from mergekitlite.nonfinite import NonFinite
 from mergekitlite.taskgraph import Plan
 
 JOURNAL = "mergekitlite-journal.jsonl"
@@ -107,6 +110,7 @@ class JournalState:
     done: set[str] = field(default_factory=set)  # tensors safely written
     seen: dict[str, list[str]] = field(default_factory=dict)  # input file → identities observed, in order
     hashes: dict[str, dict[str, str]] = field(default_factory=dict)  # input file → identity → sha256
+    nonfinite: dict[str, NonFinite] = field(default_factory=dict)  # done tensor → the NaN/±inf it met
 
 
 @dataclass
@@ -117,6 +121,7 @@ class PartialOutput:
     done: set[str] = field(default_factory=set)
     resumed: bool = False
     journal: JournalState = field(default_factory=JournalState)
+    nonfinite: dict[str, NonFinite] = field(default_factory=dict)  # tensor → NaN/±inf, this attempt's and resumed
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def _append(
@@ -136,8 +141,15 @@ class PartialOutput:
     def record(self, names: Iterable[str], synced: bool) -> None:
         """Append finished tensors; ``synced``: their data (and all earlier data) is fsynced."""
         names = list(names)
-        self._append([*({"done": n} for n in names), *([{"synced": True}] if synced else [])], sync=synced)
+        entries = [
+            {"done": n} | ({"nonfinite": self.nonfinite[n].to_json()} if n in self.nonfinite else {}) for n in names
+        ]
+        self._append([*entries, *([{"synced": True}] if synced else [])], sync=synced)
         self.done.update(names)
+
+    def record_nonfinite(self, name: str, found: NonFinite) -> None:
+        """The NaN/±inf a tensor met; journalled with its ``done`` entry (called before it)."""
+        self.nonfinite[name] = found
 
     def observe_inputs(self, files: Iterable[Path]) -> None:
         """Record the identity of every input file as this attempt starts."""
@@ -255,6 +267,7 @@ def _read_journal(path: Path) -> JournalState:
     written since the last boot: a power loss may have dropped their data."""
     state = JournalState()
     pending: set[str] = set()
+    counts: dict[str, NonFinite | None] = {}  # the latest ``done`` entry's, per tensor
     segment_boot = None
     now = boot_id()
     try:
@@ -277,6 +290,7 @@ def _read_journal(path: Path) -> JournalState:
             state.fingerprint = entry["fingerprint"]
         if "done" in entry:
             pending.add(entry["done"])
+            counts[entry["done"]] = _counts_of(entry.get("nonfinite"))
         elif entry.get("synced"):
             state.done |= pending
             pending = set()
@@ -289,7 +303,18 @@ def _read_journal(path: Path) -> JournalState:
             break  # not a line we wrote: trust nothing from here on
     if segment_boot == now:
         state.done |= pending
+    state.nonfinite = {n: c for n, c in counts.items() if c is not None and n in state.done}
     return state
+
+
+def _counts_of(entry: Any) -> NonFinite | None:
+    """A ``done`` entry's NaN/±inf counts; a damaged record still says the tensor had some."""
+    if entry is None:
+        return None
+    try:
+        return NonFinite.from_json(entry)
+    except (AttributeError, TypeError, ValueError):
+        return NonFinite(outputs=1)
 
 
 def open_partial(out: Path, plan: Plan, *, resume: bool, overwrite: bool) -> PartialOutput:
@@ -352,7 +377,9 @@ def _reopen(out: Path, partial: Path, fingerprint: str, *, resume: bool) -> Part
             f"{partial} holds a merge of a different recipe or different inputs, so it cannot be "
             "resumed; delete it to start over"
         )
-    return PartialOutput(out, partial, fingerprint, set(state.done), resumed=True, journal=state)
+    return PartialOutput(
+        out, partial, fingerprint, set(state.done), resumed=True, journal=state, nonfinite=dict(state.nonfinite)
+    )
 
 
 def _check_free_space(out: Path, plan: Plan) -> None:

@@ -133,7 +133,7 @@ def _native_path(
     parts, native_chunks = [], 0
     for c in chunks:
         out = torch.empty((c.row_end - c.row_start) * COLS * DTYPES[out_code].itemsize, dtype=torch.uint8)
-        if kernel(_raw(xs, c), out, c, stats):
+        if kernel(_raw(xs, c), out, c, stats) is not None:
             native_chunks += 1
             parts.append(out.view(DTYPES[out_code]).reshape(-1, COLS))
         else:
@@ -243,20 +243,28 @@ def test_non_finite_vote_falls_back_per_chunk() -> None:
 
 @needs_kernel
 def test_non_finite_counts() -> None:
-    """The kernel counts the non-finite input values it reads and the non-finite output values it writes."""
+    """The kernel counts the NaN/±inf it reads (per input), writes, and writes from a finite float32 value
+    (an overflow on the cast), as ``nonfinite.NonFinite.from_kernel`` takes them."""
     codes = ["BF16", "BF16", "BF16"]
     xs = _inputs("special", codes, torch.Generator().manual_seed(8))
-    xs[0][0, :4] = torch.tensor([float("inf"), 3e38, -3e38, 0.0])  # large bases: sums overflow bf16
+    xs[0][0, 0] = float("inf")
+    # bf16's largest value + 2^119: finite in float32, the midpoint to inf, which ties to even (inf): an overflow
+    xs[0][1, :2], xs[1][1, :2], xs[2][1, :2] = 0.0, 3.3895314e38, 2.0**119
     c = ChunkInfo(0, ROWS, (ROWS, COLS), 11)
     out = torch.empty(ROWS * COLS * 2, dtype=torch.uint8)
     specs = [native_gta.KEEP_ALL.spec(None, None)] * 2
-    done, n_in, n_out = native_gta.run_merge(
+    found = native_gta.run_merge(
         _raw(xs, c), codes, out, "BF16", c, specs, [1.0, 1.0],
         consensus=False, normalize_agreeing=False, divisor=None, lambda_=None,
     )  # fmt: skip
-    assert done
-    assert n_in == sum(int((~x.float().isfinite()).sum()) for x in xs)
-    assert n_out == int((~out.view(torch.bfloat16).float().isfinite()).sum())
+    assert found is not None
+    per_input, written, overflow = found
+    assert list(per_input) == [int((~x.float().isfinite()).sum()) for x in xs]
+    f = [x.float() for x in xs]
+    exact = ((f[1] - f[0]) + (f[2] - f[0])) + f[0]  # the float32 result before the cast
+    merged = out.view(torch.bfloat16).reshape(ROWS, COLS).float()
+    assert written == int((~merged.isfinite()).sum())
+    assert overflow == int((exact.isfinite() & ~merged.isfinite()).sum()) > 0
 
 
 def test_torch_only_members_decline() -> None:
@@ -321,6 +329,7 @@ def test_native_merge_equals_torch_merge(llama_family, tmp_path, write_recipe, m
     for name in a:
         assert a[name].dtype == b[name].dtype
         assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), name
+    assert {n: f.to_json() for n, f in fast.nonfinite.items()} == {n: f.to_json() for n, f in slow.nonfinite.items()}
 
 
 @needs_kernel

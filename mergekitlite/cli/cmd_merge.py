@@ -205,6 +205,7 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
             else f"{step_result.tensors_merged} tensors in {step_result.seconds:.1f} s"
         )
         say(console, f"step result {step_result.output}: {state}")
+        warn(console, step_result.notes)
     warn(console, result.notes)
     table = Table(show_header=False, title="merged")
     table.add_row("output", Text(str(result.output)))

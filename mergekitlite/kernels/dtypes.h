@@ -1,6 +1,7 @@
 /* Float formats shared by the native kernels (_native.c, kernels/gta.c): exact widenings of bf16 and
    fp16 to float32, and roundings of float32 to bf16/fp16 to nearest, ties to even, exactly as torch's
-   CPU casts give them (NaNs included). Everything is static: each extension gets its own copy. */
+   CPU casts give them (NaNs included). Each kernel writes its own store loops around the roundings (the
+   linear kernel's also track the largest magnitude). Everything is static: each extension gets its copy. */
 
 #ifndef MERGEKITLITE_DTYPES_H
 #define MERGEKITLITE_DTYPES_H
@@ -72,10 +73,6 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-MULTIVERSION MKL_MAYBE_UNUSED static void store_bf16(uint16_t *restrict dst, const float *restrict src, Py_ssize_t len) {
-    for (Py_ssize_t i = 0; i < len; i++) dst[i] = f32_to_bf16(src[i]);
-}
-
 static inline uint16_t f32_to_f16(float f) {
     uint32_t u = f32_to_bits(f);
     uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
@@ -89,9 +86,6 @@ static inline uint16_t f32_to_f16(float f) {
     return (uint16_t)(sign | ((a - (112u << 23)) >> 13));
 }
 
-MULTIVERSION MKL_MAYBE_UNUSED static void store_f16(uint16_t *restrict dst, const float *restrict src, Py_ssize_t len) {
-    for (Py_ssize_t i = 0; i < len; i++) dst[i] = f32_to_f16(src[i]);
-}
 
 /* A block of raw values (code CODE_*) from element ``start``, widened to float32. */
 MKL_MAYBE_UNUSED static void load(float *dst, const char *src, int code, Py_ssize_t start, Py_ssize_t len) {
@@ -103,14 +97,5 @@ MKL_MAYBE_UNUSED static void load(float *dst, const char *src, int code, Py_ssiz
         load_f16(dst, (const uint16_t *)src + start, len);
 }
 
-/* A block of float32 values rounded to the output format, at element ``start`` of ``dst``. */
-MKL_MAYBE_UNUSED static void store(char *dst, int code, Py_ssize_t start, const float *src, Py_ssize_t len) {
-    if (code == CODE_F32)
-        memcpy(dst + start * 4, src, (size_t)len * 4);
-    else if (code == CODE_BF16)
-        store_bf16((uint16_t *)dst + start, src, len);
-    else
-        store_f16((uint16_t *)dst + start, src, len);
-}
 
 #endif

@@ -66,6 +66,26 @@ typedef struct {
     float scale, weight;
 } Model;
 
+/* ---------------------------------------------------------------- stores */
+
+MULTIVERSION static void store_bf16(uint16_t *restrict dst, const float *restrict src, Py_ssize_t len) {
+    for (Py_ssize_t i = 0; i < len; i++) dst[i] = f32_to_bf16(src[i]);
+}
+
+MULTIVERSION static void store_f16(uint16_t *restrict dst, const float *restrict src, Py_ssize_t len) {
+    for (Py_ssize_t i = 0; i < len; i++) dst[i] = f32_to_f16(src[i]);
+}
+
+/* A block of float32 values rounded to the output format, at element ``start`` of ``dst``. */
+static void store(char *dst, int code, Py_ssize_t start, const float *src, Py_ssize_t len) {
+    if (code == CODE_F32)
+        memcpy(dst + start * 4, src, (size_t)len * 4);
+    else if (code == CODE_BF16)
+        store_bf16((uint16_t *)dst + start, src, len);
+    else
+        store_f16((uint16_t *)dst + start, src, len);
+}
+
 /* ---------------------------------------------------------------- masks */
 
 MULTIVERSION static void query_block(Query *q, const int32_t *restrict keys, int32_t *restrict keep, Py_ssize_t p0,
@@ -139,7 +159,8 @@ typedef struct {
     int out_code;
     Py_ssize_t n, row_len;
     uint64_t flat0;
-    Py_ssize_t nonfinite_in, nonfinite_out;
+    Py_ssize_t nonfinite_in[MAX_MODELS + 1]; /* per input: NaN/±inf read */
+    Py_ssize_t nonfinite_out, overflow;     /* NaN/±inf written; of those, finite before the cast */
 } MergeJob;
 
 MULTIVERSION static Py_ssize_t count_nonfinite(const float *x, Py_ssize_t len) {
@@ -163,7 +184,7 @@ MULTIVERSION static void model_block(MergeJob *job, Py_ssize_t i, const float *r
                         Py_ssize_t len) {
     Model *m = &job->model[i];
     load(d, job->in[i + 1], job->code[i + 1], start, len);
-    job->nonfinite_in += count_nonfinite(d, len);
+    job->nonfinite_in[i + 1] += count_nonfinite(d, len);
     for (Py_ssize_t j = 0; j < len; j++) d[j] = d[j] - base[j];
     if (m->mask != MASK_ALL) {
         abs_keys(d, keys, len);
@@ -237,7 +258,7 @@ MULTIVERSION static int run_merge(MergeJob *job, float *work) {
     for (Py_ssize_t start = 0; start < job->n; start += BLOCK) {
         Py_ssize_t len = job->n - start < BLOCK ? job->n - start : BLOCK;
         load(base, job->in[0], job->code[0], start, len);
-        job->nonfinite_in += count_nonfinite(base, len);
+        job->nonfinite_in[0] += count_nonfinite(base, len);
         for (Py_ssize_t i = 0; i < job->n_models; i++) model_block(job, i, base, d[i], keys, keep, scratch, start, len);
         if (job->consensus) {
             if (!consensus_block(job, d, acc, vote, sign, wsum, wide, len)) return STATUS_FALLBACK;
@@ -251,8 +272,11 @@ MULTIVERSION static int run_merge(MergeJob *job, float *work) {
         if (job->has_lambda)
             for (Py_ssize_t j = 0; j < len; j++) acc[j] = acc[j] * job->lambda;
         for (Py_ssize_t j = 0; j < len; j++) acc[j] = acc[j] + base[j];
+        Py_ssize_t before = count_nonfinite(acc, len);
         store(job->out, job->out_code, start, acc, len);
-        job->nonfinite_out += count_nonfinite_out(job->out, job->out_code, start, len);
+        Py_ssize_t after = count_nonfinite_out(job->out, job->out_code, start, len);
+        job->nonfinite_out += after;
+        job->overflow += after - before; /* a cast never makes a non-finite value finite */
     }
     return STATUS_OK;
 }
@@ -321,7 +345,8 @@ static int parse_addr(PyObject *seq, Py_ssize_t i, const char **addr) {
 }
 
 /* merge(out, out_code, n, row_len, flat0, inputs, codes, models, agree_weights, consensus,
-         normalize_agreeing, divisor|None, lambda|None) -> (status, nonfinite_in, nonfinite_out) */
+         normalize_agreeing, divisor|None, lambda|None) -> (status, NaN/±inf read per input, NaN/±inf written,
+         of those finite before the cast); the counts are meaningless when status is STATUS_FALLBACK */
 static PyObject *py_merge(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long out_addr, flat0;
@@ -372,7 +397,16 @@ static PyObject *py_merge(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS;
     status = run_merge(job, work);
     Py_END_ALLOW_THREADS;
-    PyObject *result = Py_BuildValue("inn", status, job->nonfinite_in, job->nonfinite_out);
+    PyObject *found = PyTuple_New(n_inputs), *result = NULL;
+    for (Py_ssize_t k = 0; found && k < n_inputs; k++) {
+        PyObject *v = PyLong_FromSsize_t(job->nonfinite_in[k]);
+        if (!v) {
+            Py_CLEAR(found);
+            break;
+        }
+        PyTuple_SET_ITEM(found, k, v);
+    }
+    if (found) result = Py_BuildValue("(iNnn)", status, found, job->nonfinite_out, job->overflow);
     free(work);
     free(job);
     return result;

@@ -3,7 +3,8 @@
 The kernel reads the inputs' raw bytes (bf16, fp16 or float32), computes the form in float32 with
 the same operations in the same order as ``linear_form.evaluate`` and writes the output's raw bytes
 (bf16, fp16 or float32): the same bits as the torch path, in one pass over memory instead of about
-eight. It is optional: ``pip install`` builds it when a C compiler is present, and without it
+eight. It counts the NaN/±inf values it reads and writes on the way (``mergekitlite.nonfinite``).
+It is optional: ``pip install`` builds it when a C compiler is present, and without it
 ``available()`` is False and merges run on torch alone.
 """
 
@@ -18,7 +19,7 @@ import numpy as np
 from mergekitlite.io.safetensors_header import itemsize
 from mergekitlite.methods.linear_form import LinearForm
 
-ABI_VERSION = 1  # must equal _native.c's; a stale build (an old .so next to newer code) is not used
+ABI_VERSION = 2  # must equal _native.c's; a stale build (an old .so next to newer code) is not used
 MAX_INPUTS = 256
 CODES = {"F32": 0, "BF16": 1, "F16": 2}  # safetensors dtype code -> _native.c's enum
 
@@ -56,9 +57,12 @@ def raw_buffer(buf: Any) -> tuple[int, int]:
     return buf.data_ptr(), buf.numel()
 
 
-def run_linear(form: LinearForm, inputs: Sequence[Any], in_codes: Sequence[str], out: Any, out_code: str) -> None:
+def run_linear(
+    form: LinearForm, inputs: Sequence[Any], in_codes: Sequence[str], out: Any, out_code: str
+) -> tuple[tuple[int, ...], int, int]:
     """``out`` ← the form over ``inputs``, all contiguous uint8 CPU buffers (numpy arrays or torch tensors)
-    holding raw values of the given codes (the same number of elements each). Releases the GIL while it runs."""
+    holding raw values of the given codes (the same number of elements each). Releases the GIL while it runs.
+    Returns the NaN/±inf counts: (per input, in the output, in the output but finite before the cast)."""
     if _KERNEL is None:
         raise RuntimeError("the native kernel is not built (reinstall mergekitlite with a C compiler)")
     out_addr, out_bytes = raw_buffer(out)
@@ -69,7 +73,7 @@ def run_linear(form: LinearForm, inputs: Sequence[Any], in_codes: Sequence[str],
         if nbytes != n * itemsize(code):
             raise ValueError(f"native input of {nbytes} bytes for {n} {code} values")
         addresses.append(addr)
-    _KERNEL.linear(
+    found: tuple[tuple[int, ...], int, int] = _KERNEL.linear(
         out_addr,
         CODES[out_code],
         n,
@@ -82,3 +86,4 @@ def run_linear(form: LinearForm, inputs: Sequence[Any], in_codes: Sequence[str],
         form.scale,
         -1 if form.anchor is None else form.anchor,
     )
+    return found

@@ -134,16 +134,16 @@ def run_merge(
     normalize_agreeing: bool,
     divisor: float | None,
     lambda_: float | None,
-) -> tuple[bool, int, int]:
-    """The merge of one chunk into ``out`` (raw buffers: contiguous uint8 numpy arrays or CPU tensors): (done,
-    non-finite input values, non-finite output values). ``done`` False: a TIES vote is not finite, run the
-    torch path for this chunk instead."""
+) -> tuple[tuple[int, ...], int, int] | None:
+    """The merge of one chunk into ``out`` (raw buffers: contiguous uint8 numpy arrays or CPU tensors), and
+    the NaN/±inf it met (``nonfinite.NonFinite.from_kernel``'s counts: per input read, written, and written
+    but finite before the cast); ``None``: a TIES vote is not finite, run the torch path for this chunk."""
     out_addr, out_bytes = raw_buffer(out)
     n, addresses = _elements(raw, codes)
     _check_rows(n, chunk)
     if out_bytes != n * itemsize(out_code):
         raise ValueError(f"native output of {out_bytes} bytes for {n} {out_code} values")
-    status, nonfinite_in, nonfinite_out = _kernel().merge(
+    status, nonfinite_in, nonfinite_out, overflow = _kernel().merge(
         out_addr,
         CODES[out_code],
         n,
@@ -158,7 +158,7 @@ def run_merge(
         divisor,
         lambda_,
     )
-    return status == 0, nonfinite_in, nonfinite_out
+    return (nonfinite_in, nonfinite_out, overflow) if status == 0 else None
 
 
 def count_high(raw: Sequence[Any], codes: Sequence[str], i: int) -> np.ndarray | None:

@@ -127,10 +127,11 @@ class Statistic(Protocol):
 class NativeMerge(Protocol):
     """A method's native merge of one task's chunks: the inputs' raw bytes (contiguous uint8 buffers, numpy
     arrays or CPU tensors, in the task's input order, the base first) to the output's raw bytes in ``out``,
-    the same bits as the torch path on float32. Returns False when it cannot reproduce them for this chunk
-    (``out`` is then garbage, and the caller runs the torch path for the chunk)."""
+    the same bits as the torch path on float32. Returns the NaN/±inf it met, as ``(per input read, written,
+    written but finite before the cast)`` (see ``nonfinite``), or None when it cannot reproduce the torch
+    path's bits for this chunk (``out`` is then garbage, and the caller runs the torch path for the chunk)."""
 
-    def __call__(self, raw: Sequence[Any], out: Any, chunk: ChunkInfo, stats: Any) -> bool: ...
+    def __call__(self, raw: Sequence[Any], out: Any, chunk: ChunkInfo, stats: Any) -> Any: ...
 
 
 class NativeKernel(Protocol):

@@ -607,16 +607,16 @@ class _GtaMerge:
     codes: tuple[str, ...]
     out_code: str
 
-    def __call__(self, raw: Sequence[Any], out: Any, chunk: ChunkInfo, stats: SparseStats) -> bool:
+    def __call__(self, raw: Sequence[Any], out: Any, chunk: ChunkInfo, stats: SparseStats) -> Any:
         masks = [_native_mask(s, chunk) for s in stats.sparsifiers]
         if any(m is None for m in masks):
-            return False
+            return None
         # sparse_deltas' order: mask, rescale (when the statistic set a factor), weight (when ≠ 1).
         specs = [
             m.spec(scale if s is not None else None, w if w != 1 else None)  # type: ignore[union-attr]
             for m, s, scale, w in zip(masks, stats.sparsifiers, stats.scales, self.weight, strict=True)
         ]
-        done, _, _ = native_gta.run_merge(
+        return native_gta.run_merge(
             raw,
             self.codes,
             out,
@@ -629,7 +629,6 @@ class _GtaMerge:
             divisor=self.divisor,
             lambda_=self.lambda_,
         )
-        return done
 
 
 # ---------------------------------------------------------------------------------------------
