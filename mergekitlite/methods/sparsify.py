@@ -231,6 +231,7 @@ class DellaSparsifier:
     density: float
     epsilon: float
     whole: bool  # rank over the whole (1-D or scalar) tensor
+    native: bool = True  # in-row ranks by the native statistics kernel (the same values)
     rows: int = 0
     fiber: int = 1  # n: elements ranked together
     magnitudes: Tensor | None = None
@@ -266,7 +267,7 @@ class DellaSparsifier:
             assert self.ranks is not None, "DELLA on a 1-D tensor needs its rank pass"
             bound = self.ranks[chunk.row_start : chunk.row_end].to(delta.device).reshape(delta.shape)
         else:
-            bound = by_fiber_rank(delta.abs() if magnitude is None else magnitude, self.bounds)
+            bound = by_fiber_rank(delta.abs() if magnitude is None else magnitude, self.bounds, self.native)
         bits = random_bits(stream_key(chunk.seed, self.stream), chunk.flat_start, delta.numel(), delta.device)
         return bits.lt_(bound.reshape(-1)).to(torch.int32).neg_().reshape(delta.shape)
 
@@ -344,12 +345,13 @@ class SparseStatistic:
 
     passes = 4  # the most any kind needs; ``begin`` and ``finish_pass`` set it for the tensor at hand
     concurrent = True
+    native = True  # DELLA's in-row ranks by the native statistics kernel (the executor sets it from --no-native)
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
 
     def begin(self, shape: tuple[int, ...], n_models: int, params: Mapping[str, Any]) -> _SparseState:
-        sparsifiers = [make_sparsifier(self.kind, shape, params, i) for i in range(n_models)]
+        sparsifiers = [make_sparsifier(self.kind, shape, params, i, self.native) for i in range(n_models)]
         active = [i for i, s in enumerate(sparsifiers) if s is not None]
         l1 = RowPartials(2 * n_models, tensor_rows(shape))
         state = _SparseState(sparsifiers, [], bool(params["rescale"]), l1, active)
@@ -445,8 +447,11 @@ def _factor(keep: Tensor, like: Tensor) -> Tensor:
     return keep_factor(keep) if like.dtype == torch.float32 else (keep != 0)
 
 
-def make_sparsifier(kind: str, shape: Sequence[int], params: Mapping[str, Any], i: int) -> Sparsifier | None:
-    """Model i's sparsifier for this tensor, or ``None`` when its density is ≥ 1 (δ kept whole)."""
+def make_sparsifier(
+    kind: str, shape: Sequence[int], params: Mapping[str, Any], i: int, native: bool = True
+) -> Sparsifier | None:
+    """Model i's sparsifier for this tensor, or ``None`` when its density is ≥ 1 (δ kept whole); ``native``:
+    whether a DELLA sparsifier may rank with the native kernel."""
     density = float(params["density"][i])
     if density >= 1:
         return None
@@ -465,7 +470,7 @@ def make_sparsifier(kind: str, shape: Sequence[int], params: Mapping[str, Any], 
             raise MethodInputError(f"della: {problem}")
         whole = len(shape) < 2
         fiber = n if whole else shape[1]
-        return DellaSparsifier(i, density, epsilon, whole=whole, rows=tensor_rows(shape), fiber=fiber)
+        return DellaSparsifier(i, density, epsilon, whole=whole, native=native, rows=tensor_rows(shape), fiber=fiber)
     raise ValueError(f"unknown sparsification {kind!r}")
 
 
