@@ -640,97 +640,109 @@ def _process(
     return len(data), found
 
 
+class _Pipeline:
+    """One run of the executor's loop: chunks submitted to the workers in order, at most ``inflight`` at a
+    time, completed oldest first; finished tensors journalled, shards fsynced every ``sync_every_bytes``."""
+
+    def __init__(
+        self, plan: Plan, shards: dict[str, ShardFile], ctx: ExecContext, torch_scope: _Torch, files: InputFiles
+    ) -> None:
+        self.plan, self.shards, self.ctx, self.torch, self.files = plan, shards, ctx, torch_scope, files
+        self.compute = plan.compute_dtype  # a name: torch is imported only when a chunk computes with it
+        self.merged = 0
+        self.finished: list[str] = []
+        self.unsynced = 0
+        self.remaining: dict[str, int] = {}
+        self.inflight: deque[tuple[_Chunk, Future[tuple[int, NonFinite]]]] = deque()
+        self.tally: dict[str, NonFinite] = {}  # NaN/±inf of the tensors in flight, summed over their chunks
+        self.last_journal = time.monotonic()
+        self.local = threading.local()  # each worker's ChunkBuffers
+
+    def complete_oldest(self) -> None:
+        chunk, fut = self.inflight.popleft()
+        nbytes, found = fut.result()
+        self.ctx.progress.advance(nbytes)
+        self.unsynced += nbytes
+        name = chunk.task.name
+        if found:
+            self.tally[name] = self.tally[name] + found if name in self.tally else found
+        self.remaining[name] -= 1
+        if self.remaining[name] == 0:
+            total = self.tally.pop(name, None)
+            if total is not None and self.ctx.on_nonfinite is not None:
+                self.ctx.on_nonfinite(name, total)
+            self.merged += 1
+            self.finished.append(name)
+            self.ctx.progress.tensor_done(name)
+        self.journal(final=False)
+
+    def drain(self) -> None:
+        while self.inflight:
+            self.complete_oldest()
+
+    def journal(self, final: bool) -> None:
+        """Record finished tensors about every second; fsync every ``sync_every_bytes`` and at the end, so
+        that the finished output is on disk before it is renamed into place."""
+        ctx = self.ctx
+        sync = final or (self.unsynced >= ctx.sync_every_bytes and bool(self.finished))
+        if sync:
+            for s in self.shards.values():
+                s.sync()
+            self.unsynced = 0
+        if ctx.on_done is None or not (self.finished or sync):
+            return
+        if sync or time.monotonic() - self.last_journal >= ctx.journal_every_s:
+            ctx.on_done(list(self.finished), sync)
+            self.finished.clear()
+            self.last_journal = time.monotonic()
+
+    def submit(self, task: TensorTask, pool: ThreadPoolExecutor) -> None:
+        """Queue a task: its statistic passes first (on every worker), then its merge and row-rule chunks."""
+        ctx, shard = self.ctx, self.plan.shard_of[task.name]
+        parts = _task_parts(task, shard)
+        self.remaining[task.name] = len(parts)
+        stats = None
+        if get_method(task.method).statistic is not None and task.copy_of is None:
+            # The statistic passes use every worker: let the previous task's chunks land first, so that two
+            # tasks' working sets never overlap (the budget counts one).
+            self.drain()
+            self.torch.need()
+            workers = self.plan.budget.workers
+            stats = task_stats(self.files, task, self.compute, ctx.device, pool, lookahead=workers, native=ctx.native)
+        form = native_form(task, self.compute, ctx.device, stats) if ctx.native else None
+        kernel = native_kernel(task, self.compute, ctx.device) if ctx.native and form is None else None
+        rule = None
+        for chunk in parts:
+            if chunk.rule is not rule:
+                # Row rules overwrite rows the merge (or an earlier rule) wrote: everything before a rule must
+                # have landed before its first chunk is written.
+                self.drain()
+                rule = chunk.rule
+            while len(self.inflight) >= self.plan.budget.inflight:
+                self.complete_oldest()
+            if _needs_torch(chunk, form):
+                self.torch.need()
+            args = (self.files, self.shards, chunk, self.compute, ctx.device, stats, self.local, form, kernel)
+            self.inflight.append((chunk, pool.submit(_process, *args)))
+        if not parts:  # an empty tensor: its header entry is all there is
+            self.remaining[task.name] = 1
+            self.inflight.append((_Chunk(task, shard, ChunkInfo(0, 0, task.shape, 0)), _done(0)))
+
+
 def _pipeline(
     plan: Plan, todo: list[TensorTask], shards: dict[str, ShardFile], ctx: ExecContext, torch_scope: _Torch
 ) -> int:
-    compute = plan.compute_dtype  # a name: torch is imported only when a chunk computes with it
-    merged = 0
-    finished: list[str] = []
-    unsynced = 0
-    remaining: dict[str, int] = {}
-    inflight: deque[tuple[_Chunk, Future[tuple[int, NonFinite]]]] = deque()
-    tally: dict[str, NonFinite] = {}  # NaN/±inf of the tensors in flight, summed over their chunks
-    limit = plan.budget.inflight
-    last_journal = [time.monotonic()]
-    local = threading.local()  # each worker's ChunkBuffers
-
     with InputFiles() as files, ThreadPoolExecutor(plan.budget.workers, "mkl-chunk") as pool:
-
-        def complete_oldest() -> None:
-            nonlocal merged, unsynced
-            chunk, fut = inflight.popleft()
-            nbytes, found = fut.result()
-            ctx.progress.advance(nbytes)
-            unsynced += nbytes
-            name = chunk.task.name
-            if found:
-                tally[name] = tally[name] + found if name in tally else found
-            remaining[name] -= 1
-            if remaining[name] == 0:
-                total = tally.pop(name, None)
-                if total is not None and ctx.on_nonfinite is not None:
-                    ctx.on_nonfinite(name, total)
-                merged += 1
-                finished.append(chunk.task.name)
-                ctx.progress.tensor_done(chunk.task.name)
-            journal(final=False)
-
-        def journal(final: bool) -> None:
-            """Record finished tensors about every second; fsync every ``sync_every_bytes`` and at
-            the end, so that the finished output is on disk before it is renamed into place."""
-            nonlocal unsynced
-            sync = final or (unsynced >= ctx.sync_every_bytes and bool(finished))
-            if sync:
-                for s in shards.values():
-                    s.sync()
-                unsynced = 0
-            if ctx.on_done is None or not (finished or sync):
-                return
-            if sync or time.monotonic() - last_journal[0] >= ctx.journal_every_s:
-                ctx.on_done(list(finished), sync)
-                finished.clear()
-                last_journal[0] = time.monotonic()
-
+        run = _Pipeline(plan, shards, ctx, torch_scope, files)
         try:
             for task in todo:
-                parts = _task_parts(task, plan.shard_of[task.name])
-                remaining[task.name] = len(parts)
-                stats = None
-                if get_method(task.method).statistic is not None and task.copy_of is None:
-                    # The statistic passes use every worker: let the previous task's chunks land
-                    # first, so that two tasks' working sets never overlap (the budget counts one).
-                    while inflight:
-                        complete_oldest()
-                    torch_scope.need()
-                    stats = task_stats(
-                        files, task, compute, ctx.device, pool, lookahead=plan.budget.workers, native=ctx.native
-                    )
-                form = native_form(task, compute, ctx.device, stats) if ctx.native else None
-                kernel = native_kernel(task, compute, ctx.device) if ctx.native and form is None else None
-                rule = None
-                for chunk in parts:
-                    if chunk.rule is not rule:
-                        # Row rules overwrite rows the merge (or an earlier rule) wrote: everything
-                        # before a rule must have landed before its first chunk is written.
-                        while inflight:
-                            complete_oldest()
-                        rule = chunk.rule
-                    while len(inflight) >= limit:
-                        complete_oldest()
-                    if _needs_torch(chunk, form):
-                        torch_scope.need()
-                    job = pool.submit(_process, files, shards, chunk, compute, ctx.device, stats, local, form, kernel)
-                    inflight.append((chunk, job))
-                if not parts:  # an empty tensor: its header entry is all there is
-                    remaining[task.name] = 1
-                    inflight.append((_Chunk(task, plan.shard_of[task.name], ChunkInfo(0, 0, task.shape, 0)), _done(0)))
-            while inflight:
-                complete_oldest()
-            journal(final=True)
+                run.submit(task, pool)
+            run.drain()
+            run.journal(final=True)
         finally:
-            for _, f in inflight:
+            for _, f in run.inflight:
                 f.cancel()
-    return merged
+    return run.merged
 
 
 def _done(value: int) -> Future[tuple[int, NonFinite]]:
