@@ -225,7 +225,7 @@ def timing_table(selected: list[Case], outcomes: dict[str, Outcome]) -> list[str
         runs = [outcomes[c.name].runs[tool] for tool in TOOLS]
         a, b = (summarize(r) for r in runs)  # NaN where a tool was skipped
         wall, cpu = [a["wall_median"], b["wall_median"]], [a["cpu_median"], b["cpu_median"]]
-        rss = [s["peak_rss_max"] / 1e9 if r else 0.0 for s, r in zip((a, b), runs, strict=True)]
+        rss = [s["peak_rss_max"] / 1e9 if r else float("nan") for s, r in zip((a, b), runs, strict=True)]
         ratio = f"**{wall[1] / wall[0]:.2f}×**" if all(runs) else "—"
         cells = [f"{x:.1f}" if x == x else "skipped" for x in wall]
         split = f"{a['user_median']:.1f}+{a['sys_median']:.1f}" if runs[0] else "—"
