@@ -551,3 +551,23 @@ def journal_done(partial: Path) -> set[str]:
         if "done" in entry:
             done.add(entry["done"])
     return done
+
+
+def assert_native_merge_equals_torch(recipe: Path, out: Path, monkeypatch: Any, module: Any, kernel: str) -> None:
+    """Merge ``recipe`` twice: natively (``module.kernel`` must be called) and with ``--no-native`` (it must not
+    be); every output tensor must have the same dtype and bytes."""
+    from mergekitlite.api import MergeOptions, run_merge
+
+    calls: list[int] = []
+    real = getattr(module, kernel)
+    monkeypatch.setattr(module, kernel, lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    fast = run_merge(recipe, out / "native", MergeOptions(hash_inputs=False))
+    assert calls, f"{module.__name__}.{kernel} did not run"
+    n_native = len(calls)
+    slow = run_merge(recipe, out / "torch", MergeOptions(hash_inputs=False, native=False))
+    assert len(calls) == n_native, f"--no-native still called {module.__name__}.{kernel}"
+    a, b = load_tensors(fast.output), load_tensors(slow.output)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype
+        assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), name

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 import torch
-from builders import load_tensors
+from builders import assert_native_merge_equals_torch, load_tensors
 
 from mergekitlite.api import MergeOptions, run_merge
 from mergekitlite.methods import get_method, native
@@ -310,19 +310,7 @@ RECIPES = {
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_native_merge_equals_torch_merge(llama_family, tmp_path, write_recipe, monkeypatch, method, dtype) -> None:
     recipe = write_recipe(RECIPES[method].format(dtype=dtype, **{k: str(v) for k, v in llama_family.items()}))
-    calls = []
-    real = native.run_linear
-    monkeypatch.setattr(native, "run_linear", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    fast = run_merge(recipe, tmp_path / "native", MergeOptions(hash_inputs=False))
-    assert calls, "the native kernel did not run"
-    n_native = len(calls)
-    slow = run_merge(recipe, tmp_path / "torch", MergeOptions(hash_inputs=False, native=False))
-    assert len(calls) == n_native, "--no-native still called the kernel"
-    a, b = load_tensors(fast.output), load_tensors(slow.output)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].dtype == b[name].dtype
-        assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), name
+    assert_native_merge_equals_torch(recipe, tmp_path, monkeypatch, native, "run_linear")
 
 
 @needs_kernel

@@ -116,9 +116,7 @@ def test_fiber_ranks_equal_the_sorting_path(n: int) -> None:
 @needs_kernel
 def test_della_merges_the_same_with_and_without_the_rank_kernel(llama_family, tmp_path, write_recipe, monkeypatch):
     """A whole DELLA merge ranks with the kernel by default and with the sort under --no-native: same bytes."""
-    from builders import load_tensors
-
-    from mergekitlite.api import MergeOptions, run_merge
+    from builders import assert_native_merge_equals_torch
 
     fam = {k: str(v) for k, v in llama_family.items()}
     recipe = write_recipe(
@@ -133,15 +131,4 @@ def test_della_merges_the_same_with_and_without_the_rank_kernel(llama_family, tm
         dtype: bfloat16
         """
     )
-    calls = []
-    real = native_stats.fiber_rank_values
-    monkeypatch.setattr(native_stats, "fiber_rank_values", lambda *a: (calls.append(1), real(*a))[1])
-    fast = run_merge(recipe, tmp_path / "native", MergeOptions(hash_inputs=False))
-    assert calls, "the rank kernel did not run"
-    n_native = len(calls)
-    slow = run_merge(recipe, tmp_path / "torch", MergeOptions(hash_inputs=False, native=False))
-    assert len(calls) == n_native, "--no-native still ranked with the kernel"
-    a, b = load_tensors(fast.output), load_tensors(slow.output)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), name
+    assert_native_merge_equals_torch(recipe, tmp_path, monkeypatch, native_stats, "fiber_rank_values")
