@@ -28,7 +28,7 @@
 
 #include "kernels/dtypes.h" /* float formats: loads, roundings, CODE_*, MULTIVERSION (shared with kernels/gta.c) */
 
-#define ABI_VERSION 2
+#define ABI_VERSION 3
 #define BLOCK 1024
 #define MAX_INPUTS 256
 
@@ -149,8 +149,8 @@ typedef struct {
     int has_weight[MAX_INPUTS];
     Py_ssize_t n_terms;
     Py_ssize_t subtract, anchor; /* -1: none */
-    int has_divisor, has_scale;
-    float divisor, scale;
+    int has_divisor, has_scale, has_anchor_weight;
+    float divisor, scale, anchor_weight;
     char *out;
     int out_code;
     Py_ssize_t n;
@@ -195,7 +195,7 @@ static void count_block(const Job *job, const float *acc, uint32_t top, Py_ssize
     }
 }
 
-/* Σⱼ wⱼ·(x[termⱼ] − x[subtract]) / divisor · scale + x[anchor], left to right, each step rounded.
+/* Σⱼ wⱼ·(x[termⱼ] − x[subtract]) / divisor · scale + x[anchor]·anchor_weight, left to right, each step rounded.
    Every input of the task is counted, used or not, as on the torch path. */
 static void run(const Job *job, float *x, float *acc, float *tmp, Counts *counts) {
     for (Py_ssize_t start = 0; start < job->n; start += BLOCK) {
@@ -220,7 +220,12 @@ static void run(const Job *job, float *x, float *acc, float *tmp, Counts *counts
         }
         if (job->has_divisor) div_block(acc, job->divisor, len);
         if (job->has_scale) scale_block(acc, job->scale, len);
-        if (job->anchor >= 0) acc_block(acc, x + job->anchor * BLOCK, len);
+        if (job->anchor >= 0 && job->has_anchor_weight) {
+            mul_block(tmp, x + job->anchor * BLOCK, job->anchor_weight, len);
+            acc_block(acc, tmp, len);
+        } else if (job->anchor >= 0) {
+            acc_block(acc, x + job->anchor * BLOCK, len);
+        }
         count_block(job, acc, store(job, acc, start, len), start, len, counts);
     }
 }
@@ -253,9 +258,9 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
     unsigned long long out_addr;
     int out_code;
     Py_ssize_t n, subtract, anchor;
-    PyObject *inputs, *codes, *terms, *weights, *divisor, *scale;
-    if (!PyArg_ParseTuple(args, "KinOOOOnOOn", &out_addr, &out_code, &n, &inputs, &codes, &terms, &weights,
-                          &subtract, &divisor, &scale, &anchor))
+    PyObject *inputs, *codes, *terms, *weights, *divisor, *scale, *anchor_weight;
+    if (!PyArg_ParseTuple(args, "KinOOOOnOOnO", &out_addr, &out_code, &n, &inputs, &codes, &terms, &weights,
+                          &subtract, &divisor, &scale, &anchor, &anchor_weight))
         return NULL;
     Job job;
     memset(&job, 0, sizeof job);
@@ -310,6 +315,10 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
     if (scale != Py_None) {
         job.has_scale = 1;
         job.scale = (float)PyFloat_AsDouble(scale);
+    }
+    if (anchor_weight != Py_None) {
+        job.has_anchor_weight = 1;
+        job.anchor_weight = (float)PyFloat_AsDouble(anchor_weight);
     }
     if (subtract >= 0) job.used[subtract] = 1;
     if (anchor >= 0) job.used[anchor] = 1;

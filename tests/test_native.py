@@ -22,7 +22,7 @@ from builders import assert_native_merge_equals_torch, load_tensors
 
 from mergekitlite.api import MergeOptions, run_merge
 from mergekitlite.methods import get_method, native
-from mergekitlite.methods.linear_form import LinearForm
+from mergekitlite.methods.linear_form import LinearForm, evaluate
 from mergekitlite.methods.spherical import slerp_coefficients
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -187,6 +187,19 @@ def test_kernel_equals_float32_reference(method, has_base, n_models, params, ref
 
 
 @needs_kernel
+@pytest.mark.parametrize(("in_codes", "out_code"), [("BF16", "BF16"), ("F16", "F16"), ("F32", "F32"), ("F32", "BF16")])
+def test_weighted_anchor_equals_the_torch_evaluation(in_codes: str, out_code: str) -> None:
+    """model_stock's form: t·(m₀ + m₁)/2 + (1 − t)·base, the anchor multiplied before it is added."""
+    gen = torch.Generator().manual_seed(7)
+    t = 0.3718
+    form = LinearForm((1, 2), (None, None), divisor=2, scale=t, anchor=0, anchor_weight=1 - t)
+    for n in (1, 1023, 1025, 4099):
+        xs = [_random_values(in_codes, n, gen) for _ in range(3)]
+        expected = evaluate(form, [_f32(x) for x in xs]).to(DTYPES[out_code])
+        _assert_same_bits(_run_kernel(form, xs, [in_codes] * 3, out_code), expected, f"{in_codes}->{out_code} n={n}")
+
+
+@needs_kernel
 def test_rounding_to_16_bits_at_the_edges() -> None:
     """float32 → bf16/fp16 conversions exactly as torch does them, over every float32 exponent and
     the mantissa patterns that decide rounding (ties, one above/below a tie, overflow to inf, fp16
@@ -281,6 +294,14 @@ RECIPES = {
             parameters: {{weight: 0.6}}
           - model: {b}
             parameters: {{weight: 0.4}}
+        dtype: {dtype}
+    """,
+    "model_stock": """
+        merge_method: model_stock
+        base_model: {base}
+        models:
+          - model: {a}
+          - model: {b}
         dtype: {dtype}
     """,
     "karcher": """

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # forms are built without torch (the native kernel evaluates 
 
 @dataclass(frozen=True)
 class LinearForm:
-    """``anchor + scale · (Σⱼ wⱼ·(x[termⱼ] − x[subtract])) / divisor``, over the inputs ``x``.
+    """``anchor·anchor_weight + scale · (Σⱼ wⱼ·(x[termⱼ] − x[subtract])) / divisor``, over the inputs ``x``.
 
     Evaluated left to right with one rounding per operation: for each term, subtract, then multiply
     by its weight (``None``: no multiplication, which is not always the same as × 1 for NaN payloads
@@ -35,6 +35,7 @@ class LinearForm:
     divisor: float | None = None
     scale: float | None = None
     anchor: int | None = None
+    anchor_weight: float | None = None  # the anchor's multiplier (model_stock's 1 − t); None: added as it is
 
     def __post_init__(self) -> None:
         if not self.terms or len(self.terms) != len(self.weights):
@@ -69,7 +70,7 @@ def evaluate(form: LinearForm, x: Sequence[Tensor]) -> Tensor:
     if form.scale is not None:
         acc.mul_(form.scale)
     if form.anchor is not None:
-        acc.add_(x[form.anchor])
+        acc.add_(x[form.anchor] if form.anchor_weight is None else x[form.anchor] * form.anchor_weight)
     return acc
 
 

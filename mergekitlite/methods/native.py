@@ -19,7 +19,7 @@ import numpy as np
 from mergekitlite.io.safetensors_header import itemsize
 from mergekitlite.methods.linear_form import LinearForm
 
-ABI_VERSION = 2  # must equal _native.c's; a stale build (an old .so next to newer code) is not used
+ABI_VERSION = 3  # must equal _native.c's; a stale build (an old .so next to newer code) is not used
 MAX_INPUTS = 256
 CODES = {"F32": 0, "BF16": 1, "F16": 2}  # safetensors dtype code -> _native.c's enum
 
@@ -85,5 +85,6 @@ def run_linear(
         form.divisor,
         form.scale,
         -1 if form.anchor is None else form.anchor,
+        form.anchor_weight,
     )
     return found

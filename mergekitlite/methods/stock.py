@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from mergekitlite.errors import MethodInputError
+from mergekitlite.methods.linear_form import LinearForm
 from mergekitlite.methods.primitives import GramStatistic, StatisticFactory, accumulate_, divide_, fiber_dot
 from mergekitlite.methods.registry import Implementation
 
@@ -78,6 +79,24 @@ def model_stock(
     return res.add_(base * keep)
 
 
+def model_stock_form(
+    base: int | None,
+    models: Sequence[int],
+    *,
+    filter_wise: bool,
+    stats: Sequence[Sequence[float]] | None = None,
+) -> LinearForm | None:
+    """model_stock with one ratio for the whole tensor as the linear form t·(Σ mᵢ)/N + (1 − t)·base over the input
+    positions, in ``model_stock``'s order of operations; None when the ratio varies by row (``filter_wise`` on a
+    matrix: no statistic), which the tensor function computes."""
+    if stats is None or base is None:
+        return None
+    t = stock_ratio(mean_pairwise_cosine(stats), len(models))
+    return LinearForm(
+        tuple(models), (None,) * len(models), divisor=len(models), scale=t, anchor=base, anchor_weight=1 - t
+    )
+
+
 def _row_ratios(offsets: Sequence[Tensor], n: int) -> Tensor:
     """t per fiber along the last dim, shaped [..., 1], in float64 with only IEEE-exact operations
     (products, quotients, square roots), so that every chunking gives the same bits."""
@@ -100,5 +119,7 @@ def _row_ratios(offsets: Sequence[Tensor], n: int) -> Tensor:
 
 
 IMPLEMENTATIONS = {
-    "model_stock": Implementation(model_stock, statistic=StatisticFactory(GramStatistic, _offsets, _whole_tensor))
+    "model_stock": Implementation(
+        model_stock, statistic=StatisticFactory(GramStatistic, _offsets, _whole_tensor), stats_form=model_stock_form
+    )
 }
