@@ -132,3 +132,43 @@ def test_della_merges_the_same_with_and_without_the_rank_kernel(llama_family, tm
         """
     )
     assert_native_merge_equals_torch(recipe, tmp_path, monkeypatch, native_stats, "fiber_rank_values")
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+def test_variance_keys_equal_the_torch_path(m: int) -> None:
+    """SCE's keys by the kernel: the bits of ``variance_key``'s float64 arithmetic for deltas of every magnitude
+    (zeros, ±0, subnormals, near float32's maximum, exact ties); a NaN variance (a NaN or inf delta) declines."""
+    from mergekitlite.methods.sparsify import variance_key
+
+    gen = torch.Generator().manual_seed(m)
+    scale = torch.exp2(torch.randint(-60, 60, (33, 257), generator=gen).float())
+    deltas = [(torch.randn(33, 257, generator=gen) * scale).to(torch.bfloat16).float() for _ in range(m)]
+    deltas[0][0, :5] = torch.tensor([0.0, -0.0, 1e-45, -3e38, 3e38])
+    deltas[-1][1] = deltas[0][1]  # equal deltas: variance exactly 0 where m == 1, ties otherwise
+    got = native_stats.variance_keys(deltas)
+    assert got is not None and torch.equal(got, variance_key(deltas))
+    for bad in (torch.nan, torch.inf):
+        broken = [d.clone() for d in deltas]
+        broken[0][5, 7] = bad
+        assert native_stats.variance_keys(broken) is None
+    assert native_stats.variance_keys([deltas[0], deltas[0][:, :3].contiguous()]) is None  # shapes differ
+
+
+@needs_kernel
+def test_sce_merges_the_same_with_and_without_the_variance_kernel(llama_family, tmp_path, write_recipe, monkeypatch):
+    from builders import assert_native_merge_equals_torch
+
+    fam = {k: str(v) for k, v in llama_family.items()}
+    recipe = write_recipe(
+        f"""
+        merge_method: sce
+        base_model: {fam["base"]}
+        models:
+          - model: {fam["a"]}
+          - model: {fam["b"]}
+        parameters: {{select_topk: 0.3}}
+        dtype: bfloat16
+        """
+    )
+    assert_native_merge_equals_torch(recipe, tmp_path, monkeypatch, native_stats, "variance_keys")

@@ -18,7 +18,12 @@
    fiber_rank_values: for each row of a float32 [rows, n] magnitude buffer, values[r] for each element, r its
    0-based ascending rank in the row with equal magnitudes ranked by position and every NaN above +inf in
    position order -- what sparsify.by_fiber_rank gives by sorting (bits << 32 | position). Here a stable LSD
-   radix sort on the 31-bit keys (three 11-bit digits) does it in a few passes per row. */
+   radix sort on the 31-bit keys (three 11-bit digits) does it in a few passes per row.
+
+   variance_keys: SCE's selection keys, the float32 bit patterns of each element's population variance across
+   the models' deltas, computed in float64 in sparsify.variance_key's order: mean = (δ₀ + δ₁ + ...) / n,
+   var = ((δ₀ − mean)² + (δ₁ − mean)² + ...) / n, rounded once to float32. Returns whether some variance is
+   NaN (its bits depend on NaN payloads, which torch propagates its own way: the caller then uses torch). */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -166,9 +171,54 @@ static PyObject *py_fiber_rank_values(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_variance_keys(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *vectors;
+    Py_ssize_t n;
+    unsigned long long out_addr;
+    if (!PyArg_ParseTuple(args, "OnK", &vectors, &n, &out_addr)) return NULL;
+    Py_ssize_t m = PySequence_Size(vectors);
+    if (m < 0) return NULL;
+    if (m < 1 || m > MAX_VECTORS || n < 0) {
+        PyErr_SetString(PyExc_ValueError, "variance_keys: inconsistent arguments");
+        return NULL;
+    }
+    const float *v[MAX_VECTORS];
+    for (Py_ssize_t k = 0; k < m; k++) {
+        PyObject *item = PySequence_GetItem(vectors, k);
+        if (!item) return NULL;
+        unsigned long long addr = PyLong_AsUnsignedLongLong(item);
+        Py_DECREF(item);
+        if (PyErr_Occurred()) return NULL;
+        v[k] = (const float *)(uintptr_t)addr;
+    }
+    uint32_t *out = (uint32_t *)(uintptr_t)out_addr;
+    int nan = 0;
+    const double count = (double)m;
+    Py_BEGIN_ALLOW_THREADS;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double mean = m == 1 ? (double)v[0][i] : (double)v[0][i] + (double)v[1][i];
+        for (Py_ssize_t k = 2; k < m; k++) mean = mean + (double)v[k][i];
+        mean = mean / count;
+        double c = (double)v[0][i] - mean;
+        double var = c * c;
+        for (Py_ssize_t k = 1; k < m; k++) {
+            c = (double)v[k][i] - mean;
+            var = var + c * c;
+        }
+        var = var / count;
+        nan |= var != var;
+        float f = (float)var;
+        memcpy(&out[i], &f, sizeof f);
+    }
+    Py_END_ALLOW_THREADS;
+    return PyBool_FromLong(nan);
+}
+
 static PyMethodDef methods[] = {
     {"gram_rows", py_gram_rows, METH_VARARGS, "Per-row float64 dot products of float32 vectors."},
     {"fiber_rank_values", py_fiber_rank_values, METH_VARARGS, "values[rank] of each element within its row."},
+    {"variance_keys", py_variance_keys, METH_VARARGS, "SCE's float32 variance keys of float32 deltas."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -71,3 +71,15 @@ def fiber_rank_values(magnitude: torch.Tensor, values: torch.Tensor) -> torch.Te
     out = torch.empty(rows, n, dtype=torch.int64)
     _KERNEL.fiber_rank_values(magnitude.data_ptr(), rows, n, values.data_ptr(), out.data_ptr())
     return out
+
+
+def variance_keys(deltas: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """``sparsify.variance_key(deltas)`` (int32 keys shaped like a delta) for float32 CPU deltas, in one pass
+    instead of a dozen float64 ones; None when the kernel is not built, the deltas are not contiguous float32
+    CPU tensors of one shape, or some variance is NaN (its bits would depend on NaN payloads)."""
+    if _KERNEL is None or not supports(deltas) or any(d.shape != deltas[0].shape for d in deltas):
+        return None
+    out = torch.empty(deltas[0].shape, dtype=torch.int32)
+    if _KERNEL.variance_keys([d.data_ptr() for d in deltas], out.numel(), out.data_ptr()):
+        return None
+    return out

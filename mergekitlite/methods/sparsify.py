@@ -664,6 +664,14 @@ def variance_key(deltas: Sequence[Tensor], wide: Sequence[Tensor] | None = None)
 class SceStats:
     selector: TopK | None  # None: no selection (select_topk ≥ 1)
     weights: tuple[float, ...]
+    native: bool = True  # variance keys by the native statistics kernel (the same bits)
+
+
+def sce_keys(deltas: Sequence[Tensor], native: bool) -> Tensor:
+    """``variance_key`` of float32 deltas by the native kernel where it takes them (``native_stats.variance_keys``:
+    one pass instead of a dozen float64 ones; it declines chunks with a NaN variance), else by torch."""
+    keys = native_stats.variance_keys(deltas) if native else None
+    return keys if keys is not None else variance_key(deltas)
 
 
 @dataclass
@@ -685,6 +693,7 @@ class SceStatistic:
 
     passes = 4
     concurrent = True
+    native = True  # variance keys by the native statistics kernel (the executor sets it from --no-native)
 
     def begin(self, shape: tuple[int, ...], n_models: int, params: Mapping[str, Any]) -> _SceState:
         select = float(params["select_topk"])
@@ -710,13 +719,13 @@ class SceStatistic:
         if pass_index >= len(state.phases):
             return
         assert base is not None
-        wide = [(m - base).to(torch.float64) for m in models]  # δᵢ exactly, widened once
+        deltas = [(m - base).contiguous() for m in models]
         phase = state.phases[pass_index]
         selector = state.selector
         rows = chunk_rows(chunk)
         keep: Tensor | None = None
         if selector is not None:
-            keys = variance_key(wide, wide)
+            keys = sce_keys(deltas, self.native)
             if phase == "high":
                 selector.count_high(keys)
                 nonzero = int(torch.count_nonzero(keys))
@@ -731,6 +740,7 @@ class SceStatistic:
                 return
             keep = selector.masks(keys, chunk.row_start, rows)[0]
         factor = None if keep is None else _factor(keep, models[0]).to(torch.float64)
+        wide = [d.to(torch.float64) for d in deltas]  # δᵢ exactly, widened once
         for i, w in enumerate(wide):
             square = w.mul_(w)  # exact for float32 deltas, as δ.double()·δ.double()
             if factor is not None:
@@ -759,7 +769,7 @@ class SceStatistic:
         means = [state.energy.total(i) / state.n for i in range(count)] if "energy" in state.phases else [0.0] * count
         total = math.fsum(means)
         weights = [1.0 / count] * count if abs(total) < 1e-6 else [m / total for m in means]
-        return SceStats(state.selector, tuple(weights))
+        return SceStats(state.selector, tuple(weights), self.native)
 
 
 def sce(
@@ -777,7 +787,8 @@ def sce(
         raise TypeError("sce needs its statistic and chunk: run it through its MethodSpec (executor, merge_in_chunks)")
     deltas = [m - base for m in models]
     if stats.selector is not None:
-        keep = stats.selector.masks(variance_key(deltas), chunk.row_start, chunk_rows(chunk))[0]
+        keys = sce_keys([d.contiguous() for d in deltas], stats.native)
+        keep = stats.selector.masks(keys, chunk.row_start, chunk_rows(chunk))[0]
         for d in deltas:
             apply_keep_(d, keep)
     masks = agreement_masks(deltas) if all(map(math.isfinite, stats.weights)) else None  # 0·NaN must stay NaN
