@@ -276,26 +276,19 @@ RECIPES = {
         parameters: {{t: [0.0, 0.3, 0.8, 1.0]}}
         dtype: {dtype}
     """,
-    "multislerp": """
-        merge_method: multislerp
-        base_model: {base}
+    **{
+        method: f"""
+        merge_method: {method}
+        base_model: {{base}}
         models:
-          - model: {a}
-            parameters: {{weight: 0.6}}
-          - model: {b}
-            parameters: {{weight: 0.4}}
-        dtype: {dtype}
-    """,
-    "nuslerp": """
-        merge_method: nuslerp
-        base_model: {base}
-        models:
-          - model: {a}
-            parameters: {{weight: 0.6}}
-          - model: {b}
-            parameters: {{weight: 0.4}}
-        dtype: {dtype}
-    """,
+          - model: {{a}}
+            parameters: {{{{weight: 0.6}}}}
+          - model: {{b}}
+            parameters: {{{{weight: 0.4}}}}
+        dtype: {{dtype}}
+    """
+        for method in ("multislerp", "nuslerp")
+    },
     "model_stock": """
         merge_method: model_stock
         base_model: {base}

@@ -114,27 +114,6 @@ def test_fiber_ranks_equal_the_sorting_path(n: int) -> None:
 
 
 @needs_kernel
-def test_della_merges_the_same_with_and_without_the_rank_kernel(llama_family, tmp_path, write_recipe, monkeypatch):
-    """A whole DELLA merge ranks with the kernel by default and with the sort under --no-native: same bytes."""
-    from builders import assert_native_merge_equals_torch
-
-    fam = {k: str(v) for k, v in llama_family.items()}
-    recipe = write_recipe(
-        f"""
-        merge_method: della
-        base_model: {fam["base"]}
-        models:
-          - model: {fam["a"]}
-            parameters: {{weight: 0.6, density: 0.5, epsilon: 0.1}}
-          - model: {fam["b"]}
-            parameters: {{weight: 0.4, density: 0.7, epsilon: 0.2}}
-        dtype: bfloat16
-        """
-    )
-    assert_native_merge_equals_torch(recipe, tmp_path, monkeypatch, native_stats, "fiber_rank_values")
-
-
-@needs_kernel
 @pytest.mark.parametrize("m", [1, 2, 3, 5])
 def test_variance_keys_equal_the_torch_path(m: int) -> None:
     """SCE's keys by the kernel: the bits of ``variance_key``'s float64 arithmetic for deltas of every magnitude
@@ -155,20 +134,38 @@ def test_variance_keys_equal_the_torch_path(m: int) -> None:
     assert native_stats.variance_keys([deltas[0], deltas[0][:, :3].contiguous()]) is None  # shapes differ
 
 
+WHOLE_MERGES = {
+    # method: (models' parameters, merge parameters, the kernel its native path calls)
+    "della": (
+        ["{weight: 0.6, density: 0.5, epsilon: 0.1}", "{weight: 0.4, density: 0.7, epsilon: 0.2}"],
+        "{}",
+        "fiber_rank_values",
+    ),
+    "sce": (["{}", "{}"], "{select_topk: 0.3}", "variance_keys"),
+}
+
+
 @needs_kernel
-def test_sce_merges_the_same_with_and_without_the_variance_kernel(llama_family, tmp_path, write_recipe, monkeypatch):
+@pytest.mark.parametrize("method", sorted(WHOLE_MERGES))
+def test_whole_merges_are_the_same_with_and_without_the_kernel(
+    method: str, llama_family, tmp_path, write_recipe, monkeypatch
+) -> None:
+    """DELLA ranks and SCE computes its variance keys with the kernel by default, with torch under --no-native:
+    the same bytes."""
     from builders import assert_native_merge_equals_torch
 
     fam = {k: str(v) for k, v in llama_family.items()}
+    models, parameters, kernel = WHOLE_MERGES[method]
+    listed = "".join(
+        f"\n          - model: {fam[name]}\n            parameters: {p}" for name, p in zip(("a", "b"), models)
+    )
     recipe = write_recipe(
         f"""
-        merge_method: sce
+        merge_method: {method}
         base_model: {fam["base"]}
-        models:
-          - model: {fam["a"]}
-          - model: {fam["b"]}
-        parameters: {{select_topk: 0.3}}
+        models:{listed}
+        parameters: {parameters}
         dtype: bfloat16
         """
     )
-    assert_native_merge_equals_torch(recipe, tmp_path, monkeypatch, native_stats, "variance_keys")
+    assert_native_merge_equals_torch(recipe, tmp_path, monkeypatch, native_stats, kernel)

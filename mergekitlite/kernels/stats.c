@@ -40,6 +40,26 @@
 #define MULTIVERSION
 #endif
 
+/* The buffers addressed by ``seq`` (a sequence of 1..MAX_VECTORS integers) into ``v``; their count, or -1 with an
+   exception set (``what`` names the caller in the message). */
+static Py_ssize_t read_vectors(PyObject *seq, const float **v, const char *what) {
+    Py_ssize_t n = PySequence_Size(seq);
+    if (n < 0) return -1;
+    if (n < 1 || n > MAX_VECTORS) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd vectors (1 to %d)", what, n, MAX_VECTORS);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_GetItem(seq, i);
+        if (!item) return -1;
+        unsigned long long addr = PyLong_AsUnsignedLongLong(item);
+        Py_DECREF(item);
+        if (PyErr_Occurred()) return -1;
+        v[i] = (const float *)(uintptr_t)addr;
+    }
+    return n;
+}
+
 /* Σ a[k]·b[k] for k < n by primitives.pairwise_sum's tree; ``acc`` holds at least n doubles (the tree's
    first level has half elements, the largest power of two below n). */
 MULTIVERSION static double tree_dot(const float *a, const float *b, Py_ssize_t n, double *acc) {
@@ -62,21 +82,13 @@ static PyObject *py_gram_rows(PyObject *self, PyObject *args) {
     Py_ssize_t rows, cols;
     unsigned long long out_addr;
     if (!PyArg_ParseTuple(args, "OnnK", &vectors, &rows, &cols, &out_addr)) return NULL;
-    Py_ssize_t n = PySequence_Size(vectors);
-    if (n < 0) return NULL;
-    if (n < 1 || n > MAX_VECTORS || rows < 0 || cols < 0) {
+    if (rows < 0 || cols < 0) {
         PyErr_SetString(PyExc_ValueError, "gram_rows: inconsistent arguments");
         return NULL;
     }
     const float *v[MAX_VECTORS];
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PySequence_GetItem(vectors, i);
-        if (!item) return NULL;
-        unsigned long long addr = PyLong_AsUnsignedLongLong(item);
-        Py_DECREF(item);
-        if (PyErr_Occurred()) return NULL;
-        v[i] = (const float *)(uintptr_t)addr;
-    }
+    Py_ssize_t n = read_vectors(vectors, v, "gram_rows");
+    if (n < 0) return NULL;
     double *out = (double *)(uintptr_t)out_addr;
     double *acc = malloc(sizeof(double) * (size_t)(cols > 0 ? cols : 1));
     if (!acc) return PyErr_NoMemory();
@@ -177,21 +189,13 @@ static PyObject *py_variance_keys(PyObject *self, PyObject *args) {
     Py_ssize_t n;
     unsigned long long out_addr;
     if (!PyArg_ParseTuple(args, "OnK", &vectors, &n, &out_addr)) return NULL;
-    Py_ssize_t m = PySequence_Size(vectors);
-    if (m < 0) return NULL;
-    if (m < 1 || m > MAX_VECTORS || n < 0) {
+    if (n < 0) {
         PyErr_SetString(PyExc_ValueError, "variance_keys: inconsistent arguments");
         return NULL;
     }
     const float *v[MAX_VECTORS];
-    for (Py_ssize_t k = 0; k < m; k++) {
-        PyObject *item = PySequence_GetItem(vectors, k);
-        if (!item) return NULL;
-        unsigned long long addr = PyLong_AsUnsignedLongLong(item);
-        Py_DECREF(item);
-        if (PyErr_Occurred()) return NULL;
-        v[k] = (const float *)(uintptr_t)addr;
-    }
+    Py_ssize_t m = read_vectors(vectors, v, "variance_keys");
+    if (m < 0) return NULL;
     uint32_t *out = (uint32_t *)(uintptr_t)out_addr;
     int nan = 0;
     const double count = (double)m;
