@@ -10,6 +10,7 @@ It is optional: ``pip install`` builds it when a C compiler is present, and with
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -24,15 +25,17 @@ MAX_INPUTS = 256
 CODES = {"F32": 0, "BF16": 1, "F16": 2}  # safetensors dtype code -> _native.c's enum
 
 
-def _load() -> ModuleType | None:
+def load_extension(name: str, abi: int) -> ModuleType | None:
+    """The optional native extension ``mergekitlite.<name>``, or None when it is not built or is stale (an old
+    build next to newer code: its ABI_VERSION differs from ``abi``)."""
     try:
-        from mergekitlite import _native  # type: ignore[attr-defined]
+        module = importlib.import_module(f"mergekitlite.{name}")
     except ImportError:
         return None
-    return _native if getattr(_native, "ABI_VERSION", None) == ABI_VERSION else None
+    return module if getattr(module, "ABI_VERSION", None) == abi else None
 
 
-_KERNEL = _load()
+_KERNEL = load_extension("_native", ABI_VERSION)
 
 
 def available() -> bool:

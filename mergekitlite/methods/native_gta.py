@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from mergekitlite.io.safetensors_header import itemsize
+from mergekitlite.methods.native import load_extension
 from mergekitlite.methods.registry import ChunkInfo
 
 ABI_VERSION = 1  # must equal gta.c's
@@ -34,15 +35,7 @@ _QUERY_KINDS = {"none": 0, "all": 1, "threshold": 2}
 _BINS = 1 << 16
 
 
-def _load() -> ModuleType | None:
-    try:
-        from mergekitlite import _gta  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _gta if getattr(_gta, "ABI_VERSION", None) == ABI_VERSION else None
-
-
-_KERNEL = _load()
+_KERNEL = load_extension("_gta", ABI_VERSION)
 RECORD_SLOTS: int = getattr(_KERNEL, "RECORD_SLOTS", 0)  # distinct low halves per row the low pass records
 
 

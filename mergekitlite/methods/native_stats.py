@@ -9,23 +9,16 @@ Optional like the linear kernel: without a C compiler ``available()`` is False a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import ModuleType
 
 import torch
+
+from mergekitlite.methods.native import load_extension
 
 ABI_VERSION = 1  # must equal stats.c's
 MAX_VECTORS = 64
 
 
-def _load() -> ModuleType | None:
-    try:
-        from mergekitlite import _stats  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _stats if getattr(_stats, "ABI_VERSION", None) == ABI_VERSION else None
-
-
-_KERNEL = _load()
+_KERNEL = load_extension("_stats", ABI_VERSION)
 
 
 def available() -> bool:
